@@ -1,0 +1,1 @@
+"""Command-line tools, kept apart from the library so importing `rebel` never pulls in argparse or rich."""

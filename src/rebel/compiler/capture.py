@@ -1,0 +1,151 @@
+"""Capture: torch.export a module, decompose to core ATen, and lower the FX graph to our IR."""
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import torch
+from torch.export.graph_signature import InputKind, OutputKind
+
+from ..errors import CompileError
+from ..ir import GETITEM, Graph, Op, Ref, TensorSpec, encode, target_name
+
+
+def capture(module: torch.nn.Module, example_inputs: Sequence) -> Graph:
+    """Export `module` at the shapes of `example_inputs` and return the IR graph."""
+    if not isinstance(module, torch.nn.Module):
+        raise CompileError(f"compile_from_torch expects a torch.nn.Module, got {type(module).__name__}")
+    inputs = _check_example_inputs(example_inputs)
+    was_training = module.training
+    module.eval()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ep = torch.export.export(module, tuple(inputs), strict=False)
+            ep = ep.run_decompositions()
+    except Exception as e:  # torch raises many types; users need one clear message
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CompileError(f"could not capture {type(module).__name__} with torch.export at input "
+                           f"shapes {[tuple(t.shape) for t in inputs]}: {type(e).__name__}: {first}") from e
+    finally:
+        module.train(was_training)
+    return _lower(ep)
+
+
+def _check_example_inputs(example_inputs) -> list[torch.Tensor]:
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = [example_inputs]
+    if not isinstance(example_inputs, (list, tuple)) or not example_inputs:
+        raise CompileError("example_inputs must be a non-empty list of tensors, e.g. "
+                           "example_inputs=[torch.randn(16, 16)]")
+    for i, t in enumerate(example_inputs):
+        if not isinstance(t, torch.Tensor):
+            raise CompileError(f"example_inputs[{i}] is a {type(t).__name__}, expected a torch.Tensor")
+        if t.device.type not in ("cpu", "meta"):
+            raise CompileError(f"example_inputs[{i}] is on {t.device}; give CPU (or meta) tensors")
+    return list(example_inputs)
+
+
+def _lower(ep: torch.export.ExportedProgram) -> Graph:
+    sig = ep.graph_signature
+    names: dict[torch.fx.Node, str] = {}
+    inputs: list[tuple[str, TensorSpec]] = []
+    weights: dict[str, torch.Tensor] = {}
+    mutable: set[str] = set()
+    mutated_targets = {s.target for s in sig.output_specs if s.kind == OutputKind.BUFFER_MUTATION}
+    placeholders = [n for n in ep.graph.nodes if n.op == "placeholder"]
+    for node, spec in zip(placeholders, sig.input_specs):
+        if spec.kind == InputKind.USER_INPUT:
+            name = f"input_{len(inputs) + 1}"
+            inputs.append((name, _spec_of(node)))
+        elif spec.kind in (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR):
+            name = spec.target
+            source = ep.constants if spec.kind == InputKind.CONSTANT_TENSOR or (
+                spec.kind == InputKind.BUFFER and not spec.persistent) else ep.state_dict
+            tensor = source[spec.target]
+            if not isinstance(tensor, torch.Tensor):
+                raise CompileError(f"constant {spec.target!r} is a {type(tensor).__name__}; only "
+                                   "tensor constants can be compiled")
+            weights[name] = tensor.detach()
+            if spec.target in mutated_targets:
+                mutable.add(name)
+        else:
+            raise CompileError(f"unsupported graph input kind {spec.kind.name} for {node.name}")
+        names[node] = name
+
+    ops: list[Op] = []
+    out_node = None
+    for node in ep.graph.nodes:
+        if node.op == "call_function":
+            names[node] = node.name
+            ops.append(_lower_call(node, names))
+        elif node.op == "output":
+            out_node = node
+        elif node.op != "placeholder":
+            raise CompileError(f"unsupported FX node {node.format_node()}")
+
+    outputs, updates = [], {}
+    for value, spec in zip(out_node.args[0], sig.output_specs):
+        encoded = _arg(value, names)
+        if spec.kind == OutputKind.USER_OUTPUT:
+            outputs.append(encoded)
+        elif spec.kind == OutputKind.BUFFER_MUTATION:
+            updates[encoded.name] = spec.target
+        else:
+            raise CompileError(f"the model mutates its input or uses output kind {spec.kind.name}; "
+                               "compiled models must not modify their inputs in place")
+    out_spec = torch.utils._pytree.treespec_dumps(ep.call_spec.out_spec)
+    return Graph(inputs, weights, ops, outputs, out_spec, updates, mutable)
+
+
+def _lower_call(node: torch.fx.Node, names: dict) -> Op:
+    try:
+        target = target_name(node.target)
+    except TypeError:
+        raise CompileError(f"node {node.name}: call target {node.target!r} is not an ATen op") from None
+    val = node.meta.get("val")
+    label = _label(node, target)
+    try:
+        args = _arg(tuple(node.args), names)
+        kwargs = {k: _arg(v, names) for k, v in node.kwargs.items()}
+    except TypeError as e:
+        raise CompileError(f"node {node.name} ({target}): {e}") from None
+    return Op(node.name, target, args, kwargs, _out(val), label)
+
+
+def _label(node: torch.fx.Node, target: str) -> str:
+    """The user-facing op name: the torch function the user called (linear), else the ATen op."""
+    torch_fn = node.meta.get("torch_fn")
+    if torch_fn and isinstance(torch_fn[1], str):
+        return torch_fn[1].rsplit(".", 1)[-1]
+    return GETITEM if target == GETITEM else target.split(".")[1]
+
+
+def _arg(value, names: dict):
+    if isinstance(value, torch.fx.Node):
+        return Ref(names[value])
+    if isinstance(value, (list, tuple)):
+        items = [_arg(v, names) for v in value]
+        return tuple(items) if isinstance(value, tuple) else items
+    if isinstance(value, dict):
+        return {k: _arg(v, names) for k, v in value.items()}
+    encode(value)  # raises TypeError for values an artifact cannot hold
+    return value
+
+
+def _spec_of(node: torch.fx.Node) -> TensorSpec:
+    out = _out(node.meta.get("val"))
+    if not isinstance(out, TensorSpec):
+        raise CompileError(f"input {node.name} is not a tensor")
+    return out
+
+
+def _out(val):
+    if isinstance(val, torch.Tensor):
+        if any(not isinstance(s, int) for s in val.shape):
+            raise CompileError("dynamic shapes are not supported: the device runs static shapes")
+        return TensorSpec.of(val)
+    if isinstance(val, (list, tuple)):
+        return tuple(_out(v) for v in val)
+    return None
+

@@ -1,0 +1,66 @@
+"""Functional kernels: compute what the chip computes, with torch on the CPU.
+
+Device tensors are held as FP32 tensors whose values are exactly representable in the device's
+16-bit dtype. A kernel runs its ops in FP32 and rounds only its outputs, as a fused kernel on the
+chip rounds once when it writes its result. Host fallbacks run the graph's own dtypes (FP32).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..ir import Op, resolve_target, substitute, to_torch_dtype
+
+
+def round_to_device(value, dtype: torch.dtype):
+    """Round floats to the device dtype, kept in FP32 storage; other values pass through."""
+    if isinstance(value, torch.Tensor):
+        if value.is_floating_point():
+            return value.to(dtype).to(torch.float32)
+        return value
+    if isinstance(value, (tuple, list)):
+        return type(value)(round_to_device(v, dtype) for v in value)
+    return value
+
+
+def to_device_storage(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A host tensor as the device holds it (after the input cast, if it is a float)."""
+    return round_to_device(t, dtype) if t.is_floating_point() else t
+
+
+@dataclass(frozen=True)
+class BoundOp:
+    """An op with its target resolved once, so each run only substitutes arguments."""
+
+    name: str
+    fn: object
+    args: tuple
+    kwargs: dict
+
+    @staticmethod
+    def bind(op: Op) -> BoundOp:
+        return BoundOp(op.name, resolve_target(op.target), op.args, op.kwargs)
+
+    def __call__(self, env: dict):
+        env[self.name] = self.fn(*substitute(self.args, env), **substitute(self.kwargs, env))
+
+
+class FunctionalKernel:
+    """One device kernel: run the ops in FP32, round the outputs to the device dtype."""
+
+    def __init__(self, ops: list[Op], outputs: list[str], dtype: str):
+        self.ops = [BoundOp.bind(op) for op in ops]
+        self.outputs = outputs
+        self.dtype = to_torch_dtype(dtype)
+
+    def __call__(self, env: dict) -> None:
+        for op in self.ops:
+            op(env)
+        for name in self.outputs:
+            env[name] = round_to_device(env[name], self.dtype)
+
+
+def run_host_ops(ops: list[BoundOp], env: dict) -> None:
+    for op in ops:
+        op(env)

@@ -1,0 +1,119 @@
+"""Tile-level timing rules: how long a kernel, a DMA or a host op takes on the modelled hardware.
+
+The compiler's scheduler describes each kernel as a `KernelPlan` (tile shape and counts, bytes
+each DMA moves); these rules turn a plan into seconds using only figures from the spec. A tile
+costs max(compute, inbound DMA, outbound DMA) once the pipeline is full; the first tile's load
+and the last tile's store are not hidden (pipeline fill and drain).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from ..npu.spec import ProductSpec
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """One tensor moved by Task DMA between device DRAM and SRAM."""
+
+    value: str
+    nbytes: int
+    weight: bool = False  # weights are in DRAM from runtime creation, so they can be prefetched
+
+    def to_json(self) -> dict:
+        return {"value": self.value, "bytes": self.nbytes, "weight": self.weight}
+
+    @staticmethod
+    def from_json(d: dict) -> Transfer:
+        return Transfer(d["value"], int(d["bytes"]), bool(d.get("weight", False)))
+
+
+@dataclass(frozen=True)
+class GemmTiling:
+    """Output tiles (tm x tn) spread over the engines, each accumulating K in steps of tk."""
+
+    tm: int
+    tn: int
+    tk: int
+    out_tiles: int
+    k_steps: int
+
+    def to_json(self) -> list[int]:
+        return [self.tm, self.tn, self.tk, self.out_tiles, self.k_steps]
+
+
+@dataclass(frozen=True)
+class KernelPlan:
+    flops: float = 0.0              # useful matrix FLOPs (reports)
+    gemm: GemmTiling | None = None  # how the matrix work is tiled (timing)
+    vector_ops: float = 0.0         # element-wise / reduction operations
+    sram_bytes: float = 0.0         # on-chip data movement (permute, concat, gather)
+    tiles: int = 1                  # pipeline depth for DMA/compute overlap
+    dma_in: tuple[Transfer, ...] = field(default_factory=tuple)
+    dma_out: tuple[Transfer, ...] = field(default_factory=tuple)
+
+    @property
+    def bytes_in(self) -> int:
+        return sum(t.nbytes for t in self.dma_in)
+
+    @property
+    def bytes_out(self) -> int:
+        return sum(t.nbytes for t in self.dma_out)
+
+    def to_json(self) -> dict:
+        return {"flops": self.flops, "gemm": self.gemm.to_json() if self.gemm else None,
+                "vector_ops": self.vector_ops, "sram_bytes": self.sram_bytes, "tiles": self.tiles,
+                "dma_in": [t.to_json() for t in self.dma_in],
+                "dma_out": [t.to_json() for t in self.dma_out]}
+
+    @staticmethod
+    def from_json(d: dict) -> KernelPlan:
+        return KernelPlan(float(d["flops"]), GemmTiling(*d["gemm"]) if d.get("gemm") else None,
+                          float(d["vector_ops"]), float(d["sram_bytes"]), int(d["tiles"]),
+                          tuple(Transfer.from_json(t) for t in d["dma_in"]),
+                          tuple(Transfer.from_json(t) for t in d["dma_out"]))
+
+
+@dataclass(frozen=True)
+class KernelTime:
+    compute_s: float      # neural engine busy time with all operands on chip
+    first_in_s: float     # the first tile's operands must land before compute starts
+    last_out_s: float     # the last tile's results leave after compute ends
+
+    @property
+    def total_s(self) -> float:
+        return self.first_in_s + self.compute_s + self.last_out_s
+
+
+def matrix_seconds(gemm: GemmTiling, spec: ProductSpec, dtype: str) -> float:
+    c = spec.die.compute
+    per_engine = c.peak_flops(dtype) * c.matmul_efficiency / c.neural_engines
+    per_tile = 2.0 * gemm.tm * gemm.tn * gemm.tk / per_engine
+    waves = math.ceil(gemm.out_tiles / c.neural_engines)
+    return waves * gemm.k_steps * per_tile
+
+
+def kernel_time(plan: KernelPlan, spec: ProductSpec, dtype: str) -> KernelTime:
+    c, m = spec.die.compute, spec.die.memory
+    matrix_s = matrix_seconds(plan.gemm, spec, dtype) if plan.gemm else 0.0
+    vector_s = plan.vector_ops / c.vector_flops
+    sram_s = plan.sram_bytes / m.shared_sram_bandwidth
+    # An element-wise epilogue runs on the vector units while the next tile's GEMM runs.
+    compute_s = c.kernel_launch_s + max(matrix_s, vector_s) + sram_s
+    tiles = max(1, plan.tiles)
+    return KernelTime(compute_s, task_dma_seconds(plan.bytes_in / tiles, spec, 1 if plan.dma_in else 0),
+                      task_dma_seconds(plan.bytes_out / tiles, spec, 1 if plan.dma_out else 0))
+
+
+def task_dma_seconds(nbytes: float, spec: ProductSpec, transfers: int = 1) -> float:
+    d = spec.die.dma
+    return transfers * d.task_dma_setup_s + nbytes / d.task_dma_bandwidth
+
+
+def hdma_seconds(nbytes: int, spec: ProductSpec) -> float:
+    return spec.host_link.transfer_s(nbytes)
+
+
+def host_op_seconds(flops: float, nbytes: int, spec: ProductSpec) -> float:
+    return spec.host.op_s(flops, nbytes)
