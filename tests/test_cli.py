@@ -106,10 +106,10 @@ def test_spec_from_path(capsys, tmp_path):
 def test_products(capsys):
     code, out, _ = run(capsys, "products")
     assert code == 0
-    lines = out.splitlines()
-    assert len(lines) == 2
-    assert lines[0].startswith("RBLN-CA12") and "one ATOM die" in lines[0]
-    assert lines[1].startswith("RBLN-CA25") and "ATOM-Max" in lines[1]
+    lines = {line.split()[0]: line for line in out.splitlines()}
+    assert set(lines) == {"NVIDIA-H100-SXM", "RBLN-CA12", "RBLN-CA25"}
+    assert "one ATOM die" in lines["RBLN-CA12"]
+    assert "ATOM-Max" in lines["RBLN-CA25"] and "4 x ATOM" in lines["RBLN-CA25"]
 
 
 def test_entry_point_subprocess():

@@ -36,7 +36,7 @@ def spec_error(path_or_name) -> str:
 # ---- built-in specs ---------------------------------------------------------------------------
 
 def test_builtin_products():
-    assert builtin_products() == ["RBLN-CA12", "RBLN-CA25"]
+    assert builtin_products() == ["NVIDIA-H100-SXM", "RBLN-CA12", "RBLN-CA25"]
 
 
 def test_atom_die_figures():

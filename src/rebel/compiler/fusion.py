@@ -1,15 +1,18 @@
 """Fusion: group a device segment's ops into kernels.
 
 A kernel starts at an anchor (GEMM, conv, reduction, data movement...) and absorbs the
-element-wise ops that follow it when the intermediate result is used by nothing else, so it never
-leaves SRAM and is rounded only once, at the kernel's output (linear+bias+relu is one kernel).
-Views (alias ops) are free and join whatever kernel is open.
+element-wise ops that follow and read its results, so intermediates never leave SRAM and are
+rounded only where the kernel writes them out (linear+bias+relu is one kernel; an intermediate
+that later kernels also read becomes an extra output).
+A chain of element-wise ops may also feed a row reduction in the same kernel (x*x then mean in
+RMSNorm). Views (alias ops) are free and join whatever kernel is open.
 """
 from __future__ import annotations
 
 from ..ir import GETITEM, Op
 
 EPILOGUE_KINDS = ("elementwise", "alias")
+PROLOGUE_TARGETS = ("reduction", "norm", "softmax")  # may consume an element-wise chain
 
 
 def fuse(ops: list[Op], users: dict[str, list[str]]) -> list[list[Op]]:
@@ -28,16 +31,14 @@ def _only_alias(group: list[Op]) -> bool:
 
 
 def _can_absorb(group: list[Op], op: Op, users: dict[str, list[str]]) -> bool:
-    if op.kind not in EPILOGUE_KINDS:
+    prologue = op.kind in PROLOGUE_TARGETS and all(o.kind in EPILOGUE_KINDS for o in group)
+    if op.kind not in EPILOGUE_KINDS and not prologue:
         return False
     inside = {o.name for o in group}
     if op.target == GETITEM and op.refs[0] in inside:
         return True  # results of a multi-output op are unpacked where it runs
-    if not inside.intersection(op.refs):
-        return False
-    # Every value made inside the group must stay inside once `op` joins.
-    allowed = inside | {op.name}
-    return all(set(users.get(name, ())) <= allowed for name in inside)
+    # Values made inside that others also read become extra outputs of the kernel.
+    return bool(inside.intersection(op.refs))
 
 
 def kernel_label(group: list[Op]) -> str:
@@ -45,5 +46,11 @@ def kernel_label(group: list[Op]) -> str:
     return "+".join(dict.fromkeys(labels))
 
 
+# A fused kernel is timed by its heaviest op class.
+_KIND_PRIORITY = ("attention", "gemm", "conv", "norm", "softmax", "reduction", "pool", "gather",
+                  "data", "elementwise", "alias")
+
+
 def kernel_kind(group: list[Op]) -> str:
-    return next((o.kind for o in group if o.kind != "alias"), "alias")
+    kinds = {o.kind for o in group}
+    return next((k for k in _KIND_PRIORITY if k in kinds), group[0].kind)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import math
 
-from ..device.timing import GemmTiling, KernelPlan, Transfer
+from ..device.timing import GemmTiling, KernelPlan, Transfer, matrix_seconds
+from ..errors import CompileError
 from ..ir import Op, TensorSpec
 from ..npu.spec import ProductSpec
 from .program import Kernel
@@ -66,6 +67,15 @@ class Scheduler:
             if kernel.kind == "cast_in":
                 host_copies -= set(kernel.outputs)
 
+    def _apply_reloads(self, op: Op, dma_in: tuple) -> tuple:
+        a, b = op.args[-2:] if op.target.split(".")[1] != "convolution" else op.args[:2]
+        a_name, b_name = getattr(a, "name", None), getattr(b, "name", None)
+        if a_name not in self.values or b_name not in self.values:
+            return dma_in
+        ra, rb = self.operand_reloads(self.device_bytes(a_name), self.device_bytes(b_name))
+        factor = {a_name: ra, b_name: rb}
+        return tuple(Transfer(t.value, t.nbytes * factor.get(t.value, 1), t.weight) for t in dma_in)
+
     @staticmethod
     def _keep(sram: dict[str, int], value: str, nbytes: int, capacity: int) -> bool:
         if sum(sram.values()) + nbytes > capacity:
@@ -84,6 +94,11 @@ class Scheduler:
                 b, m, n, k = _gemm_shape(op, self.values)
                 flops += 2.0 * b * m * n * k
                 gemm = self.tile_gemm(b, m, n, k)
+                dma_in = self._apply_reloads(op, dma_in)
+            elif kind == "attention":
+                bh, rows, skv, d, fraction = _attention_shape(op, self.values)
+                gemm = self.tile_attention(bh, rows, skv, d, fraction)
+                flops += 4.0 * bh * rows * skv * d * gemm.work_fraction
             elif kind == "elementwise" and out is not None:
                 vector_ops += out.numel * classify(op.target).cost
             elif kind in ("reduction", "norm", "softmax", "pool"):
@@ -100,21 +115,75 @@ class Scheduler:
         return KernelPlan(flops, gemm, vector_ops, sram_bytes, tiles, dma_in, dma_out)
 
     def tile_gemm(self, b: int, m: int, n: int, k: int) -> GemmTiling:
-        """Largest output tile, padded to the MAC array, whose double-buffered operands fit one
-        engine's local SRAM; K is split when it does not fit."""
+        """The fastest tiling whose double-buffered operands and FP32 accumulator fit one engine's
+        local SRAM. Tiles are multiples of the MAC array; K is split across engines that would
+        otherwise idle (few output tiles, long K: decode-shaped GEMVs)."""
+        c = self.spec.die.compute
+        rows, cols = c.mac_array
+        budget = self.spec.die.memory.local_sram_bytes
+        best = None
+        for fm in (4, 2, 1):
+            for fn in (4, 2, 1):
+                tm = min(rows * fm, _round_up(m, rows))
+                tn = min(cols * fn, _round_up(n, cols))
+                acc = tm * tn * 4
+                free = budget - acc
+                if free <= 0:
+                    continue
+                tk = min(_round_up(k, rows), free // (2 * (tm + tn) * self.elem) // rows * rows)
+                if tk < rows:
+                    continue
+                out_tiles = b * math.ceil(m / tm) * math.ceil(n / tn)
+                k_steps = math.ceil(k / tk)
+                split = max(1, min(k_steps, c.neural_engines // out_tiles))
+                tiling = GemmTiling(tm, tn, tk, out_tiles, k_steps, split)
+                cost = (matrix_seconds(tiling, self.spec, self.dtype), -tm * tn)
+                if best is None or cost < best[0]:
+                    best = (cost, tiling)
+        if best is None:
+            raise CompileError(f"{self.spec.name}: local SRAM of {budget} bytes cannot hold even one "
+                               f"{rows}x{cols} GEMM tile")
+        return best[1]
+
+    def operand_reloads(self, a_bytes: int, b_bytes: int) -> tuple[int, int]:
+        """How many times each GEMM operand streams from DRAM: once if either fits in half the
+        shared SRAM (kept while the other streams); otherwise A is blocked into SRAM-sized row
+        panels and B is re-read once per panel."""
+        half = self.spec.die.memory.shared_sram_bytes // 2
+        if min(a_bytes, b_bytes) <= half:
+            return 1, 1
+        return 1, math.ceil(a_bytes / half)
+
+    def tile_attention(self, batch: int, sq: int, skv: int, d: int, fraction: float) -> GemmTiling:
+        """Flash-style attention: a query tile stays on an engine while K/V blocks stream past;
+        QK^T and PV are two GEMMs per block; `fraction` is the share of blocks causal masking
+        leaves to compute."""
         rows, cols = self.spec.die.compute.mac_array
-        budget = self.spec.die.memory.local_sram_bytes // 2  # double buffering
-        tm = min(_round_up(m, rows), 4 * rows)
-        tn = min(_round_up(n, cols), 4 * cols)
-        acc = tm * tn * 4  # FP32 accumulator
-        tk = max(rows, min(_round_up(k, rows), (budget - acc) // ((tm + tn) * self.elem)))
-        tk = min(tk // rows * rows or rows, _round_up(k, rows))
-        out_tiles = b * math.ceil(m / tm) * math.ceil(n / tn)
-        return GemmTiling(tm, tn, tk, out_tiles, math.ceil(k / tk))
+        tm, tn = min(2 * rows, _round_up(sq, rows)), min(2 * cols, _round_up(skv, cols))
+        out_tiles = batch * math.ceil(sq / tm)
+        steps = math.ceil(skv / tn)
+        split = max(1, min(steps, self.spec.die.compute.neural_engines // out_tiles))
+        return GemmTiling(tm, tn, _round_up(d, rows), out_tiles, steps, split, 2, fraction)
 
 
 def _round_up(x: int, multiple: int) -> int:
     return max(multiple, math.ceil(x / multiple) * multiple)
+
+
+def _attention_shape(op: Op, values: dict[str, TensorSpec]):
+    """(batch*kv_heads, query rows per kv head, S_kv, head_dim, causal share) of attention.
+
+    Query heads that share a KV head (GQA) are packed into one tile's rows, so decode (one
+    query token) still fills the MAC array's rows and each K/V block is read once per group."""
+    q, k = values[op.args[0].name].shape, values[op.args[1].name].shape
+    causal = bool(op.kwargs.get("is_causal", op.args[5] if len(op.args) > 5 else False))
+    heads, kv_heads = q[-3] if len(q) > 2 else 1, k[-3] if len(k) > 2 else 1
+    group = heads // kv_heads if kv_heads and heads % kv_heads == 0 else 1
+    batch_kv = math.prod(q[:-3]) * (heads // group)
+    sq, skv = q[-2], k[-2]
+    # query i sees keys up to (skv - sq + i): the visible share of the sq x skv square
+    fraction = 1.0 - (sq - 1) / (2.0 * skv) if causal and sq > 1 else 1.0
+    return batch_kv, sq * group, skv, q[-1], fraction
 
 
 def _gemm_shape(op: Op, values: dict[str, TensorSpec]) -> tuple[int, int, int, int]:

@@ -57,10 +57,15 @@ class Timeline:
 
 
 class EventEngine:
-    def __init__(self, spec: ProductSpec, device: int, prefetch: bool = True):
+    def __init__(self, spec: ProductSpec, device: int, prefetch: bool = True,
+                 resident_inputs: bool = False):
+        """prefetch: predictive DMA of weights (off measures its gain). resident_inputs: the
+        inputs are already in device DRAM (no External HDMA in), as when a kernel's operands
+        were produced on the device; used to time kernels alone."""
         self.spec = spec
         self.device = device
         self.prefetch = prefetch
+        self.resident_inputs = resident_inputs
 
     def run(self, steps, start_s: float = 0.0, first_flow: int = 1) -> Timeline:
         events: list[Event] = []
@@ -94,6 +99,9 @@ class EventEngine:
         in_dram: dict[str, float] = {}
         hdma_free = t0
         for value, nbytes in step.copy_in:
+            if self.resident_inputs:
+                in_dram[value] = t0
+                continue
             ev = device_event(HDMA, f"{value} host->device", hdma_free, hdma_seconds(nbytes, spec),
                               "dma_in", {"bytes": nbytes, "value": value})
             hdma_free = in_dram[value] = ev.end_s
@@ -104,33 +112,41 @@ class EventEngine:
         for k in step.kernels:
             weights = [x for x in k.plan.dma_in if x.weight]
             acts = [x for x in k.plan.dma_in if not x.weight]
-            loads_start, loads_end = None, None
             w_bytes = sum(x.nbytes for x in weights)
-            if weights:
-                can_prefetch = self.prefetch and w_bytes <= prefetch_budget
-                start = dma_free if can_prefetch else max(dma_free, ne_free)
-                ev = device_event(TASK_DMA, f"weights {k.name}", start,
-                                  task_dma_seconds(w_bytes, spec, len(weights)), "dma_in",
-                                  {"bytes": w_bytes, "values": [x.value for x in weights],
-                                   "prefetch": can_prefetch})
+            prefetched = bool(weights) and self.prefetch and w_bytes <= prefetch_budget
+            # Prefetched weights load as soon as the queue is free; otherwise they stream in
+            # behind the activations while the kernel runs.
+            order = [("weights", weights)] if prefetched else []
+            order += [("load", acts)] + ([] if prefetched else [("weights", weights)])
+            loads_start = loads_end = None  # of the last load, which gates the first tile
+            for label, group in order:
+                if not group:
+                    continue
+                nbytes = sum(x.nbytes for x in group)
+                start = max([dma_free] + [in_dram.get(x.value, t0) for x in group if not x.weight])
+                if label == "weights" and not prefetched:
+                    start = max(start, ne_free)  # no SRAM to spare before the previous kernel ends
+                args = {"bytes": nbytes, "values": [x.value for x in group]}
+                if label == "weights":
+                    args["prefetch"] = prefetched
+                ev = device_event(TASK_DMA, f"{label} {k.name}", start,
+                                  task_dma_seconds(nbytes, spec, k.kind), "dma_in", args)
                 dma_free, loads_start, loads_end = ev.end_s, ev.start_s, ev.end_s
-            if acts:
-                a_bytes = sum(x.nbytes for x in acts)
-                start = max([dma_free] + [in_dram.get(x.value, t0) for x in acts])
-                ev = device_event(TASK_DMA, f"load {k.name}", start,
-                                  task_dma_seconds(a_bytes, spec, len(acts)), "dma_in",
-                                  {"bytes": a_bytes, "values": [x.value for x in acts]})
-                dma_free = ev.end_s
-                loads_start = ev.start_s if loads_start is None else loads_start
-                loads_end = ev.end_s
             tiles = max(1, k.plan.tiles)
-            start = ne_free  # kernels run in order, so what they read from SRAM is ready
+            # Kernels run in order, so what they read from SRAM is ready; the launch (command
+            # issue) overlaps the first tile's load.
+            tiles = max(1, k.plan.tiles)
+            start = ne_free + k.time.launch_s
+            first_tile = None
             if loads_end is not None:
                 first_tile = loads_end if tiles == 1 else min(loads_end, loads_start + k.time.first_in_s)
                 start = max(start, first_tile)
             end = start + k.time.compute_s
             if loads_end is not None and tiles > 1:
                 end = max(end, loads_end + k.time.compute_s / tiles)
+            # The slice shows the engine busy from its launch, but not before its first operands
+            # are on chip (the launch itself overlaps their load).
+            start = max(ne_free, start - k.time.launch_s, first_tile or ne_free)
             ne = device_event(NEURAL_ENGINE, k.name, start, end - start, "kernel",
                               {"ops": list(k.ops), "kind": k.kind, "flops": k.plan.flops,
                                "tiles": tiles})
@@ -140,7 +156,7 @@ class EventEngine:
                 overlap = (ne.dur_s * (tiles - 1) / tiles) if tiles > 1 else 0.0
                 start = max(dma_free, ne.end_s - overlap)
                 ev = device_event(TASK_DMA, f"store {k.name}", start,
-                                  task_dma_seconds(o_bytes, spec, len(k.plan.dma_out)), "dma_out",
+                                  task_dma_seconds(o_bytes, spec, k.kind), "dma_out",
                                   {"bytes": o_bytes, "values": [x.value for x in k.plan.dma_out]})
                 dma_free = ev.end_s
                 for x in k.plan.dma_out:
@@ -150,7 +166,7 @@ class EventEngine:
         hdma_free = max(hdma_free, last_end)
         for value, nbytes in step.copy_out:
             start = max(hdma_free, in_dram.get(value, last_end))
-            ev = device_event(HDMA, f"{value} device->host", start, hdma_seconds(nbytes, spec),
+            ev = device_event(HDMA, f"{value} device->host", start, hdma_seconds(nbytes, spec, to_device=False),
                               "dma_out", {"bytes": nbytes, "value": value})
             hdma_free = ev.end_s
         device_end = max(last_end, hdma_free)

@@ -31,16 +31,25 @@ class Transfer:
 
 @dataclass(frozen=True)
 class GemmTiling:
-    """Output tiles (tm x tn) spread over the engines, each accumulating K in steps of tk."""
+    """Output tiles (tm x tn) spread over the engines, each accumulating K in steps of tk.
+
+    When there are fewer output tiles than engines, K is split `split_k` ways so idle engines
+    take a share (partial sums are added at the end). Fused attention is `passes=2` GEMMs per
+    tile (QK^T then PV) and `work_fraction` < 1 when causal masking skips blocks.
+    """
 
     tm: int
     tn: int
     tk: int
     out_tiles: int
     k_steps: int
+    split_k: int = 1
+    passes: int = 1
+    work_fraction: float = 1.0
 
-    def to_json(self) -> list[int]:
-        return [self.tm, self.tn, self.tk, self.out_tiles, self.k_steps]
+    def to_json(self) -> list:
+        return [self.tm, self.tn, self.tk, self.out_tiles, self.k_steps, self.split_k,
+                self.passes, self.work_fraction]
 
 
 @dataclass(frozen=True)
@@ -77,42 +86,51 @@ class KernelPlan:
 
 @dataclass(frozen=True)
 class KernelTime:
+    launch_s: float       # command issue; overlaps the first tile's load
     compute_s: float      # neural engine busy time with all operands on chip
     first_in_s: float     # the first tile's operands must land before compute starts
     last_out_s: float     # the last tile's results leave after compute ends
 
-    @property
-    def total_s(self) -> float:
-        return self.first_in_s + self.compute_s + self.last_out_s
 
-
-def matrix_seconds(gemm: GemmTiling, spec: ProductSpec, dtype: str) -> float:
+def matrix_seconds(gemm: GemmTiling, spec: ProductSpec, dtype: str, kind: str = "gemm") -> float:
     c = spec.die.compute
-    per_engine = c.peak_flops(dtype) * c.matmul_efficiency / c.neural_engines
+    efficiency = c.attention_fraction if kind == "attention" else c.matmul_efficiency
+    per_engine = c.peak_flops(dtype) * efficiency / c.neural_engines
     per_tile = 2.0 * gemm.tm * gemm.tn * gemm.tk / per_engine
-    waves = math.ceil(gemm.out_tiles / c.neural_engines)
-    return waves * gemm.k_steps * per_tile
+    waves = math.ceil(gemm.out_tiles * gemm.split_k / c.neural_engines)
+    steps = math.ceil(gemm.k_steps / gemm.split_k)
+    # Skipped (causally masked) blocks shorten the average tile; with a single wave the
+    # longest tile, which skips nothing, sets the time.
+    fraction = gemm.work_fraction if waves > 1 else 1.0
+    seconds = waves * steps * per_tile * gemm.passes * fraction
+    if gemm.split_k > 1:
+        # Partial sums meet in shared SRAM after a barrier across the engines.
+        partial_bytes = gemm.out_tiles * gemm.split_k * gemm.tm * gemm.tn * 4
+        seconds += c.kernel_launch_s + partial_bytes / spec.die.memory.shared_sram_bandwidth
+    return seconds
 
 
-def kernel_time(plan: KernelPlan, spec: ProductSpec, dtype: str) -> KernelTime:
+def kernel_time(plan: KernelPlan, spec: ProductSpec, dtype: str, kind: str = "") -> KernelTime:
     c, m = spec.die.compute, spec.die.memory
-    matrix_s = matrix_seconds(plan.gemm, spec, dtype) if plan.gemm else 0.0
+    matrix_s = matrix_seconds(plan.gemm, spec, dtype, kind) if plan.gemm else 0.0
     vector_s = plan.vector_ops / c.vector_flops
     sram_s = plan.sram_bytes / m.shared_sram_bandwidth
     # An element-wise epilogue runs on the vector units while the next tile's GEMM runs.
-    compute_s = c.kernel_launch_s + max(matrix_s, vector_s) + sram_s
+    compute_s = max(matrix_s, vector_s) + sram_s
     tiles = max(1, plan.tiles)
-    return KernelTime(compute_s, task_dma_seconds(plan.bytes_in / tiles, spec, 1 if plan.dma_in else 0),
-                      task_dma_seconds(plan.bytes_out / tiles, spec, 1 if plan.dma_out else 0))
+    return KernelTime(c.kernel_launch_s, compute_s,
+                      task_dma_seconds(plan.bytes_in / tiles, spec, kind) if plan.dma_in else 0.0,
+                      task_dma_seconds(plan.bytes_out / tiles, spec, kind) if plan.dma_out else 0.0)
 
 
-def task_dma_seconds(nbytes: float, spec: ProductSpec, transfers: int = 1) -> float:
+def task_dma_seconds(nbytes: float, spec: ProductSpec, kind: str = "") -> float:
+    """One Task DMA job (descriptors for all its tensors chained): setup once, then bytes."""
     d = spec.die.dma
-    return transfers * d.task_dma_setup_s + nbytes / d.task_dma_bandwidth
+    return d.task_dma_setup_s + nbytes / d.bandwidth_for(kind)
 
 
-def hdma_seconds(nbytes: int, spec: ProductSpec) -> float:
-    return spec.host_link.transfer_s(nbytes)
+def hdma_seconds(nbytes: int, spec: ProductSpec, to_device: bool = True) -> float:
+    return spec.host_link.transfer_s(nbytes, to_device)
 
 
 def host_op_seconds(flops: float, nbytes: int, spec: ProductSpec) -> float:

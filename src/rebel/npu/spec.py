@@ -36,6 +36,7 @@ class ComputeSpec:
     mac_array: tuple[int, int]
     matmul_efficiency: float
     kernel_launch_us: float
+    attention_efficiency: float | None = None  # fused attention's fraction of peak (default: matmul's)
 
     def peak_flops(self, dtype: str) -> float:
         """Matrix-unit peak in operations per second for a device dtype."""
@@ -44,6 +45,10 @@ class ComputeSpec:
         if dtype not in table:
             raise SpecError(f"no matrix peak for device dtype {dtype!r}; known: {sorted(table)}")
         return table[dtype] * 1e12
+
+    @property
+    def attention_fraction(self) -> float:
+        return self.attention_efficiency if self.attention_efficiency is not None else self.matmul_efficiency
 
     @property
     def vector_flops(self) -> float:
@@ -93,6 +98,9 @@ class MemorySpec:
 class DmaSpec:
     task_dma_bandwidth_gbps: float
     task_dma_setup_us: float
+    # Fraction of the Task DMA bandwidth that row reductions (norms, softmax) achieve: they
+    # alternate statistics and normalisation passes instead of streaming.
+    reduction_efficiency: float = 1.0
 
     @property
     def task_dma_bandwidth(self) -> float:
@@ -101,6 +109,12 @@ class DmaSpec:
     @property
     def task_dma_setup_s(self) -> float:
         return self.task_dma_setup_us * US
+
+    def bandwidth_for(self, kind: str) -> float:
+        """Achieved Task DMA bandwidth for a kernel of class `kind`."""
+        if kind in ("norm", "softmax", "reduction"):
+            return self.task_dma_bandwidth * self.reduction_efficiency
+        return self.task_dma_bandwidth
 
 
 @dataclass(frozen=True)
@@ -118,6 +132,8 @@ class LinkSpec:
     bandwidth_gbps: float
     setup_us: float = 0.0
     latency_us: float = 0.0
+    # Host links may be slower towards the host; None means the same as bandwidth_gbps.
+    d2h_bandwidth_gbps: float | None = None
 
     @property
     def bandwidth(self) -> float:
@@ -127,8 +143,9 @@ class LinkSpec:
     def alpha_s(self) -> float:
         return (self.setup_us + self.latency_us) * US
 
-    def transfer_s(self, nbytes: int) -> float:
-        return self.alpha_s + nbytes / self.bandwidth
+    def transfer_s(self, nbytes: int, to_device: bool = True) -> float:
+        bw = self.bandwidth_gbps if to_device or self.d2h_bandwidth_gbps is None else self.d2h_bandwidth_gbps
+        return self.alpha_s + nbytes / (bw * GB)
 
 
 @dataclass(frozen=True)
@@ -289,6 +306,8 @@ def _convert(hint, value, key: str, where: str):
             raise SpecError(f"{key} in {where} must be a number, got {value!r}")
         if value < 0 or (value == 0 and not key.endswith("_us")):
             raise SpecError(f"{key} in {where} must be positive, got {value!r}")
+        if key.endswith("efficiency") and value > 1:
+            raise SpecError(f"{key} in {where} is a fraction of peak and must be at most 1, got {value!r}")
         return float(value)
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:

@@ -1,0 +1,120 @@
+"""Check the timing method against real hardware: predict measured H100 op timings.
+
+Each measured op (GEMM, element-wise, norm, attention, host<->device copy) is built as a small
+PyTorch module on the meta device, compiled by the real compiler for the H100 spec
+(`rebel/npu/specs/nvidia-h100-sxm.toml`) and timed by the same event engine that times the ATOM.
+The prediction compared is the device time of the op's kernels (Task DMA + compute), as the
+measurement replays only the kernels (CUDA graphs, data already in HBM); copies are predicted
+from the host link. Prints the error per op, per kind, and `MAPE <percent>` last.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from rebel.compiler.compile import compile_module
+from rebel.device.events import HDMA
+from rebel.npu import load_spec
+from rebel.device.engine import EventEngine
+from rebel.runtime.timeline import build_steps
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "calibration" / "h100-ops.jsonl"
+SPEC = "NVIDIA-H100-SXM"
+
+
+class Fn(torch.nn.Module):
+    def __init__(self, fn, **params):
+        super().__init__()
+        self.fn = fn
+        for name, p in params.items():
+            self.register_parameter(name, torch.nn.Parameter(p, requires_grad=False))
+
+    def forward(self, *xs):
+        return self.fn(self, *xs)
+
+
+def meta(*shape, dtype=torch.bfloat16):
+    return torch.empty(*shape, dtype=dtype, device="meta")
+
+
+def build(rec: dict):
+    """(module, example inputs) reproducing one measured op."""
+    kind = rec["kind"]
+    if kind == "gemm":
+        w = meta(rec["N"], rec["K"])
+        return Fn(lambda m, x: F.linear(x, m.w), w=w), [meta(rec["M"], rec["K"])]
+    if kind == "eltwise":
+        n, op = rec["numel"], rec["op"]
+        binary = {"add": torch.add, "mul": torch.mul}
+        if op in binary:
+            return Fn(lambda m, a, b: binary[op](a, b)), [meta(n), meta(n)]
+        unary = {"silu": F.silu, "gelu": F.gelu, "cast_f32": lambda x: x.float()}
+        return Fn(lambda m, x: unary[op](x)), [meta(n)]
+    if kind == "norm":
+        rows, cols, op = rec["rows"], rec["cols"], rec["op"]
+        if op == "softmax":
+            return Fn(lambda m, x: torch.softmax(x, -1)), [meta(rows, cols)]
+        if op == "rmsnorm":
+            return Fn(lambda m, x: F.rms_norm(x, (cols,), m.w), w=meta(cols)), [meta(rows, cols)]
+        return (Fn(lambda m, x: F.layer_norm(x, (cols,), m.w, m.b), w=meta(cols), b=meta(cols)),
+                [meta(rows, cols)])
+    if kind == "attention":
+        b, h, kvh, sq, skv, d = (rec[k] for k in ("B", "H", "KVH", "S_q", "S_kv", "D"))
+        causal = rec["causal"]
+        fn = Fn(lambda m, q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal,
+                                                                   enable_gqa=True))
+        return fn, [meta(b, h, sq, d), meta(b, kvh, skv, d), meta(b, kvh, skv, d)]
+    raise ValueError(f"unknown op kind {kind!r}")
+
+
+def predict_ms(rec: dict, spec) -> float:
+    if rec["kind"] in ("h2d", "d2h"):
+        return spec.host_link.transfer_s(rec["nbytes"], to_device=rec["kind"] == "h2d") * 1e3
+    module, inputs = build(rec)
+    compiled = compile_module(module, inputs, npu=SPEC, device_dtype="bfloat16")
+    engine = EventEngine(spec, device=0, resident_inputs=True)
+    events = [e for e in engine.run(build_steps(compiled.program, spec)).events
+              if e.device is not None and e.track != HDMA]
+    return (max(e.end_s for e in events) - min(e.start_s for e in events)) * 1e3
+
+
+def describe(rec: dict) -> str:
+    skip = {"kind", "dtype", "ms_median", "ms_min", "ms_max", "tflops", "pinned"}
+    return " ".join(f"{k}={v}" for k, v in rec.items() if k not in skip)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA,
+                        help="JSONL of measured op timings (same format as h100-ops.jsonl)")
+    args = parser.parse_args()
+    spec = load_spec(SPEC)
+    records = [json.loads(line) for line in args.data.read_text().splitlines() if line.strip()]
+    errors: dict[str, list[float]] = defaultdict(list)
+    print(f"{'kind':10s} {'op':58s} {'measured ms':>12s} {'predicted ms':>13s} {'error':>8s}")
+    for rec in records:
+        if rec["kind"] == "device":
+            print(f"# {rec['name']}: {rec['method']}")
+            continue
+        measured = rec["ms_median"]
+        predicted = predict_ms(rec, spec)
+        err = (predicted - measured) / measured
+        errors[rec["kind"]].append(abs(err))
+        print(f"{rec['kind']:10s} {describe(rec)[:58]:58s} {measured:12.4f} {predicted:13.4f} "
+              f"{err * 100:+7.1f}%")
+    print()
+    print(f"{'kind':10s} {'ops':>4s} {'MAPE':>8s} {'max':>8s}")
+    for kind, errs in errors.items():
+        print(f"{kind:10s} {len(errs):4d} {statistics.mean(errs) * 100:7.1f}% {max(errs) * 100:7.1f}%")
+    every = [e for errs in errors.values() for e in errs]
+    print(f"MAPE {statistics.mean(every) * 100:.1f}")
+
+
+if __name__ == "__main__":
+    main()
