@@ -130,11 +130,12 @@ class Scheduler:
                 free = budget - acc
                 if free <= 0:
                     continue
-                tk = min(_round_up(k, rows), free // (2 * (tm + tn) * self.elem) // rows * rows)
-                if tk < rows:
+                tk_max = min(_round_up(k, rows), free // (2 * (tm + tn) * self.elem) // rows * rows)
+                if tk_max < rows:
                     continue
+                k_steps = math.ceil(k / tk_max)
+                tk = _round_up(math.ceil(k / k_steps), rows)  # even steps: no padded K
                 out_tiles = b * math.ceil(m / tm) * math.ceil(n / tn)
-                k_steps = math.ceil(k / tk)
                 split = max(1, min(k_steps, c.neural_engines // out_tiles))
                 tiling = GemmTiling(tm, tn, tk, out_tiles, k_steps, split)
                 cost = (matrix_seconds(tiling, self.spec, self.dtype), -tm * tn)

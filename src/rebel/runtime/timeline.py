@@ -18,7 +18,7 @@ def build_steps(program: Program, spec: ProductSpec) -> list:
     for seg in program.segments:
         if seg.kind == "device":
             kernels = tuple(KernelStep(k.name, k.kind, tuple(o.target for o in k.ops), k.plan,
-                                       kernel_time(k.plan, spec, program.device_dtype))
+                                       kernel_time(k.plan, spec, program.device_dtype, k.kind))
                             for k in seg.kernels)
             steps.append(DeviceStep(
                 seg.name, tuple((v, program.values[v].nbytes()) for v in seg.copy_in), kernels,
