@@ -15,9 +15,9 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
-from ..errors import ArtifactError
+from ..errors import ArtifactError, SpecError
 from ..ir import TensorSpec
-from ..npu import load_spec
+from ..npu.spec import spec_from_dict, spec_to_dict
 from .compile import CompiledProgram
 from .program import Program
 
@@ -33,7 +33,7 @@ def save_artifact(compiled: CompiledProgram, path: str | Path) -> Path:
     manifest = {
         "format": FORMAT, "version": FORMAT_VERSION, "producer": "open-rbln",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "npu": compiled.program.npu, "spec_source": Path(compiled.spec.source).name,
+        "npu": compiled.program.npu, "spec": spec_to_dict(compiled.spec),
         "files": {PROGRAM: _sha256(program), WEIGHTS: _sha256(weights)},
     }
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -71,7 +71,11 @@ def load_artifact(path: str | Path) -> CompiledProgram:
     program = Program.from_json(_json(blobs[PROGRAM], path, PROGRAM))
     weights = _load_weights(blobs[WEIGHTS], path)
     _check_weights(program, weights, path)
-    return CompiledProgram(program, weights, load_spec(program.npu))
+    try:
+        spec = spec_from_dict(manifest["spec"], where=f"{path} (manifest spec)")
+    except (KeyError, SpecError) as e:
+        raise ArtifactError(f"{path} has a malformed hardware spec in its manifest: {e}") from None
+    return CompiledProgram(program, weights, spec)
 
 
 def _check_manifest(manifest: dict, path: Path) -> None:

@@ -224,6 +224,17 @@ def load_spec(name_or_path: str | Path) -> ProductSpec:
     return spec
 
 
+def spec_to_dict(spec: ProductSpec) -> dict:
+    """The spec as plain data, so an artifact can carry the exact figures it was compiled for."""
+    return dataclasses.asdict(spec)
+
+
+def spec_from_dict(table: dict, where: str = "artifact") -> ProductSpec:
+    spec = _build(ProductSpec, table, where=where)
+    _check_totals(spec)
+    return spec
+
+
 def _resolve(name_or_path: str, seen: tuple[str, ...]) -> tuple[dict, str]:
     path = Path(name_or_path)
     if not (path.suffix == ".toml" or path.exists()):
@@ -298,6 +309,8 @@ def _build(cls, table: dict, where: str, section: str = ""):
 def _convert(hint, value, key: str, where: str):
     optional = typing.get_origin(hint) in (typing.Union, types.UnionType)
     if optional:
+        if value is None:
+            return None
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, where, key)

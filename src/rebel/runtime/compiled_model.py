@@ -36,9 +36,9 @@ class RBLNCompiledModel:
     def create_async_runtime(self, **kwargs) -> AsyncRuntime:
         return AsyncRuntime(self, **kwargs)
 
-    def predicted_latency_s(self, device: int = 0) -> float:
+    def predicted_latency_s(self, device: int = 0, predictive_dma: bool = True) -> float:
         """Predicted time of one run on the modelled NPU, without running it."""
-        return predict(self.program, self.compiled.spec, device).latency_s
+        return predict(self.program, self.compiled.spec, device, predictive_dma).latency_s
 
     def __repr__(self) -> str:
         p = self.program

@@ -40,7 +40,10 @@ class Runtime:
     """Runs a compiled model on one virtual device. Safe to call from several threads."""
 
     def __init__(self, compiled_model, tensor_type: str = "pt", device: int = 0,
-                 activate_profiler: bool | None = None, trace_path: str | os.PathLike | None = None):
+                 activate_profiler: bool | None = None, trace_path: str | os.PathLike | None = None,
+                 predictive_dma: bool | None = None):
+        """predictive_dma: prefetch the next kernels' weights while the current one runs
+        (default on; RBLN_PREDICTIVE_DMA=0 turns it off to measure its gain)."""
         if tensor_type not in TENSOR_TYPES:
             raise RBLNError(f"tensor_type must be one of {TENSOR_TYPES}, got {tensor_type!r}")
         self.compiled = _resolve(compiled_model)
@@ -59,7 +62,11 @@ class Runtime:
                              f"{self._activation_bytes() / 2**20:.1f} MiB activations)")
         self._finalizer = weakref.finalize(self, self._memory.free, self._handle)
         self._bind()
-        self._timeline: Timeline = EventEngine(self.spec, device).run(build_steps(self.program, self.spec))
+        if predictive_dma is None:
+            predictive_dma = os.environ.get("RBLN_PREDICTIVE_DMA", "1").lower() not in ("0", "false", "off", "no")
+        self.predictive_dma = bool(predictive_dma)
+        engine = EventEngine(self.spec, device, prefetch=self.predictive_dma)
+        self._timeline: Timeline = engine.run(build_steps(self.program, self.spec))
         self.last_report: RunReport | None = None
         self.runs = 0
         self._profile = _profiler_enabled(activate_profiler)
