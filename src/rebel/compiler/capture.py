@@ -2,13 +2,18 @@
 from __future__ import annotations
 
 import warnings
+from functools import lru_cache
 from collections.abc import Sequence
 
 import torch
 from torch.export.graph_signature import InputKind, OutputKind
 
 from ..errors import CompileError
+
+# Ops the device implements as one kernel, so torch.export must not decompose them.
+KEEP_WHOLE = (torch.ops.aten.scaled_dot_product_attention.default,)
 from ..ir import GETITEM, Graph, Op, Ref, TensorSpec, encode, target_name
+from .support import classify, has_host_kernel
 
 
 def capture(module: torch.nn.Module, example_inputs: Sequence) -> Graph:
@@ -22,7 +27,7 @@ def capture(module: torch.nn.Module, example_inputs: Sequence) -> Graph:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ep = torch.export.export(module, tuple(inputs), strict=False)
-            ep = ep.run_decompositions()
+            ep = ep.run_decompositions(_decompositions())
     except Exception as e:  # torch raises many types; users need one clear message
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CompileError(f"could not capture {type(module).__name__} with torch.export at input "
@@ -30,6 +35,14 @@ def capture(module: torch.nn.Module, example_inputs: Sequence) -> Graph:
     finally:
         module.train(was_training)
     return _lower(ep)
+
+
+def _decompositions() -> dict:
+    """Core ATen, except ops the device runs whole (attention stays one fused kernel)."""
+    table = torch.export.default_decompositions()
+    for op in KEEP_WHOLE:
+        table.pop(op, None)
+    return table
 
 
 def _check_example_inputs(example_inputs) -> list[torch.Tensor]:
@@ -76,9 +89,14 @@ def _lower(ep: torch.export.ExportedProgram) -> Graph:
     ops: list[Op] = []
     out_node = None
     for node in ep.graph.nodes:
+        if node.op == "call_function" and node.target in _checks() and not node.users:
+            continue
         if node.op == "call_function":
             names[node] = node.name
-            ops.append(_lower_call(node, names))
+            op = _lower_call(node, names)
+            if op.target in _NEEDS_CONTIGUOUS and op.args and isinstance(op.args[0], Ref):
+                ops.append(_contiguous(op))
+            ops.append(op)
         elif node.op == "output":
             out_node = node
         elif node.op != "placeholder":
@@ -98,11 +116,47 @@ def _lower(ep: torch.export.ExportedProgram) -> Graph:
     return Graph(inputs, weights, ops, outputs, out_spec, updates, mutable)
 
 
+@lru_cache(maxsize=1)
+def _checks() -> frozenset:
+    """Export-time assertions (dtype/shape checks, scalar asserts) that compute nothing: shapes
+    are static once compiled, so they hold by construction and would only cost host syncs."""
+    aten = torch.ops.aten
+    return frozenset({aten._assert_tensor_metadata.default, aten._assert_scalar.default,
+                      aten.sym_constrain_range_for_size.default})
+
+
+# ATen CPU kernels that require a dense input, while decompositions may hand them a permuted
+# view (torch's own decomposed VAE decoder fails on group_norm). The device picks its layouts,
+# so the compiler makes the layout explicit with a copy in front of them.
+_NEEDS_CONTIGUOUS = frozenset({"aten.native_group_norm.default"})
+
+
+def _contiguous(op: Op) -> Op:
+    """A dense copy of `op`'s first input, which `op` then reads instead (rewires op.args)."""
+    src = op.args[0]
+    name = f"{op.name}_input_contiguous"
+    op.args = (Ref(name), *op.args[1:])
+    spec = op.out_specs[0] if op.out_specs else None
+    return Op(name, "aten.clone.default", (src,), {"memory_format": torch.contiguous_format},
+              spec, "contiguous")
+
+
 def _lower_call(node: torch.fx.Node, names: dict) -> Op:
     try:
         target = target_name(node.target)
     except TypeError:
         raise CompileError(f"node {node.name}: call target {node.target!r} is not an ATen op") from None
+    if target != GETITEM and not target.startswith("aten."):
+        raise CompileError(f"node {node.name}: op {target} has no device kernel and no host path "
+                           "(the host runs ATen ops only; decompose it into ATen ops or register "
+                           "a decomposition before compiling)")
+    if target != GETITEM and classify(target) is None and not has_host_kernel(target):
+        raise CompileError(f"node {node.name}: op {target} has no device kernel and no host path "
+                           "(PyTorch has no CPU kernel for it)")
+    if target == "aten._local_scalar_dense.default":
+        raise CompileError(f"node {node.name}: the model turns a tensor into a Python number "
+                           "(.item(), .tolist(), int(t)); compiled graphs are static, keep the value "
+                           "as a tensor")
     val = node.meta.get("val")
     label = _label(node, target)
     try:

@@ -2,6 +2,7 @@
 
 Every op the device runs has a class that picks its timing rule and its role in fusion:
   gemm, conv      matrix units; may take an element-wise epilogue
+  attention       fused (flash-style) scaled-dot-product attention on the matrix units
   elementwise     vector units, `cost` vector operations per output element
   reduction, norm, softmax, pool
                   vector units, `cost` operations per input element
@@ -9,10 +10,15 @@ Every op the device runs has a class that picks its timing rule and its role in 
   data            layout changes and tensor creation in SRAM (permute, cat, pad, full)
   alias           metadata only (view, unsqueeze, slice): free, fused into any kernel
 An op that is not here runs on the host (FP32, with host <-> device copies around it).
+This table is the one place the device's op coverage is written down: the partitioner, the
+scheduler's cost rules, `rebel.explain` and docs/supported_ops.md all read it.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from ..errors import RBLNError
+from ..ir import resolve_target
 
 
 @dataclass(frozen=True)
@@ -28,33 +34,50 @@ def _table() -> dict[str, OpClass]:
         for name in names.split():
             t[name if "." in name else f"{name}.default"] = OpClass(kind, cost)
 
+    # Matrix units. nn.Linear is addmm/mm after decomposition, F.scaled_dot_product_attention
+    # (causal, masked, GQA) is bmm -> softmax -> bmm, conv1d/2d/3d and transposed convs are one
+    # `convolution` op costed as an implicit GEMM.
     add("gemm", "mm addmm bmm baddbmm")
     add("conv", "convolution")
-    add("elementwise", """add.Tensor add.Scalar sub.Tensor sub.Scalar rsub.Scalar mul.Tensor
-        mul.Scalar div.Tensor div.Scalar div.Tensor_mode neg abs relu maximum minimum
-        clamp clamp.Tensor clamp_min clamp_max where.self where.ScalarSelf where.ScalarOther
-        eq.Tensor eq.Scalar ne.Tensor ne.Scalar gt.Tensor gt.Scalar lt.Tensor lt.Scalar
-        ge.Tensor ge.Scalar le.Tensor le.Scalar logical_and logical_or logical_not logical_xor
-        bitwise_and.Tensor bitwise_or.Tensor bitwise_not _to_copy hardtanh leaky_relu
+    add("elementwise", """add.Tensor add.Scalar sub.Tensor sub.Scalar rsub.Scalar rsub.Tensor
+        mul.Tensor mul.Scalar div.Tensor div.Scalar div.Tensor_mode div.Scalar_mode neg abs relu
+        maximum minimum clamp clamp.Tensor clamp_min clamp_max where.self where.ScalarSelf
+        where.ScalarOther where.Scalar eq.Tensor eq.Scalar ne.Tensor ne.Scalar gt.Tensor gt.Scalar
+        lt.Tensor lt.Scalar ge.Tensor ge.Scalar le.Tensor le.Scalar logical_and logical_or
+        logical_not logical_xor bitwise_and.Tensor bitwise_and.Scalar bitwise_or.Tensor
+        bitwise_or.Scalar bitwise_xor.Tensor bitwise_not _to_copy copy hardtanh leaky_relu
         masked_fill.Scalar masked_fill.Tensor remainder.Scalar remainder.Tensor sign floor ceil
-        round trunc fmod.Scalar isnan isinf""")
-    add("elementwise", "reciprocal sqrt rsqrt square pow.Tensor_Scalar pow.Tensor_Tensor", 2.0)
-    add("elementwise", "exp exp2 expm1 log log2 log1p sigmoid silu hardsigmoid hardswish", 4.0)
-    add("elementwise", "tanh erf sin cos elu softplus mish", 6.0)
+        round trunc fmod.Scalar fmod.Tensor isnan isinf fill.Scalar lerp.Scalar lerp.Tensor
+        addcmul tril triu threshold nan_to_num""")
+    add("elementwise", """reciprocal sqrt rsqrt square pow.Tensor_Scalar pow.Tensor_Tensor
+        pow.Scalar addcdiv""", 2.0)
+    add("elementwise", "exp exp2 expm1 log log2 log10 log1p sigmoid silu hardsigmoid hardswish",
+        4.0)
+    add("elementwise", "tanh erf sin cos tan elu softplus mish sinh cosh", 6.0)
     add("elementwise", "gelu", 8.0)
     add("reduction", """sum.dim_IntList sum.default mean.dim mean.default amax amin max.dim min.dim
-        max.default min.default argmax argmin any.dim any.default all.dim all.default prod.dim_int
-        cumsum var.correction var_mean.correction""")
-    add("norm", """native_layer_norm _native_batch_norm_legit_no_training native_group_norm""", 5.0)
-    add("softmax", "_softmax _log_softmax", 5.0)
-    add("pool", """max_pool2d_with_indices max_pool3d_with_indices avg_pool2d avg_pool3d
-        _adaptive_avg_pool2d _adaptive_avg_pool3d avg_pool1d adaptive_max_pool2d""")
-    add("gather", "embedding index_select gather index.Tensor")
-    add("data", """permute clone cat constant_pad_nd full full_like zeros_like ones_like arange
-        arange.start arange.start_step scalar_tensor split_with_sizes flip repeat
-        upsample_nearest2d.vec upsample_bilinear2d.vec""")
+        max.default min.default argmax argmin any.dim any.dims any.default all.dim all.dims
+        all.default prod.dim_int prod.default cumsum cumprod logsumexp var.correction
+        var_mean.correction std.correction linalg_vector_norm""")
+    add("norm", """native_layer_norm _native_batch_norm_legit_no_training native_group_norm
+        _fused_rms_norm""", 5.0)
+    add("softmax", "_softmax _log_softmax _safe_softmax", 5.0)
+    add("pool", """max_pool2d_with_indices max_pool3d_with_indices avg_pool1d avg_pool2d
+        avg_pool3d _adaptive_avg_pool2d _adaptive_avg_pool3d adaptive_max_pool1d
+        adaptive_max_pool2d adaptive_max_pool3d""")
+    add("gather", """embedding index_select gather index.Tensor scatter.src scatter.value
+        scatter_add scatter_reduce.two index_put index_add index_copy masked_scatter""")
+    add("data", """permute clone cat constant_pad_nd full full_like zeros_like ones_like
+        empty_like zeros ones empty.memory_format new_zeros new_ones new_full new_empty arange
+        arange.start arange.start_step scalar_tensor split_with_sizes split.Tensor unbind.int flip
+        roll repeat slice_scatter select_scatter pixel_shuffle pixel_unshuffle reflection_pad1d
+        reflection_pad2d replication_pad1d replication_pad2d upsample_nearest1d.vec
+        upsample_nearest2d.vec upsample_nearest3d.vec _upsample_nearest_exact2d.vec
+        upsample_linear1d.vec upsample_bilinear2d.vec upsample_bicubic2d.vec
+        upsample_trilinear3d.vec im2col col2im""")
     add("alias", """view _unsafe_view reshape unsqueeze squeeze squeeze.dim squeeze.dims expand
-        slice.Tensor select.int alias t transpose.int detach lift_fresh_copy""")
+        slice.Tensor select.int alias t transpose.int detach lift_fresh_copy as_strided diagonal
+        unfold narrow""")
     return t
 
 
@@ -66,6 +89,17 @@ DEVICE_DTYPES = {"float16", "bfloat16", "float32", "int64", "int32", "int16", "i
 def classify(target: str) -> OpClass | None:
     """The op's class if the device accelerates it, else None (host fallback)."""
     return SUPPORTED.get(target.removeprefix("aten."))
+
+
+def has_host_kernel(target: str) -> bool:
+    """Whether PyTorch can run the ATen op `target` on the host CPU (the fallback path)."""
+    try:
+        op = resolve_target(target)
+    except RBLNError:
+        return False
+    keys = ("CPU", "CompositeExplicitAutograd", "CompositeImplicitAutograd",
+            "CompositeExplicitAutogradNonFunctional")
+    return any(op.has_kernel_for_dispatch_key(k) for k in keys)
 
 
 def supported_ops() -> list[tuple[str, str]]:
