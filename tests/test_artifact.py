@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import rebel
+from rebel.compiler.artifact import FORMAT_VERSION
 from rebel.runtime import RBLNCompiledModel
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -85,7 +86,7 @@ def test_artifact_layout(artifact, compiled):
     members = read_members(artifact)
     assert set(members) == MEMBERS
     manifest = json.loads(members["manifest.json"])
-    assert manifest["format"] == "rbln-artifact" and manifest["version"] == 1
+    assert manifest["format"] == "rbln-artifact" and manifest["version"] == FORMAT_VERSION
     assert manifest["npu"] == "RBLN-CA25"
     for name in ("program.json", "weights.safetensors"):
         assert manifest["files"][name] == hashlib.sha256(members[name]).hexdigest()
@@ -224,7 +225,7 @@ def test_manifest_not_an_object(artifact):
 def test_incompatible_format_version(artifact):
     write_members(artifact, with_manifest(read_members(artifact), version=999))
     message = artifact_error(artifact)
-    assert "version 999" in message and "reads version 1" in message
+    assert "version 999" in message and f"reads version {FORMAT_VERSION}" in message
 
 
 def test_missing_member(artifact):

@@ -169,9 +169,10 @@ def test_unsupported_device_dtype():
         rebel.compile_from_torch(nn.ReLU(), example_inputs=[torch.randn(2)], device_dtype="float32")
 
 
-def test_tensor_parallel_is_refused():
-    with pytest.raises(rebel.CompileError, match="tensor_parallel_size=2"):
-        rebel.compile_from_torch(nn.ReLU(), example_inputs=[torch.randn(2)], tensor_parallel_size=2)
+@pytest.mark.parametrize("size", [0, -1, 1.5, True])
+def test_bad_tensor_parallel_size(size):
+    with pytest.raises(rebel.CompileError, match="tensor_parallel_size must be a positive int"):
+        rebel.compile_from_torch(nn.ReLU(), example_inputs=[torch.randn(2)], tensor_parallel_size=size)
 
 
 def test_unknown_npu():

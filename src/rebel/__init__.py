@@ -28,11 +28,18 @@ def compile_from_torch(module: torch.nn.Module, example_inputs: Sequence[torch.T
 
     npu: product name or spec path (default: the virtual machine's product). device_dtype:
     "float16" (default) or "bfloat16", the 16-bit format FP32 tensors become on the device.
+    tensor_parallel_size: shard linear layers and attention heads over that many dies (run the
+    result with a Runtime on as many devices).
     """
-    if tensor_parallel_size != 1:
-        raise CompileError(f"tensor_parallel_size={tensor_parallel_size} is not supported yet: "
-                           "this version compiles for a single device (tensor_parallel_size=1)")
-    return RBLNCompiledModel(compile_module(module, example_inputs, npu=npu, device_dtype=device_dtype))
+    return RBLNCompiledModel(compile_module(module, example_inputs, npu=npu, device_dtype=device_dtype,
+                                            tensor_parallel_size=tensor_parallel_size))
+
+
+def explain(compiled_model):
+    """What runs where: device kernels, host fallbacks with their reasons, host<->device round
+    trips and predicted time per segment (`print(...)` it, or `.to_dict()` for data)."""
+    from .explain import explain as _explain
+    return _explain(compiled_model)
 
 
 def trace_summary(path) -> str:
@@ -42,5 +49,5 @@ def trace_summary(path) -> str:
 
 __all__ = ["ArtifactError", "AsyncRuntime", "CompileError", "DeviceError", "DeviceMemoryError",
            "InputError", "RBLNCompiledModel", "RBLNError", "RunReport", "Runtime", "SpecError",
-           "compile_from_torch", "device_count", "get_npu_name", "npu_is_available",
+           "compile_from_torch", "device_count", "explain", "get_npu_name", "npu_is_available",
            "trace_summary"]

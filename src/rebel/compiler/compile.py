@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -10,12 +10,15 @@ from ..errors import CompileError
 from ..ir import GETITEM, Graph, Op, Ref, TensorSpec, dtype_name, to_torch_dtype
 from ..npu import current_machine, load_spec
 from ..npu.spec import ProductSpec
+from .buckets import check_distinct, merge_weights, split_buckets
 from .capture import capture
 from .fold import fold_constants
 from .fusion import fuse, kernel_kind, kernel_label
 from .partition import place_ops, split_segments
+from .progress import CompileProgress, wants_progress
 from .program import Kernel, Program, Segment
 from .schedule import Scheduler
+from .tensor_parallel import shard_graph
 
 DEVICE_DTYPES = ("float16", "bfloat16")
 OUTPUT = "$output"  # pseudo-user: a value the caller (or a persistent buffer) receives
@@ -28,21 +31,59 @@ class CompiledProgram:
     program: Program
     weights: dict[str, torch.Tensor]
     spec: ProductSpec
+    buckets: list[Program] = field(default_factory=list)  # every shape bucket; [0] is `program`
+    meta: bool = False  # compiled from meta tensors: predicts memory and latency, cannot run
+
+    def __post_init__(self):
+        if not self.buckets:
+            self.buckets = [self.program]
 
 
 def compile_module(module: torch.nn.Module, example_inputs: Sequence, npu: str | None = None,
-                   device_dtype: str | torch.dtype = "float16") -> CompiledProgram:
+                   device_dtype: str | torch.dtype = "float16",
+                   progress: bool | None = None, tensor_parallel_size: int = 1) -> CompiledProgram:
+    """Compile `module` at the shapes of `example_inputs`: a list of tensors (one shape), or a
+    list of such lists (one shape bucket each). Modules or inputs on the meta device compile for
+    prediction only (`CompiledProgram.meta`)."""
     spec = load_spec(npu) if npu else current_machine().spec
     dtype = dtype_name(device_dtype) if isinstance(device_dtype, torch.dtype) else str(device_dtype)
     if dtype not in DEVICE_DTYPES:
         raise CompileError(f"device_dtype {dtype!r} is not supported; the device computes in "
                            f"{' or '.join(DEVICE_DTYPES)}")
-    graph = capture(module, example_inputs)
-    return lower_graph(graph, spec, dtype)
+    if isinstance(tensor_parallel_size, bool) or not isinstance(tensor_parallel_size, int) \
+            or tensor_parallel_size < 1:
+        raise CompileError(f"tensor_parallel_size must be a positive int, got {tensor_parallel_size!r}")
+    bucket_inputs = split_buckets(example_inputs)
+    shown = CompileProgress(wants_progress(module, progress) if isinstance(module, torch.nn.Module)
+                            else False)
+    programs, weights = [], {}
+    with shown.running():
+        for index, inputs in enumerate(bucket_inputs):
+            shown.stage(f"capture {index + 1}/{len(bucket_inputs)}")
+            graph = capture(module, inputs)
+            fold_constants(graph)
+            merge_weights(graph, weights, index)
+            lowered = lower_graph(graph, spec, dtype, shown, convert_weights=False,
+                                  tensor_parallel_size=tensor_parallel_size)
+            for name, t in lowered.weights.items():  # per-layout copies tensor parallelism made
+                weights.setdefault(name, t)
+            programs.append(lowered.program)
+    check_distinct([[s for _, s in p.inputs] for p in programs])
+    used = {name for p in programs for name in p.weights}
+    weights = {name: _to_device(t, dtype) for name, t in weights.items() if name in used}
+    meta = any(t.is_meta for t in weights.values()) or any(
+        isinstance(t, torch.Tensor) and t.is_meta for b in bucket_inputs for t in b)
+    return CompiledProgram(programs[0], weights, spec, programs, meta)
 
 
-def lower_graph(graph: Graph, spec: ProductSpec, dtype: str) -> CompiledProgram:
+def lower_graph(graph: Graph, spec: ProductSpec, dtype: str, shown: CompileProgress | None = None,
+                convert_weights: bool = True, tensor_parallel_size: int = 1) -> CompiledProgram:
+    """Lower a captured graph to a program. convert_weights=False leaves the returned weights in
+    their graph dtype (the caller converts them once, e.g. after merging shape buckets)."""
+    shown = shown or CompileProgress(False)
+    shown.stage("fold and partition")
     fold_constants(graph)
+    sharding = shard_graph(graph, tensor_parallel_size)
     place_ops(graph)
     segments = split_segments(graph)
     values = _value_specs(graph)
@@ -50,24 +91,30 @@ def lower_graph(graph: Graph, spec: ProductSpec, dtype: str) -> CompiledProgram:
     outputs = [o.name for o in graph.outputs if isinstance(o, Ref)]
     for name in [*outputs, *graph.buffer_updates]:
         users.setdefault(name, []).append(OUTPUT)
-    scheduler = Scheduler(spec, dtype, values, set(graph.weights))
+    scheduler = Scheduler(spec, dtype, values, set(graph.weights), sharding)
     counter = iter(range(1 << 30))
+    # Last segment reading each value, so a segment finds its values needed later in O(ops).
+    last_reader = {r: i for i, s in enumerate(segments) for o in s.ops for r in o.refs}
+    shown.stage("fuse and schedule", len(graph.ops))
     for index, seg in enumerate(segments):
         seg.name = f"{seg.kind}_{index}"
+        shown.advance(len(seg.ops))
         if seg.kind == "device":
-            _build_kernels(seg, segments[index + 1:], users, outputs, values, dtype, scheduler,
+            _build_kernels(seg, index, last_reader, users, outputs, values, dtype, scheduler,
                            counter, graph)
-    weights = {name: _to_device(t, dtype) for name, t in graph.weights.items()}
+    weights = {name: _to_device(t, dtype) if convert_weights else t
+               for name, t in graph.weights.items()}
     program = Program(
         npu=spec.name, device_dtype=dtype, inputs=graph.inputs, outputs=graph.outputs,
         out_spec=graph.out_spec, values=values,
-        weights={name: TensorSpec.of(t) for name, t in weights.items()}, segments=segments,
-        buffer_updates=graph.buffer_updates, mutable_buffers=sorted(graph.mutable_buffers))
+        weights={name: _device_spec(t, dtype) for name, t in weights.items()}, segments=segments,
+        buffer_updates=graph.buffer_updates, mutable_buffers=sorted(graph.mutable_buffers),
+        sharding=sharding)
     return CompiledProgram(program, weights, spec)
 
 
-def _build_kernels(seg: Segment, later: list[Segment], users, outputs, values, dtype,
-                   scheduler: Scheduler, counter, graph: Graph) -> None:
+def _build_kernels(seg: Segment, index: int, last_reader: dict[str, int], users, outputs, values,
+                   dtype, scheduler: Scheduler, counter, graph: Graph) -> None:
     def name(label: str) -> str:
         return f"{next(counter)}_{label}"
 
@@ -92,9 +139,9 @@ def _build_kernels(seg: Segment, later: list[Segment], users, outputs, values, d
             kernels.append(Kernel(name(label), "cast_out", [], [v]))
             reads.append([v])
     _rewrite_float_dtypes(seg.ops)
-    later_reads = {r for s in later for o in s.ops for r in o.refs}
-    leaves = set(seg.copy_out) | (later_reads & {o.name for o in seg.ops}) | {
-        v for v in graph.buffer_updates if v in {o.name for o in seg.ops}}
+    made_here = {o.name for o in seg.ops}
+    leaves = set(seg.copy_out) | {v for v in made_here if last_reader.get(v, -1) > index} | {
+        v for v in graph.buffer_updates if v in made_here}
     scheduler.plan_segment(kernels, reads, leaves, set(seg.copy_in))
     seg.kernels, seg.ops = kernels, []
 
@@ -116,6 +163,10 @@ def _value_specs(graph: Graph) -> dict[str, TensorSpec]:
             if parts:
                 values[op.name] = TensorSpec((sum(p.numel for p in parts),), parts[0].dtype)
     return values
+
+
+def _device_spec(t: torch.Tensor, dtype: str) -> TensorSpec:
+    return TensorSpec(tuple(t.shape), dtype if t.is_floating_point() else dtype_name(t.dtype))
 
 
 def _to_device(t: torch.Tensor, dtype: str) -> torch.Tensor:

@@ -19,7 +19,8 @@ def fuse(ops: list[Op], users: dict[str, list[str]]) -> list[list[Op]]:
     groups: list[list[Op]] = []
     for op in ops:
         group = groups[-1] if groups else None
-        if group is not None and (_only_alias(group) or _can_absorb(group, op, users)):
+        alone = op.kind == "collective" or (group is not None and group[-1].kind == "collective")
+        if not alone and group is not None and (_only_alias(group) or _can_absorb(group, op, users)):
             group.append(op)
         else:
             groups.append([op])
@@ -47,7 +48,7 @@ def kernel_label(group: list[Op]) -> str:
 
 
 # A fused kernel is timed by its heaviest op class.
-_KIND_PRIORITY = ("attention", "gemm", "conv", "norm", "softmax", "reduction", "pool", "gather",
+_KIND_PRIORITY = ("collective", "attention", "gemm", "conv", "norm", "softmax", "reduction", "pool", "gather",
                   "data", "elementwise", "alias")
 
 

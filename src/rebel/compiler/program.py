@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from ..device.timing import KernelPlan
 from ..errors import ArtifactError
 from ..ir import Op, TensorSpec, decode, encode
+from .tensor_parallel import Sharding
 
 PROGRAM_VERSION = 1
 
@@ -71,6 +72,11 @@ class Program:
     segments: list[Segment]
     buffer_updates: dict[str, str] = field(default_factory=dict)  # value -> persistent buffer
     mutable_buffers: list[str] = field(default_factory=list)
+    sharding: Sharding = field(default_factory=lambda: Sharding(1))  # tensor parallelism
+
+    @property
+    def tensor_parallel_size(self) -> int:
+        return self.sharding.size
 
     @property
     def kernels(self) -> list[Kernel]:
@@ -82,7 +88,9 @@ class Program:
 
     @property
     def weight_bytes(self) -> int:
-        return sum(s.nbytes() for s in self.weights.values())
+        """Weight bytes one die holds (its slices of split weights, all of the others)."""
+        return sum(TensorSpec(self.sharding.local_shape(n, s.shape), s.dtype).nbytes()
+                   for n, s in self.weights.items())
 
     def to_json(self) -> dict:
         return {
@@ -93,6 +101,7 @@ class Program:
             "weights": {n: s.to_json() for n, s in self.weights.items()},
             "segments": [s.to_json() for s in self.segments],
             "buffer_updates": self.buffer_updates, "mutable_buffers": self.mutable_buffers,
+            "tensor_parallel": self.sharding.to_json(),
         }
 
     @staticmethod
@@ -108,6 +117,7 @@ class Program:
                 {n: TensorSpec.from_json(s) for n, s in d["values"].items()},
                 {n: TensorSpec.from_json(s) for n, s in d["weights"].items()},
                 [Segment.from_json(s) for s in d["segments"]],
-                dict(d["buffer_updates"]), list(d["mutable_buffers"]))
+                dict(d["buffer_updates"]), list(d["mutable_buffers"]),
+                Sharding.from_json(d.get("tensor_parallel")))
         except (KeyError, TypeError, ValueError) as e:
             raise ArtifactError(f"program is malformed: {type(e).__name__}: {e}") from None

@@ -14,22 +14,29 @@ from ..ir import Op, TensorSpec
 from ..npu.spec import ProductSpec
 from .program import Kernel
 from .support import classify
+from .tensor_parallel import Sharding
 
 
 class Scheduler:
     def __init__(self, spec: ProductSpec, device_dtype: str, values: dict[str, TensorSpec],
-                 weights: set[str]):
+                 weights: set[str], sharding: Sharding | None = None):
         self.spec = spec
         self.dtype = device_dtype
         self.values = values
         self.weights = weights
+        self.sharding = sharding or Sharding(1)
         self.elem = TensorSpec((), device_dtype).nbytes()
 
+    def local(self, value: str) -> TensorSpec:
+        """The part of `value` one die holds (all of it unless tensor parallelism splits it)."""
+        spec = self.values[value]
+        return TensorSpec(self.sharding.local_shape(value, spec.shape), spec.dtype)
+
     def device_bytes(self, value: str) -> int:
-        return self.values[value].nbytes(self.dtype)
+        return self.local(value).nbytes(self.dtype)
 
     def logical_bytes(self, value: str) -> int:
-        return self.values[value].nbytes()
+        return self.local(value).nbytes()
 
     def plan_segment(self, kernels: list[Kernel], reads: list[list[str]], leaves: set[str],
                      host_copies: set[str]) -> None:
@@ -57,7 +64,7 @@ class Scheduler:
             for v in kernel.outputs:
                 host_dtype = kernel.kind == "cast_out"
                 nbytes = self.logical_bytes(v) if host_dtype else self.device_bytes(v)
-                needed_later = any(v in r for r in reads[i + 1:])
+                needed_later = last_use.get(v, -1) > i  # O(1): no scan of later kernels
                 leaf = v in leaves and last_writer[v] == i
                 if leaf or (needed_later and not self._keep(sram, v, nbytes, capacity)):
                     dma_out.append(Transfer(v, nbytes))
@@ -85,34 +92,52 @@ class Scheduler:
 
     def _compute_plan(self, kernel: Kernel, dma_in, dma_out) -> KernelPlan:
         flops, vector_ops, sram_bytes, gemm = 0.0, 0.0, 0.0, None
+        comm, comm_bytes = "", 0
         if kernel.kind in ("cast_in", "cast_out"):
             vector_ops = sum(self.values[v].numel for v in kernel.outputs)
         for op in kernel.ops:
             kind = op.kind
             out = op.out_specs[0] if op.out_specs else None
-            if kind in ("gemm", "conv"):
-                b, m, n, k = _gemm_shape(op, self.values)
+            if kind == "collective":
+                name = op.target.split(".")[1]
+                if name == "shard":  # a local slice of a replicated tensor
+                    sram_bytes += self.device_bytes(op.name)
+                else:
+                    comm, comm_bytes = name, self.device_bytes(op.name)
+            elif kind in ("gemm", "conv"):
+                b, m, n, k = _gemm_shape(op, self._local_values(op))
                 flops += 2.0 * b * m * n * k
                 gemm = self.tile_gemm(b, m, n, k)
                 dma_in = self._apply_reloads(op, dma_in)
             elif kind == "attention":
-                bh, rows, skv, d, fraction = _attention_shape(op, self.values)
+                bh, rows, skv, d, fraction = _attention_shape(op, self._local_values(op))
                 gemm = self.tile_attention(bh, rows, skv, d, fraction)
                 flops += 4.0 * bh * rows * skv * d * gemm.work_fraction
             elif kind == "elementwise" and out is not None:
-                vector_ops += out.numel * classify(op.target).cost
+                vector_ops += self._local_numel(op.name, out) * classify(op.target).cost
             elif kind in ("reduction", "norm", "softmax", "pool"):
-                src = self.values.get(op.refs[0]) if op.refs else None
-                vector_ops += (src.numel if src else 0) * classify(op.target).cost
+                src = op.refs[0] if op.refs else None
+                numel = self.local(src).numel if src in self.values else 0
+                vector_ops += numel * classify(op.target).cost
             elif kind in ("data", "gather"):
-                sram_bytes += sum(s.nbytes(self.dtype) for s in op.out_specs)
+                sram_bytes += sum(s.nbytes(self.dtype) for s in op.out_specs) // (
+                    self.sharding.size if isinstance(self.sharding.values.get(op.name), int) else 1)
         moved = sum(t.nbytes for t in dma_in) + sum(t.nbytes for t in dma_out)
         if gemm is not None:
             tiles = gemm.out_tiles * gemm.k_steps
         else:
             per_pass = self.spec.die.compute.neural_engines * self.spec.die.memory.local_sram_bytes // 2
             tiles = max(1, math.ceil(moved / per_pass))
-        return KernelPlan(flops, gemm, vector_ops, sram_bytes, tiles, dma_in, dma_out)
+        return KernelPlan(flops, gemm, vector_ops, sram_bytes, tiles, dma_in, dma_out, comm, comm_bytes)
+
+    def _local_numel(self, name: str, out: TensorSpec) -> int:
+        return TensorSpec(self.sharding.local_shape(name, out.shape), out.dtype).numel
+
+    def _local_values(self, op: Op) -> dict[str, TensorSpec]:
+        """Shapes as one die sees them, for the values `op` reads and writes."""
+        names = [*op.refs, op.name]
+        local = {n: self.local(n) for n in names if n in self.values}
+        return {**self.values, **local}
 
     def tile_gemm(self, b: int, m: int, n: int, k: int) -> GemmTiling:
         """The fastest tiling whose double-buffered operands and FP32 accumulator fit one engine's
@@ -190,7 +215,7 @@ def _attention_shape(op: Op, values: dict[str, TensorSpec]):
 def _gemm_shape(op: Op, values: dict[str, TensorSpec]) -> tuple[int, int, int, int]:
     """(batch, M, N, K) of a matmul or of a convolution seen as an implicit GEMM."""
     shape = [values[r].shape for r in op.refs]
-    out = op.out_specs[0].shape
+    out = values[op.name].shape if op.name in values else op.out_specs[0].shape
     name = op.target.split(".")[1]
     if name in ("mm", "addmm"):
         a = shape[-2]

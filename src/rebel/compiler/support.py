@@ -9,6 +9,7 @@ Every op the device runs has a class that picks its timing rule and its role in 
   gather          table lookups (embedding, index_select): bound by bytes moved
   data            layout changes and tensor creation in SRAM (permute, cat, pad, full)
   alias           metadata only (view, unsqueeze, slice): free, fused into any kernel
+  collective      all-reduce / all-gather over the chip-to-chip link (tensor parallelism)
 An op that is not here runs on the host (FP32, with host <-> device copies around it).
 This table is the one place the device's op coverage is written down: the partitioner, the
 scheduler's cost rules, `rebel.explain` and docs/supported_ops.md all read it.
@@ -34,10 +35,12 @@ def _table() -> dict[str, OpClass]:
         for name in names.split():
             t[name if "." in name else f"{name}.default"] = OpClass(kind, cost)
 
-    # Matrix units. nn.Linear is addmm/mm after decomposition, F.scaled_dot_product_attention
-    # (causal, masked, GQA) is bmm -> softmax -> bmm, conv1d/2d/3d and transposed convs are one
+    # Matrix units. nn.Linear is addmm/mm after decomposition; F.scaled_dot_product_attention
+    # (causal, masked, GQA) stays one op, a flash-style kernel (were it decomposed, it would be
+    # bmm -> softmax -> bmm, all listed here too); conv1d/2d/3d and transposed convs are one
     # `convolution` op costed as an implicit GEMM.
     add("gemm", "mm addmm bmm baddbmm")
+    add("attention", "scaled_dot_product_attention")  # kept whole by capture (KEEP_WHOLE)
     add("conv", "convolution")
     add("elementwise", """add.Tensor add.Scalar sub.Tensor sub.Scalar rsub.Scalar rsub.Tensor
         mul.Tensor mul.Scalar div.Tensor div.Scalar div.Tensor_mode div.Scalar_mode neg abs relu
@@ -78,6 +81,8 @@ def _table() -> dict[str, OpClass]:
     add("alias", """view _unsafe_view reshape unsqueeze squeeze squeeze.dim squeeze.dims expand
         slice.Tensor select.int alias t transpose.int detach lift_fresh_copy as_strided diagonal
         unfold narrow""")
+    for name in ("all_reduce", "all_gather", "shard"):  # inserted by tensor parallelism
+        t[f"rbln.{name}.default"] = OpClass("collective")
     return t
 
 
@@ -104,4 +109,5 @@ def has_host_kernel(target: str) -> bool:
 
 def supported_ops() -> list[tuple[str, str]]:
     """(op, class) rows for docs and `rebel.explain`."""
-    return sorted((f"aten.{name}", c.kind) for name, c in SUPPORTED.items())
+    return sorted((name if name.startswith("rbln.") else f"aten.{name}", c.kind)
+                  for name, c in SUPPORTED.items())

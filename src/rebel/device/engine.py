@@ -8,11 +8,11 @@ they fit in the shared SRAM left over.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from ..npu.spec import ProductSpec
-from .events import HDMA, HOST, NEURAL_ENGINE, TASK_DMA, Event
-from .timing import KernelPlan, KernelTime, hdma_seconds, task_dma_seconds
+from ..npu.spec import LinkSpec, ProductSpec
+from .events import HDMA, HOST, LINK, NEURAL_ENGINE, TASK_DMA, Event
+from .timing import KernelPlan, KernelTime, collective_seconds, hdma_seconds, task_dma_seconds
 
 
 @dataclass(frozen=True)
@@ -58,14 +58,18 @@ class Timeline:
 
 class EventEngine:
     def __init__(self, spec: ProductSpec, device: int, prefetch: bool = True,
-                 resident_inputs: bool = False):
+                 resident_inputs: bool = False, group: tuple[int, ...] = (), link: LinkSpec | None = None):
         """prefetch: predictive DMA of weights (off measures its gain). resident_inputs: the
         inputs are already in device DRAM (no External HDMA in), as when a kernel's operands
-        were produced on the device; used to time kernels alone."""
+        were produced on the device; used to time kernels alone. group, link: the dies of a
+        tensor-parallel run (they do the same work in lockstep) and the link their collectives
+        use."""
         self.spec = spec
         self.device = device
         self.prefetch = prefetch
         self.resident_inputs = resident_inputs
+        self.group = tuple(group) or (device,)
+        self.link = link or spec.links.die_to_die
 
     def run(self, steps, start_s: float = 0.0, first_flow: int = 1) -> Timeline:
         events: list[Event] = []
@@ -78,6 +82,10 @@ class EventEngine:
                     t += op.seconds
             else:
                 t, flow = self._device_step(step, t, flow, events)
+        # Every die of a tensor-parallel group runs the same kernels at the same times.
+        events += [replace(e, device=d, flow_in=(), flow_out=())
+                   for d in self.group if d != self.device for e in list(events)
+                   if e.device == self.device]
         return Timeline(events, start_s, t)
 
     def _device_step(self, step: DeviceStep, t: float, flow: int, events: list[Event]):
@@ -110,6 +118,16 @@ class EventEngine:
         prefetch_budget = spec.die.memory.shared_sram_bytes // 2
         last_end = hdma_free
         for k in step.kernels:
+            if k.plan.comm:
+                start = max(ne_free, dma_free)
+                ev = device_event(LINK, f"{k.name}", start,
+                                  collective_seconds(k.plan.comm, k.plan.comm_bytes, len(self.group),
+                                                     self.link),
+                                  "collective", {"op": k.plan.comm, "bytes": k.plan.comm_bytes,
+                                                 "dies": len(self.group), "link": self.link.name})
+                ne_free = dma_free = ev.end_s
+                last_end = max(last_end, ev.end_s)
+                continue
             weights = [x for x in k.plan.dma_in if x.weight]
             acts = [x for x in k.plan.dma_in if not x.weight]
             w_bytes = sum(x.nbytes for x in weights)

@@ -61,6 +61,8 @@ class KernelPlan:
     tiles: int = 1                  # pipeline depth for DMA/compute overlap
     dma_in: tuple[Transfer, ...] = field(default_factory=tuple)
     dma_out: tuple[Transfer, ...] = field(default_factory=tuple)
+    comm: str = ""                  # collective over the chip-to-chip link: all_reduce, all_gather
+    comm_bytes: int = 0             # size of the full (reduced or gathered) tensor
 
     @property
     def bytes_in(self) -> int:
@@ -74,14 +76,16 @@ class KernelPlan:
         return {"flops": self.flops, "gemm": self.gemm.to_json() if self.gemm else None,
                 "vector_ops": self.vector_ops, "sram_bytes": self.sram_bytes, "tiles": self.tiles,
                 "dma_in": [t.to_json() for t in self.dma_in],
-                "dma_out": [t.to_json() for t in self.dma_out]}
+                "dma_out": [t.to_json() for t in self.dma_out],
+                "comm": self.comm, "comm_bytes": self.comm_bytes}
 
     @staticmethod
     def from_json(d: dict) -> KernelPlan:
         return KernelPlan(float(d["flops"]), GemmTiling(*d["gemm"]) if d.get("gemm") else None,
                           float(d["vector_ops"]), float(d["sram_bytes"]), int(d["tiles"]),
                           tuple(Transfer.from_json(t) for t in d["dma_in"]),
-                          tuple(Transfer.from_json(t) for t in d["dma_out"]))
+                          tuple(Transfer.from_json(t) for t in d["dma_out"]),
+                          str(d.get("comm", "")), int(d.get("comm_bytes", 0)))
 
 
 @dataclass(frozen=True)
@@ -127,6 +131,16 @@ def task_dma_seconds(nbytes: float, spec: ProductSpec, kind: str = "") -> float:
     """One Task DMA job (descriptors for all its tensors chained): setup once, then bytes."""
     d = spec.die.dma
     return d.task_dma_setup_s + nbytes / d.bandwidth_for(kind)
+
+
+def collective_seconds(op: str, nbytes: int, parties: int, link) -> float:
+    """Ring collectives, alpha-beta: all-reduce 2(p-1)(alpha + S/(pB)), all-gather
+    (p-1)(alpha + S/(pB)), S the full tensor's bytes."""
+    if parties <= 1:
+        return 0.0
+    step = link.alpha_s + nbytes / (parties * link.bandwidth)
+    rounds = 2 * (parties - 1) if op == "all_reduce" else parties - 1
+    return rounds * step
 
 
 def hdma_seconds(nbytes: int, spec: ProductSpec, to_device: bool = True) -> float:

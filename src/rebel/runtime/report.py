@@ -55,7 +55,7 @@ class RunReport:
             npu, device, end - start, _union_s([e for e in events if e.device is not None]),
             sum(e.dur_s for e in host), wall_time_s, moved,
             [KernelRecord(e.name, tuple(e.args.get("ops", ())), e.start_s - start, e.dur_s)
-             for e in events if e.track == NEURAL_ENGINE],
+             for e in events if e.track == NEURAL_ENGINE and e.device == device],
             [(e.name, e.dur_s) for e in events if e.category == "fallback"], events)
 
     def summary(self) -> str:

@@ -12,7 +12,9 @@ import sys
 import threading
 import time
 import weakref
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,16 +22,17 @@ import torch
 import torch.utils._pytree as pytree
 
 from ..compiler.artifact import load_artifact
+from ..compiler.buckets import select_bucket
 from ..compiler.compile import CompiledProgram
 from ..compiler.program import Program
 from ..device.engine import EventEngine, Timeline
 from ..device.events import HDMA, Event
-from ..device.kernels import BoundOp, FunctionalKernel, run_host_ops, to_device_storage
 from ..device.memory import device_memory
 from ..device.timing import hdma_seconds
 from ..errors import DeviceError, InputError, RBLNError
-from ..ir import Ref, TensorSpec, dtype_name, to_torch_dtype
+from ..ir import TensorSpec, dtype_name, to_torch_dtype
 from ..npu import current_machine
+from .executor import bind_segments, execute, place_weights
 from .report import RunReport
 from .timeline import build_steps
 
@@ -39,34 +42,57 @@ TENSOR_TYPES = ("pt", "np")
 class Runtime:
     """Runs a compiled model on one virtual device. Safe to call from several threads."""
 
-    def __init__(self, compiled_model, tensor_type: str = "pt", device: int = 0,
+    def __init__(self, compiled_model, tensor_type: str = "pt", device: int | Sequence[int] = 0,
                  activate_profiler: bool | None = None, trace_path: str | os.PathLike | None = None,
                  predictive_dma: bool | None = None):
-        """predictive_dma: prefetch the next kernels' weights while the current one runs
-        (default on; RBLN_PREDICTIVE_DMA=0 turns it off to measure its gain)."""
+        """device: a device index, or the devices of a tensor-parallel model (default: as many
+        consecutive devices from `device` as the model was compiled for). predictive_dma:
+        prefetch the next kernels' weights while the current one runs (default on;
+        RBLN_PREDICTIVE_DMA=0 turns it off to measure its gain)."""
         if tensor_type not in TENSOR_TYPES:
             raise RBLNError(f"tensor_type must be one of {TENSOR_TYPES}, got {tensor_type!r}")
         self.compiled = _resolve(compiled_model)
+        if self.compiled.meta:
+            raise RBLNError(
+                "this model was compiled from meta tensors (shapes without weights): it is for "
+                "prediction only and cannot run. Use compiled.device_memory_bytes(), "
+                "compiled.predicted_latency_s() or rebel.explain(compiled), or compile it with "
+                "real weights to run it")
+        # The bucket that runs (bucket 0 until a run picks another by its input shapes).
         self.program: Program = self.compiled.program
         self.tensor_type = tensor_type
-        self.device = device
-        info = current_machine().device(device)
-        if info.spec.name != self.program.npu:
-            raise DeviceError(f"the model was compiled for {self.program.npu} but rbln:{device} is a "
-                              f"{info.spec.name}; recompile with npu={info.spec.name!r}")
-        self.spec = info.spec
+        self.devices = _devices(device, self.program.tensor_parallel_size)
+        self.device = self.devices[0]
+        for index in self.devices:
+            info = current_machine().device(index)
+            if info.spec.name != self.program.npu:
+                raise DeviceError(f"the model was compiled for {self.program.npu} but rbln:{index} is "
+                                  f"a {info.spec.name}; recompile with npu={info.spec.name!r}")
+        self.spec = current_machine().device(self.device).spec
         self._lock = threading.Lock()
-        self._memory = device_memory(device)
-        self._handle = self._memory.allocate(
-            self.dram_bytes, f"model ({self.program.weight_bytes / 2**20:.1f} MiB weights + "
-                             f"{self._activation_bytes() / 2**20:.1f} MiB activations)")
-        self._finalizer = weakref.finalize(self, self._memory.free, self._handle)
+        what = (f"model ({self.program.weight_bytes / 2**20:.1f} MiB weights + "
+                f"{self._activation_bytes() / 2**20:.1f} MiB activations per device)")
+        held = []
+        try:
+            for index in self.devices:
+                memory = device_memory(index)
+                held.append((memory, memory.allocate(self.dram_bytes, what)))
+        except Exception:
+            for memory, handle in held:
+                memory.free(handle)
+            raise
+        self._finalizer = weakref.finalize(self, _free_all, held)
         self._bind()
         if predictive_dma is None:
             predictive_dma = os.environ.get("RBLN_PREDICTIVE_DMA", "1").lower() not in ("0", "false", "off", "no")
         self.predictive_dma = bool(predictive_dma)
-        engine = EventEngine(self.spec, device, prefetch=self.predictive_dma)
-        self._timeline: Timeline = engine.run(build_steps(self.program, self.spec))
+        link = self.spec.links.die_to_die if len({current_machine().device(d).card for d in self.devices}) == 1 \
+            else self.spec.links.card_to_card
+        engine = EventEngine(self.spec, self.device, prefetch=self.predictive_dma, group=self.devices,
+                             link=link)
+        for bucket in self._buckets:
+            bucket.timeline = engine.run(build_steps(bucket.program, self.spec))
+        self._timeline: Timeline = self._buckets[0].timeline
         self.last_report: RunReport | None = None
         self.runs = 0
         self._profile = _profiler_enabled(activate_profiler)
@@ -84,39 +110,43 @@ class Runtime:
         return self.program.weight_bytes + self._activation_bytes()
 
     def _activation_bytes(self) -> int:
-        p = self.program
-        dram_values = {t.value for k in p.kernels for t in (*k.plan.dma_out, *k.plan.dma_in)
-                       if not t.weight}
-        dram_values |= {v for s in p.segments for v in s.copy_in}
-        return sum(p.values[v].nbytes() for v in dram_values if v in p.values)
+        # Buckets run one at a time, so they reuse one activation area: the largest one's.
+        return max(activation_bytes(p) for p in self.compiled.buckets)
 
     def _bind(self) -> None:
-        p = self.program
-        self._dtype = to_torch_dtype(p.device_dtype)
-        self._weights = {n: (t.float() if t.is_floating_point() else t)
-                         for n, t in self.compiled.weights.items()}
-        self._segments = []
-        for seg in p.segments:
-            if seg.kind == "device":
-                work = [FunctionalKernel(k.ops, k.outputs, p.device_dtype) for k in seg.kernels]
-            else:
-                work = [BoundOp.bind(op) for op in seg.ops]
-            self._segments.append((seg, work))
-        self._out_spec = pytree.treespec_loads(p.out_spec)
+        self._dtype = to_torch_dtype(self.program.device_dtype)
+        self._die_weights = place_weights(self.program, self.compiled.weights)
+        self._buckets = []
+        for p in self.compiled.buckets:
+            segments = bind_segments(p)
+            self._buckets.append(_Bucket(p, segments, pytree.treespec_loads(p.out_spec)))
+        self._segments, self._out_spec = self._buckets[0].segments, self._buckets[0].out_spec
+
+    def _select_bucket(self, inputs) -> _Bucket:
+        """The bucket whose input shapes and dtypes match `inputs` (the only one if one)."""
+        if len(self._buckets) == 1 or not all(hasattr(t, "shape") for t in inputs):
+            return self._buckets[0]  # _check_inputs explains what is wrong with these inputs
+        got = [TensorSpec(tuple(t.shape), dtype_name(t.dtype) if isinstance(t, torch.Tensor)
+                          else str(getattr(t, "dtype", type(t).__name__))) for t in inputs]
+        return self._buckets[select_bucket([b.program.inputs for b in self._buckets], got)]
 
     def _record_weight_upload(self) -> None:
         nbytes = self.program.weight_bytes
         if nbytes:
             dur = hdma_seconds(nbytes, self.spec)
-            self._trace_events.append(Event(HDMA, self.device, "upload weights", 0.0, dur,
-                                            "dma_in", {"bytes": nbytes, "when": "runtime creation"}))
+            for index in self.devices:
+                self._trace_events.append(Event(HDMA, index, "upload weights", 0.0, dur, "dma_in",
+                                                {"bytes": nbytes, "when": "runtime creation"}))
             self._clock = dur
 
     # --- running --------------------------------------------------------------------------------
 
     def run(self, *inputs):
-        tensors = self._check_inputs(inputs)
+        bucket = self._select_bucket(inputs)
+        tensors = self._check_inputs(inputs, bucket.program.inputs)
         with self._lock:
+            self.program, self._segments = bucket.program, bucket.segments
+            self._out_spec, self._timeline = bucket.out_spec, bucket.timeline
             start = time.perf_counter()
             outputs = self._execute(tensors)
             wall = time.perf_counter() - start
@@ -130,40 +160,16 @@ class Runtime:
     __call__ = run
 
     def _execute(self, inputs: list[torch.Tensor]):
-        p = self.program
-        host = {name: t for (name, _), t in zip(p.inputs, inputs)}
-        dev = dict(self._weights)
-        for seg, work in self._segments:
-            if seg.kind == "device":
-                for v in seg.copy_in:
-                    dev[v] = host[v].float() if host[v].is_floating_point() else host[v]
-                for kernel in work:
-                    kernel(dev)
-                for v in seg.copy_out:
-                    host[v] = dev[v].to(to_torch_dtype(p.values[v].dtype))
-            else:
-                for r in {r for op in seg.ops for r in op.refs} - host.keys():
-                    host[r] = self._to_host(r, dev)
-                run_host_ops(work, host)
-        for value, buffer in p.buffer_updates.items():
-            new = dev[value] if value in dev else to_device_storage(host[value], self._dtype)
-            self._weights[buffer] = new
-        flat = [self._to_host(o.name, dev) if isinstance(o, Ref) and o.name not in host
-                else (host[o.name] if isinstance(o, Ref) else o) for o in p.outputs]
-        return pytree.tree_unflatten(flat, self._out_spec)
-
-    def _to_host(self, name: str, dev: dict) -> torch.Tensor:
-        spec = self.program.values.get(name)
-        t = dev[name]
-        return t.to(to_torch_dtype(spec.dtype)) if spec is not None else t
+        return execute(self.program, self._segments, self._die_weights, inputs, self._out_spec,
+                       self._dtype)
 
     def _convert(self, outputs):
         if self.tensor_type == "np":
             return pytree.tree_map(lambda t: t.numpy() if isinstance(t, torch.Tensor) else t, outputs)
         return outputs
 
-    def _check_inputs(self, inputs) -> list[torch.Tensor]:
-        expected = self.program.inputs
+    def _check_inputs(self, inputs, expected=None) -> list[torch.Tensor]:
+        expected = self.program.inputs if expected is None else expected
         if len(inputs) != len(expected):
             sig = ", ".join(f"{n}: {s}" for n, s in expected)
             raise InputError(f"expected {len(expected)} input(s) ({sig}), got {len(inputs)}")
@@ -210,8 +216,10 @@ class Runtime:
         if first:
             folder = Path(os.environ.get("RBLN_PROFILER_DIR", "rbln_traces"))
             self._trace_path = folder / f"rbln_{os.getpid()}_{id(self):x}.pb"
-        info = current_machine().device(self.device)
-        names = {self.device: f"NPU {self.device} · {info.spec.name} (card {info.card}, die {info.die})"}
+        names = {}
+        for index in self.devices:
+            info = current_machine().device(index)
+            names[index] = f"NPU {index} · {info.spec.name} (card {info.card}, die {info.die})"
         write_trace(self._trace_path, self._trace_events, names)
         if first:
             print(f"rebel: profiler trace written to {self._trace_path} "
@@ -231,7 +239,8 @@ class Runtime:
 
     def __repr__(self) -> str:
         p = self.program
-        return (f"{type(self).__name__}(npu={p.npu}, device=rbln:{self.device}, "
+        where = ", ".join(f"rbln:{d}" for d in self.devices)
+        return (f"{type(self).__name__}(npu={p.npu}, device={where}, "
                 f"inputs=[{', '.join(f'{n}: {s}' for n, s in p.inputs)}], "
                 f"dram={self.dram_bytes / 2**20:.1f} MiB, predicted latency="
                 f"{self._timeline.latency_s * 1e6:.1f} us, tensor_type={self.tensor_type!r}, "
@@ -252,6 +261,47 @@ class AsyncRuntime(Runtime):
     def close(self) -> None:
         self._executor.shutdown(wait=True)
         super().close()
+
+
+@dataclass
+class _Bucket:
+    """One shape bucket bound for execution: its program, kernels, output tree and timeline."""
+
+    program: Program
+    segments: list
+    out_spec: object
+    timeline: Timeline | None = None
+
+
+def _devices(device, tensor_parallel_size: int) -> tuple[int, ...]:
+    """The devices a runtime uses: as given, or consecutive ones from a single index."""
+    if isinstance(device, (list, tuple)):
+        devices = tuple(device)
+        if len(devices) != tensor_parallel_size:
+            raise DeviceError(f"the model was compiled for tensor_parallel_size={tensor_parallel_size} "
+                              f"but {len(devices)} device(s) were given: {list(devices)}")
+        if len(set(devices)) != len(devices):
+            raise DeviceError(f"devices must be distinct, got {list(devices)}")
+    else:
+        devices = tuple(device + i for i in range(tensor_parallel_size)) \
+            if isinstance(device, int) and not isinstance(device, bool) else (device,)
+    for d in devices:
+        current_machine().device(d)  # DeviceError names what exists
+    return devices
+
+
+def _free_all(held) -> None:
+    for memory, handle in held:
+        memory.free(handle)
+
+
+def activation_bytes(program: Program) -> int:
+    """Device DRAM a program's activations take: every non-weight tensor that is ever in DRAM."""
+    p = program
+    dram_values = {t.value for k in p.kernels for t in (*k.plan.dma_out, *k.plan.dma_in)
+                   if not t.weight}
+    dram_values |= {v for s in p.segments for v in s.copy_in}
+    return sum(p.values[v].nbytes() for v in dram_values if v in p.values)
 
 
 def _resolve(compiled_model) -> CompiledProgram:

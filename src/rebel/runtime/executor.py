@@ -1,0 +1,90 @@
+"""Execute a program's segments: copies in, kernels, host fallbacks, copies out.
+
+A tensor-parallel program runs on several dies: each holds its slice of the split weights and
+its own tensors (one environment per die), runs every kernel, and meets the others at the
+collectives. Host segments and outputs read die 0's copy (the compiler made them replicated).
+"""
+from __future__ import annotations
+
+import torch
+import torch.utils._pytree as pytree
+
+from ..compiler.program import Program
+from ..compiler.tensor_parallel import ALL_GATHER, ALL_REDUCE, SHARD, shard_weight
+from ..device.kernels import BoundOp, FunctionalKernel, round_to_device, run_host_ops, to_device_storage
+from ..ir import Op, Ref, to_torch_dtype
+
+
+def bind_segments(program: Program) -> list:
+    """(segment, work) pairs: device kernels ready to run (collectives kept as ops), host ops."""
+    segments = []
+    for seg in program.segments:
+        if seg.kind == "device":
+            work = [k.ops[0] if k.kind == "collective" else
+                    FunctionalKernel(k.ops, k.outputs, program.device_dtype) for k in seg.kernels]
+        else:
+            work = [BoundOp.bind(op) for op in seg.ops]
+        segments.append((seg, work))
+    return segments
+
+
+def place_weights(program: Program, weights: dict[str, torch.Tensor]) -> list[dict]:
+    """Each die's weights as the device holds them (FP32 storage of 16-bit values)."""
+    sharding = program.sharding
+    full = {n: (t.float() if t.is_floating_point() else t) for n, t in weights.items()}
+    return [{n: shard_weight(t, sharding.weights.get(n), rank, sharding.size) for n, t in full.items()}
+            for rank in range(sharding.size)]
+
+
+def execute(program: Program, segments: list, die_weights: list[dict], inputs: list[torch.Tensor],
+            out_spec, dtype: torch.dtype):
+    host = {name: t for (name, _), t in zip(program.inputs, inputs)}
+    dies = [dict(w) for w in die_weights]
+    for seg, work in segments:
+        if seg.kind == "device":
+            for v in seg.copy_in:
+                value = host[v].float() if host[v].is_floating_point() else host[v]
+                for env in dies:
+                    env[v] = value
+            for item in work:
+                if isinstance(item, Op):
+                    _collective(item, dies, dtype)
+                else:
+                    for env in dies:
+                        item(env)
+            for v in seg.copy_out:
+                host[v] = dies[0][v].to(to_torch_dtype(program.values[v].dtype))
+        else:
+            for r in {r for op in seg.ops for r in op.refs} - host.keys():
+                host[r] = _to_host(program, r, dies[0])
+            run_host_ops(work, host)
+    for value, buffer in program.buffer_updates.items():
+        for rank, env in enumerate(dies):
+            new = env[value] if value in env else to_device_storage(host[value], dtype)
+            die_weights[rank][buffer] = new
+    flat = [(host[o.name] if o.name in host else _to_host(program, o.name, dies[0]))
+            if isinstance(o, Ref) else o for o in program.outputs]
+    return pytree.tree_unflatten(flat, out_spec)
+
+
+def _collective(op: Op, dies: list[dict], dtype: torch.dtype) -> None:
+    source = op.args[0].name
+    if op.target == ALL_REDUCE:
+        total = round_to_device(sum(env[source] for env in dies), dtype)
+        for env in dies:
+            env[op.name] = total
+    elif op.target == ALL_GATHER:
+        whole = torch.cat([env[source] for env in dies], dim=op.args[1])
+        for env in dies:
+            env[op.name] = whole
+    elif op.target == SHARD:
+        for rank, env in enumerate(dies):
+            env[op.name] = env[source].chunk(len(dies), op.args[1])[rank].contiguous()
+    else:
+        raise ValueError(f"unknown collective {op.target}")
+
+
+def _to_host(program: Program, name: str, env: dict) -> torch.Tensor:
+    spec = program.values.get(name)
+    t = env[name]
+    return t.to(to_torch_dtype(spec.dtype)) if spec is not None else t
