@@ -3,6 +3,10 @@
 A zip holding `manifest.json` (format name, version, checksums), `program.json` and
 `weights.safetensors`. Loading parses JSON and safetensors only, so it never runs code from the
 file; every way a file can be wrong ends in an ArtifactError that says which way.
+
+Version 2 adds shape buckets (`program.1.json`, ... beside `program.json`, counted by the
+manifest's "buckets") and meta models (manifest "meta": true and no weight data: the programs'
+weight specs say how much device DRAM the weights would need).
 """
 from __future__ import annotations
 
@@ -16,32 +20,35 @@ import safetensors.torch
 import torch
 
 from ..errors import ArtifactError, SpecError
-from ..ir import TensorSpec
+from ..ir import TensorSpec, to_torch_dtype
 from ..npu.spec import spec_from_dict, spec_to_dict
 from .compile import CompiledProgram
 from .program import Program
 
 FORMAT = "rbln-artifact"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST, PROGRAM, WEIGHTS = "manifest.json", "program.json", "weights.safetensors"
 
 
 def save_artifact(compiled: CompiledProgram, path: str | Path) -> Path:
     path = Path(path)
-    program = json.dumps(compiled.program.to_json(), separators=(",", ":")).encode()
-    weights = safetensors.torch.save(compiled.weights) if compiled.weights else b""
+    blobs = {_program_file(i): json.dumps(p.to_json(), separators=(",", ":")).encode()
+             for i, p in enumerate(compiled.buckets)}
+    blobs[WEIGHTS] = (safetensors.torch.save(compiled.weights)
+                      if compiled.weights and not compiled.meta else b"")
     manifest = {
         "format": FORMAT, "version": FORMAT_VERSION, "producer": "open-rbln",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "npu": compiled.program.npu, "spec": spec_to_dict(compiled.spec),
-        "files": {PROGRAM: _sha256(program), WEIGHTS: _sha256(weights)},
+        "buckets": len(compiled.buckets), "meta": compiled.meta,
+        "files": {name: _sha256(blob) for name, blob in blobs.items()},
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as z:
         z.writestr(MANIFEST, json.dumps(manifest, indent=2))
-        z.writestr(PROGRAM, program)
-        z.writestr(WEIGHTS, weights)
+        for name, blob in blobs.items():
+            z.writestr(name, blob)
     tmp.replace(path)  # a crash mid-write never leaves a half-written artifact under `path`
     return path
 
@@ -57,10 +64,11 @@ def load_artifact(path: str | Path) -> CompiledProgram:
                 raise ArtifactError(f"{path} is not an open-rbln artifact (no {MANIFEST})")
             manifest = _json(z.read(MANIFEST), path, MANIFEST)
             _check_manifest(manifest, path)
-            missing = {PROGRAM, WEIGHTS} - names
+            wanted = [*(_program_file(i) for i in range(manifest.get("buckets", 1))), WEIGHTS]
+            missing = set(wanted) - names
             if missing:
                 raise ArtifactError(f"{path} is incomplete: missing {', '.join(sorted(missing))}")
-            blobs = {name: z.read(name) for name in (PROGRAM, WEIGHTS)}
+            blobs = {name: z.read(name) for name in wanted}
     except zipfile.BadZipFile as e:
         raise ArtifactError(f"{path} is not a valid .rbln file (truncated or not a zip: {e})") from None
     except (zipfile.LargeZipFile, OSError, EOFError) as e:
@@ -68,14 +76,25 @@ def load_artifact(path: str | Path) -> CompiledProgram:
     for name, blob in blobs.items():
         if _sha256(blob) != manifest["files"].get(name):
             raise ArtifactError(f"{path} is corrupted: checksum of {name} does not match the manifest")
-    program = Program.from_json(_json(blobs[PROGRAM], path, PROGRAM))
-    weights = _load_weights(blobs[WEIGHTS], path)
-    _check_weights(program, weights, path)
+    buckets = [Program.from_json(_json(blob, path, name))
+               for name, blob in blobs.items() if name != WEIGHTS]
+    meta = manifest.get("meta", False) is True
+    if meta:  # shapes only: meta tensors stand in for the weights the programs expect
+        weights = {n: torch.empty(s.shape, dtype=to_torch_dtype(s.dtype), device="meta")
+                   for p in buckets for n, s in p.weights.items()}
+    else:
+        weights = _load_weights(blobs[WEIGHTS], path)
+    _check_weights(buckets, weights, path)
+    program = buckets[0]
     try:
         spec = spec_from_dict(manifest["spec"], where=f"{path} (manifest spec)")
     except (KeyError, SpecError) as e:
         raise ArtifactError(f"{path} has a malformed hardware spec in its manifest: {e}") from None
-    return CompiledProgram(program, weights, spec)
+    return CompiledProgram(program, weights, spec, buckets, meta)
+
+
+def _program_file(bucket: int) -> str:
+    return PROGRAM if bucket == 0 else f"program.{bucket}.json"
 
 
 def _check_manifest(manifest: dict, path: Path) -> None:
@@ -88,6 +107,9 @@ def _check_manifest(manifest: dict, path: Path) -> None:
                             f"version {FORMAT_VERSION}. Recompile the model with this version.")
     if not isinstance(manifest.get("files"), dict):
         raise ArtifactError(f"{path} has a malformed manifest (no file checksums)")
+    buckets = manifest.get("buckets", 1)
+    if not isinstance(buckets, int) or isinstance(buckets, bool) or not 1 <= buckets <= 4096:
+        raise ArtifactError(f"{path} has a malformed manifest (buckets={buckets!r})")
 
 
 def _json(blob: bytes, path: Path, name: str):
@@ -106,11 +128,12 @@ def _load_weights(blob: bytes, path: Path) -> dict[str, torch.Tensor]:
         raise ArtifactError(f"{path}: weights are not valid safetensors ({e})") from None
 
 
-def _check_weights(program: Program, weights: dict, path: Path) -> None:
-    if set(weights) != set(program.weights):
-        missing = sorted(set(program.weights) - set(weights))
+def _check_weights(buckets: list[Program], weights: dict, path: Path) -> None:
+    expected = {n: s for p in buckets for n, s in p.weights.items()}  # buckets share weights
+    if set(weights) != set(expected):
+        missing = sorted(set(expected) - set(weights))
         raise ArtifactError(f"{path}: weights do not match the program (missing {missing[:5]})")
-    for name, spec in program.weights.items():
+    for name, spec in expected.items():
         if TensorSpec.of(weights[name]) != spec:
             raise ArtifactError(f"{path}: weight {name!r} is {TensorSpec.of(weights[name])}, "
                                 f"the program expects {spec}")

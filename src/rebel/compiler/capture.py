@@ -2,18 +2,18 @@
 from __future__ import annotations
 
 import warnings
-from functools import lru_cache
 from collections.abc import Sequence
+from functools import lru_cache
 
 import torch
 from torch.export.graph_signature import InputKind, OutputKind
 
 from ..errors import CompileError
+from ..ir import GETITEM, Graph, Op, Ref, TensorSpec, encode, target_name
+from .support import classify, has_host_kernel
 
 # Ops the device implements as one kernel, so torch.export must not decompose them.
 KEEP_WHOLE = (torch.ops.aten.scaled_dot_product_attention.default,)
-from ..ir import GETITEM, Graph, Op, Ref, TensorSpec, encode, target_name
-from .support import classify, has_host_kernel
 
 
 def capture(module: torch.nn.Module, example_inputs: Sequence) -> Graph:

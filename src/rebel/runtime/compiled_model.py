@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..compiler.artifact import load_artifact, save_artifact
 from ..compiler.compile import CompiledProgram
-from .runtime import AsyncRuntime, Runtime
+from .runtime import AsyncRuntime, Runtime, activation_bytes
 from .timeline import predict
 
 
@@ -17,6 +17,21 @@ class RBLNCompiledModel:
     @property
     def program(self):
         return self.compiled.program
+
+    @property
+    def buckets(self):
+        """The shape buckets' programs; the runtime runs the one matching its inputs."""
+        return self.compiled.buckets
+
+    @property
+    def is_meta(self) -> bool:
+        """Compiled from meta tensors: predicts memory and latency, cannot run."""
+        return self.compiled.meta
+
+    def device_memory_bytes(self) -> int:
+        """Device DRAM a runtime of this model takes: weights plus the largest bucket's
+        activations (buckets run one at a time and share the activation area)."""
+        return self.program.weight_bytes + max(activation_bytes(p) for p in self.buckets)
 
     @property
     def npu(self) -> str:
@@ -36,9 +51,11 @@ class RBLNCompiledModel:
     def create_async_runtime(self, **kwargs) -> AsyncRuntime:
         return AsyncRuntime(self, **kwargs)
 
-    def predicted_latency_s(self, device: int = 0, predictive_dma: bool = True) -> float:
-        """Predicted time of one run on the modelled NPU, without running it."""
-        return predict(self.program, self.compiled.spec, device, predictive_dma).latency_s
+    def predicted_latency_s(self, device: int = 0, predictive_dma: bool = True,
+                            bucket: int = 0) -> float:
+        """Predicted time of one run (of shape bucket `bucket`) on the modelled NPU, without
+        running it."""
+        return predict(self.buckets[bucket], self.compiled.spec, device, predictive_dma).latency_s
 
     def __repr__(self) -> str:
         p = self.program
@@ -48,6 +65,7 @@ class RBLNCompiledModel:
                  f"  inputs=[{', '.join(f'{n}: {s}' for n, s in p.inputs)}],",
                  f"  outputs={len(p.outputs)}, weights={p.weight_bytes / 2**20:.2f} MiB,",
                  f"  kernels={len(kernels)} ({fused} fused), host fallbacks={len(p.host_ops)}, "
-                 f"segments={len(p.segments)},",
+                 f"segments={len(p.segments)}, buckets={len(self.buckets)}"
+                 f"{', meta (prediction only)' if self.is_meta else ''},",
                  f"  predicted latency={self.predicted_latency_s() * 1e6:.1f} us)"]
         return "\n".join(lines)
