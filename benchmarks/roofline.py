@@ -64,7 +64,7 @@ class LlamaLayer(torch.nn.Module):
 
 
 def predicted_s(module, inputs, spec) -> float:
-    compiled = compile_module(module, inputs, npu=NPU)
+    compiled = compile_module(module, inputs, npu=NPU, progress=False)
     events = EventEngine(spec, 0, resident_inputs=True).run(build_steps(compiled.program, spec)).events
     device = [e for e in events if e.device is not None and e.track != HDMA]
     return max(e.end_s for e in device) - min(e.start_s for e in device)

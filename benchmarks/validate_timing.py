@@ -77,7 +77,7 @@ def predict_ms(rec: dict, spec) -> float:
     if rec["kind"] in ("h2d", "d2h"):
         return spec.host_link.transfer_s(rec["nbytes"], to_device=rec["kind"] == "h2d") * 1e3
     module, inputs = build(rec)
-    compiled = compile_module(module, inputs, npu=SPEC, device_dtype="bfloat16")
+    compiled = compile_module(module, inputs, npu=SPEC, device_dtype="bfloat16", progress=False)
     engine = EventEngine(spec, device=0, resident_inputs=True)
     events = [e for e in engine.run(build_steps(compiled.program, spec)).events
               if e.device is not None and e.track != HDMA]

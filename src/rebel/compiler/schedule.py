@@ -57,6 +57,7 @@ class Scheduler:
                 if v in sram:
                     continue
                 nbytes = self.logical_bytes(v) if v in host_copies else self.device_bytes(v)
+                nbytes = self._viewed_bytes(kernel, v, nbytes)
                 dma_in.append(Transfer(v, nbytes, weight=v in self.weights))
                 if v not in self.weights and last_use.get(v, -1) > i:
                     self._keep(sram, v, self.device_bytes(v), capacity)
@@ -82,6 +83,14 @@ class Scheduler:
         ra, rb = self.operand_reloads(self.device_bytes(a_name), self.device_bytes(b_name))
         factor = {a_name: ra, b_name: rb}
         return tuple(Transfer(t.value, t.nbytes * factor.get(t.value, 1), t.weight) for t in dma_in)
+
+    def _viewed_bytes(self, kernel: Kernel, value: str, nbytes: int) -> int:
+        """A kernel that reads a tensor only through views (k_cache[i], x[:, -1]) loads only
+        the viewed part."""
+        readers = [o for o in kernel.ops if value in o.refs]
+        if not readers or any(o.kind != "alias" or o.name not in self.values for o in readers):
+            return nbytes
+        return min(nbytes, sum(self.device_bytes(o.name) for o in readers))
 
     @staticmethod
     def _keep(sram: dict[str, int], value: str, nbytes: int, capacity: int) -> bool:
@@ -120,8 +129,11 @@ class Scheduler:
                 numel = self.local(src).numel if src in self.values else 0
                 vector_ops += numel * classify(op.target).cost
             elif kind in ("data", "gather"):
-                sram_bytes += sum(s.nbytes(self.dtype) for s in op.out_specs) // (
+                out_bytes = sum(s.nbytes(self.dtype) for s in op.out_specs) // (
                     self.sharding.size if isinstance(self.sharding.values.get(op.name), int) else 1)
+                sram_bytes += out_bytes
+                if kind == "gather":
+                    dma_in = _rows_read(op, dma_in, out_bytes)
         moved = sum(t.nbytes for t in dma_in) + sum(t.nbytes for t in dma_out)
         if gemm is not None:
             tiles = gemm.out_tiles * gemm.k_steps
@@ -194,6 +206,13 @@ class Scheduler:
 
 def _round_up(x: int, multiple: int) -> int:
     return max(multiple, math.ceil(x / multiple) * multiple)
+
+
+def _rows_read(op: Op, dma_in: tuple, out_bytes: int) -> tuple:
+    """A lookup (embedding, index_select) reads only the rows it returns, not its whole table."""
+    table = op.args[0].name  # embedding(weight, ids), index_select(table, dim, ids), gather(...)
+    return tuple(Transfer(t.value, min(t.nbytes, out_bytes), t.weight) if t.value == table else t
+                 for t in dma_in)
 
 
 def _attention_shape(op: Op, values: dict[str, TensorSpec]):
