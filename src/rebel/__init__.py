@@ -17,14 +17,21 @@ from .errors import (ArtifactError, CompileError, DeviceError, DeviceMemoryError
 from .npu import device_count, get_npu_name, npu_is_available
 from .profiler import summarize_file
 from .runtime import AsyncRuntime, RBLNCompiledModel, RunReport, Runtime
+from .runtime.explain import explain
 
 __version__ = "0.1.0"
 
 
 def compile_from_torch(module: torch.nn.Module, example_inputs: Sequence[torch.Tensor], *,
                        npu: str | None = None, tensor_parallel_size: int = 1,
-                       device_dtype: str | torch.dtype = "float16") -> RBLNCompiledModel:
+                       device_dtype: str | torch.dtype = "float16",
+                       progress: bool | None = None) -> RBLNCompiledModel:
     """Compile `module` for the NPU at the shapes of `example_inputs`.
+
+    example_inputs: a list of tensors, or a list of such lists to compile one shape bucket each
+    (the runtime runs the bucket whose shapes match its inputs). A module or inputs on the meta
+    device compile for prediction only (memory and latency; the model cannot run).
+    progress: show compile progress on stderr (default: for models of 100M+ parameters).
 
     npu: product name or spec path (default: the virtual machine's product). device_dtype:
     "float16" (default) or "bfloat16", the 16-bit format FP32 tensors become on the device.
@@ -32,14 +39,8 @@ def compile_from_torch(module: torch.nn.Module, example_inputs: Sequence[torch.T
     result with a Runtime on as many devices).
     """
     return RBLNCompiledModel(compile_module(module, example_inputs, npu=npu, device_dtype=device_dtype,
-                                            tensor_parallel_size=tensor_parallel_size))
-
-
-def explain(compiled_model):
-    """What runs where: device kernels, host fallbacks with their reasons, host<->device round
-    trips and predicted time per segment (`print(...)` it, or `.to_dict()` for data)."""
-    from .explain import explain as _explain
-    return _explain(compiled_model)
+                                            tensor_parallel_size=tensor_parallel_size,
+                                            progress=progress))
 
 
 def trace_summary(path) -> str:

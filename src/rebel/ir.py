@@ -16,6 +16,7 @@ import torch
 from .errors import ArtifactError
 
 FLOAT_DTYPES = {"float16", "bfloat16", "float32", "float64"}
+OP_NAMESPACES = ("aten", "rbln")  # rbln: ops registered by rebel.device.ops
 GETITEM = "getitem"
 
 
@@ -234,14 +235,16 @@ def substitute(value, env: dict):
 
 @lru_cache(maxsize=None)
 def resolve_target(target: str):
-    """Name -> callable: "getitem" or an "aten.<op>.<overload>" OpOverload. Nothing else loads."""
+    """Name -> callable: "getitem" or an "<aten|rbln>.<op>.<overload>" OpOverload. Nothing else
+    loads, so a program can only call ops this process registered."""
     if target == GETITEM:
         return operator.getitem
     parts = target.split(".")
-    if len(parts) != 3 or parts[0] != "aten":
-        raise ArtifactError(f"unknown op target {target!r}: programs may only use ATen ops")
+    if len(parts) != 3 or parts[0] not in OP_NAMESPACES:
+        raise ArtifactError(f"unknown op target {target!r}: programs may only use ATen ops and "
+                            "the device's own rbln ops")
     try:
-        return getattr(getattr(torch.ops.aten, parts[1]), parts[2])
+        return getattr(getattr(getattr(torch.ops, parts[0]), parts[1]), parts[2])
     except AttributeError:
         raise ArtifactError(f"op {target!r} does not exist in this PyTorch "
                             f"({torch.__version__})") from None

@@ -35,7 +35,7 @@ def _autoload() -> None:
 
 
 def explain() -> str:
-    from .explain import explain as _explain
+    from ._explain import explain as _explain
     return _explain()
 
 

@@ -205,7 +205,12 @@ def _wrap_views(out, in_storages, device):
         base = in_storages.get(out.untyped_storage().data_ptr())
         if base is None:  # the op copied after all (e.g. reshape of a non-viewable layout)
             return _shim.adopt(out, device)
-        return torch.as_strided(base, out.size(), out.stride(), out.storage_offset())
+        view = torch.as_strided(base, out.size(), out.stride(), out.storage_offset())
+        if out.is_conj() != view.is_conj():
+            view._set_conj(out.is_conj())
+        if out.is_neg() != view.is_neg():
+            view._set_neg(out.is_neg())
+        return view
     if isinstance(out, (list, tuple)):
         return type(out)(_wrap_views(o, in_storages, device) for o in out)
     return out
@@ -335,6 +340,16 @@ def register(shim) -> None:
     _lib_impl = torch.library.Library("aten", "IMPL")
     _lib_impl.impl("_copy_from", _copy_from, "PrivateUse1")
     _lib_impl.impl("_copy_from_and_resize", _copy_from_and_resize, "PrivateUse1")
+    # convolution's composite path ends in convolution_overrideable for unknown backends: send
+    # it (and its backward) to the generic kernel instead, as the CPU runs it.
+    for name in ("convolution", "convolution_backward"):
+        op = getattr(torch.ops.aten, name).default
+        _lib_impl.impl(name, (lambda op: lambda *a, **k: run(op, *a, **k))(op), "PrivateUse1")
+    # A lazily conjugated/negated source would otherwise be materialized by clone(), which copies
+    # with _copy_from again, forever: let it through, as_cpu keeps the bits and CPU copy_ applies them.
+    for key in ("Conjugate", "Negative"):
+        _lib_impl.impl("_copy_from", torch.library.fallthrough_kernel, key)
+        _lib_impl.impl("_copy_from_and_resize", torch.library.fallthrough_kernel, key)
     _lib_fallback = torch.library.Library("_", "IMPL")
     _lib_fallback.fallback(run, "PrivateUse1")
     _patch_printing()

@@ -206,7 +206,7 @@ def memory_summary(device=None) -> str:
 # --- what ran --------------------------------------------------------------------------------
 
 def explain() -> str:
-    from .explain import explain as _explain
+    from ._explain import explain as _explain
     return _explain()
 
 

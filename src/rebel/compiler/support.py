@@ -111,3 +111,48 @@ def supported_ops() -> list[tuple[str, str]]:
     """(op, class) rows for docs and `rebel.explain`."""
     return sorted((name if name.startswith("rbln.") else f"aten.{name}", c.kind)
                   for name, c in SUPPORTED.items())
+
+
+_KIND_NOTES = {
+    "gemm": "matrix units (MAC arrays); element-wise epilogues fuse into the kernel",
+    "attention": "matrix units, one flash-style kernel (QK^T and PV GEMMs, softmax on chip)",
+    "conv": "matrix units as an implicit GEMM (conv1d/2d/3d, transposed, grouped)",
+    "elementwise": "vector units; fuses into the preceding kernel",
+    "reduction": "vector units",
+    "norm": "vector units",
+    "softmax": "vector units",
+    "pool": "vector units",
+    "gather": "DMA-bound table lookups and scatters",
+    "data": "on-chip data movement (layout changes, concatenation, creation, resampling)",
+    "alias": "views: metadata only, free",
+    "collective": "chip-to-chip link (tensor parallelism)",
+}
+
+
+def markdown() -> str:
+    """docs/supported_ops.md: the table above, as the vendor's Supported/Accelerated list."""
+    rows: dict[str, list[str]] = {}
+    for op, kind in supported_ops():
+        rows.setdefault(kind, []).append(op)
+    lines = ["# Supported operators", "",
+             "Generated from `rebel/compiler/support.py` (`python -m rebel.compiler.support > "
+             "docs/supported_ops.md`); a test checks the two agree.", "",
+             "Every op below runs on the (virtual) NPU: its functional kernel computes in FP32 and "
+             "rounds results to the device's 16-bit dtype, and its class picks the timing rule. "
+             "Any other ATen op runs on the host CPU in FP32 (a *host fallback*, with External "
+             "HDMA copies around it); `rebel.explain(compiled)` lists each fallback and its reason. "
+             "Ops with neither a device kernel nor a host (CPU) kernel are rejected at compile "
+             "time with the op and graph node named.", "",
+             "Composite PyTorch calls appear as the ATen ops they decompose into: `nn.Linear` is "
+             "`addmm`/`mm`, `F.rms_norm` is `pow`+`mean`+`rsqrt`+`mul`, `torch.stack` is "
+             "`unsqueeze`+`cat`, `F.interpolate` is `upsample_*`, dropout in eval mode disappears. "
+             "`F.scaled_dot_product_attention` (causal, masked, GQA) stays one op.", "",
+             "| class | where / cost rule | ops |", "| --- | --- | --- |"]
+    for kind in sorted(rows, key=lambda k: list(_KIND_NOTES).index(k) if k in _KIND_NOTES else 99):
+        ops = " ".join(f"`{o}`" for o in rows[kind])
+        lines.append(f"| {kind} | {_KIND_NOTES.get(kind, '')} | {ops} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(markdown(), end="")

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from ..ir import Op, resolve_target, substitute, to_torch_dtype
+from .ops import DEVICE_IMPLS
 
 
 def round_to_device(value, dtype: torch.dtype):
@@ -40,7 +41,8 @@ class BoundOp:
 
     @staticmethod
     def bind(op: Op) -> BoundOp:
-        return BoundOp(op.name, resolve_target(op.target), op.args, op.kwargs)
+        fn = DEVICE_IMPLS.get(op.target) or resolve_target(op.target)
+        return BoundOp(op.name, fn, op.args, op.kwargs)
 
     def __call__(self, env: dict):
         env[self.name] = self.fn(*substitute(self.args, env), **substitute(self.kwargs, env))

@@ -212,6 +212,9 @@ const at::Tensor& resize_(const at::Tensor& self, c10::IntArrayRef size,
 at::Tensor alias_with_storage(c10::Storage storage, const at::Tensor& like, c10::DispatchKey key) {
   auto t = at::detail::make_tensor<c10::TensorImpl>(std::move(storage), c10::DispatchKeySet(key), like.dtype());
   t.unsafeGetTensorImpl()->set_sizes_and_strides(like.sizes(), like.strides(), like.storage_offset());
+  // Lazy conjugation/negation are bits on the tensor, not in its bytes: keep them.
+  if (like.is_conj()) t._set_conj(true);
+  if (like.is_neg()) t._set_neg(true);
   return t;
 }
 

@@ -6,7 +6,7 @@ round trips a run makes, and the predicted time of each segment. All figures com
 compiled program and the timing model; nothing is run. The same report is data
 (`Explanation.to_dict()`), text (`str(...)`), and a command line:
 
-    python -m rebel.explain compiled.rbln [--json]      (also installed as `rbln-explain`)
+    python -m rebel.runtime.explain compiled.rbln [--json]   (installed as `rbln-explain`)
 """
 from __future__ import annotations
 
@@ -16,15 +16,15 @@ import sys
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
-from .compiler.artifact import load_artifact
-from .compiler.compile import CompiledProgram
-from .compiler.program import Program
-from .device.engine import EventEngine
-from .errors import RBLNError
-from .ir import GETITEM
-from .npu.spec import ProductSpec
-from .runtime.runtime import activation_bytes
-from .runtime.timeline import build_steps
+from ..compiler.artifact import load_artifact
+from ..compiler.compile import CompiledProgram
+from ..compiler.program import Program
+from ..device.engine import EventEngine
+from ..errors import RBLNError
+from ..ir import GETITEM
+from ..npu.spec import ProductSpec
+from .runtime import activation_bytes
+from .timeline import build_steps
 
 
 @dataclass

@@ -1,0 +1,82 @@
+"""Device ops that are not ATen ops: paged attention over a block-table KV cache.
+
+`rbln::paged_attention` is registered with torch.library so that torch.export keeps it as one
+node (it becomes one fused attention kernel on the device). Its reference implementation is
+functional (returns updated copies of the caches); the device kernel writes the caches in place,
+which is equivalent because a compiled graph never reads a cache again after updating it.
+
+Semantics, per sequence b and query token j with absolute position p = positions[b, j]
+(p < 0 marks padding):
+  1. the token's key/value go to block block_table[b, p // P], slot p % P (P: partition length);
+  2. the query attends to every cached position <= p of its sequence (causal within a chunk),
+     computed partition by partition: each partition yields a partial softmax (max, sum,
+     weighted values) and the partials are combined, as flash-decoding does on the chip.
+"""
+from __future__ import annotations
+
+import torch
+
+NEG_INF = float("-inf")
+
+
+@torch.library.custom_op("rbln::paged_attention", mutates_args=())
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                    v_cache: torch.Tensor, block_table: torch.Tensor, positions: torch.Tensor,
+                    partition_len: int, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    k_cache, v_cache = k_cache.clone(), v_cache.clone()
+    out = paged_attention_inplace(q, k, v, k_cache, v_cache, block_table, positions, partition_len, scale)
+    return out[0], k_cache, v_cache
+
+
+@paged_attention.register_fake
+def _(q, k, v, k_cache, v_cache, block_table, positions, partition_len, scale):
+    return q.new_empty(q.shape), torch.empty_like(k_cache), torch.empty_like(v_cache)
+
+
+def paged_attention_inplace(q, k, v, k_cache, v_cache, block_table, positions, partition_len: int,
+                            scale: float):
+    """Write the new keys/values into the caches (in place) and attend; returns
+    (out, k_cache, v_cache) with the caches being the same tensors that were passed in."""
+    b, heads, s, d = q.shape
+    kv_heads = k_cache.shape[1]
+    group = heads // kv_heads
+    positions = positions.long()
+    block_table = block_table.long()
+    valid = positions >= 0
+    # 1. scatter the new tokens into their blocks
+    bi, ji = valid.nonzero(as_tuple=True)
+    if bi.numel():
+        pos = positions[bi, ji]
+        blocks = block_table[bi, pos // partition_len]
+        slots = pos % partition_len
+        k_cache[blocks, :, slots] = k[bi, :, ji].to(k_cache.dtype)
+        v_cache[blocks, :, slots] = v[bi, :, ji].to(v_cache.dtype)
+    # 2. attend partition by partition, combining partial softmaxes
+    context = int(positions.max().item()) + 1 if bi.numel() else 0
+    parts = max(1, -(-context // partition_len))
+    qf = q.float().view(b, kv_heads, group, s, d)
+    m = torch.full((b, kv_heads, group, s, 1), NEG_INF)
+    denom = torch.zeros((b, kv_heads, group, s, 1))
+    acc = torch.zeros((b, kv_heads, group, s, d))
+    for p in range(parts):
+        blocks = block_table[:, p]                                      # [b]
+        keys = k_cache[blocks].float()                                  # [b, kvh, P, d]
+        values = v_cache[blocks].float()
+        key_pos = p * partition_len + torch.arange(partition_len)       # [P]
+        scores = torch.einsum("bhgsd,bhpd->bhgsp", qf, keys) * scale
+        visible = key_pos.view(1, 1, 1, 1, -1) <= positions.view(b, 1, 1, s, 1)
+        scores = scores.masked_fill(~visible, NEG_INF)
+        m_part = scores.amax(-1, keepdim=True)
+        m_new = torch.maximum(m, m_part)
+        safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
+        weights = torch.exp(scores - safe)
+        correction = torch.exp(torch.where(torch.isinf(m), torch.full_like(m, NEG_INF), m - safe))
+        denom = denom * correction + weights.sum(-1, keepdim=True)
+        acc = acc * correction + torch.einsum("bhgsp,bhpd->bhgsd", weights, values)
+        m = m_new
+    out = torch.where(denom > 0, acc / denom.clamp_min(1e-30), torch.zeros_like(acc))
+    return out.view(b, heads, s, d).to(q.dtype), k_cache, v_cache
+
+
+# Device kernels whose implementation differs from the op's reference one (same results).
+DEVICE_IMPLS = {"rbln.paged_attention.default": paged_attention_inplace}
