@@ -146,7 +146,7 @@ def _lower_call(node: torch.fx.Node, names: dict) -> Op:
         target = target_name(node.target)
     except TypeError:
         raise CompileError(f"node {node.name}: call target {node.target!r} is not an ATen op") from None
-    if target != GETITEM and not target.startswith("aten."):
+    if target != GETITEM and not target.startswith("aten.") and classify(target) is None:
         raise CompileError(f"node {node.name}: op {target} has no device kernel and no host path "
                            "(the host runs ATen ops only; decompose it into ATen ops or register "
                            "a decomposition before compiling)")

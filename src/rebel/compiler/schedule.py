@@ -10,10 +10,12 @@ import math
 
 from ..device.timing import GemmTiling, KernelPlan, Transfer, matrix_seconds
 from ..errors import CompileError
-from ..ir import Op, TensorSpec
+from ..ir import GETITEM, Op, TensorSpec
 from ..npu.spec import ProductSpec
 from .program import Kernel
 from .support import classify
+
+PAGED_ATTENTION = "rbln.paged_attention.default"
 from .tensor_parallel import Sharding
 
 
@@ -92,6 +94,21 @@ class Scheduler:
             return nbytes
         return min(nbytes, sum(self.device_bytes(o.name) for o in readers))
 
+    def _paged_traffic(self, op: Op, kernel: Kernel, dma_in: tuple, dma_out: tuple):
+        """Paged attention reads only the blocks its sequences own and writes only the new
+        tokens' keys and values into the caches (in place), not whole caches."""
+        q, k_new, v_new, k_cache, v_cache, tables = (a.name for a in op.args[:6])
+        rows, blocks = self.values[tables].shape
+        cache = self.local(k_cache)
+        own = rows * blocks * math.prod(cache.shape[1:]) * self.elem
+        dma_in = tuple(Transfer(t.value, min(t.nbytes, own), t.weight)
+                       if t.value in (k_cache, v_cache) else t for t in dma_in)
+        updated = {o.name: (k_new if o.args[1] == 1 else v_new) for o in kernel.ops
+                   if o.target == GETITEM and o.refs[0] == op.name and o.args[1] in (1, 2)}
+        dma_out = tuple(Transfer(t.value, self.device_bytes(updated[t.value]), t.weight)
+                        if t.value in updated else t for t in dma_out)
+        return dma_in, dma_out
+
     @staticmethod
     def _keep(sram: dict[str, int], value: str, nbytes: int, capacity: int) -> bool:
         if sum(sram.values()) + nbytes > capacity:
@@ -122,6 +139,8 @@ class Scheduler:
                 bh, rows, skv, d, fraction = _attention_shape(op, self._local_values(op))
                 gemm = self.tile_attention(bh, rows, skv, d, fraction)
                 flops += 4.0 * bh * rows * skv * d * gemm.work_fraction
+                if op.target == PAGED_ATTENTION:
+                    dma_in, dma_out = self._paged_traffic(op, kernel, dma_in, dma_out)
             elif kind == "elementwise" and out is not None:
                 vector_ops += self._local_numel(op.name, out) * classify(op.target).cost
             elif kind in ("reduction", "norm", "softmax", "pool"):
@@ -221,7 +240,14 @@ def _attention_shape(op: Op, values: dict[str, TensorSpec]):
     Query heads that share a KV head (GQA) are packed into one tile's rows, so decode (one
     query token) still fills the MAC array's rows and each K/V block is read once per group."""
     q, k = values[op.args[0].name].shape, values[op.args[1].name].shape
-    causal = bool(op.kwargs.get("is_causal", op.args[5] if len(op.args) > 5 else False))
+    if op.target == PAGED_ATTENTION:
+        # paged(q, k_new, v_new, k_cache, v_cache, block_tables, positions, P, scale): keys are
+        # the sequence's blocks (counted full: the context length is only known at run time)
+        blocks = values[op.args[5].name].shape[-1]
+        k = (*k[:-2], blocks * int(op.args[7]), k[-1])
+        causal = False
+    else:
+        causal = bool(op.kwargs.get("is_causal", op.args[5] if len(op.args) > 5 else False))
     heads, kv_heads = q[-3] if len(q) > 2 else 1, k[-3] if len(k) > 2 else 1
     group = heads // kv_heads if kv_heads and heads % kv_heads == 0 else 1
     batch_kv = math.prod(q[:-3]) * (heads // group)

@@ -83,6 +83,7 @@ def _table() -> dict[str, OpClass]:
         unfold narrow""")
     for name in ("all_reduce", "all_gather", "shard"):  # inserted by tensor parallelism
         t[f"rbln.{name}.default"] = OpClass("collective")
+    t["rbln.paged_attention.default"] = OpClass("attention")  # rebel.device.ops, KV cache in DRAM
     return t
 
 

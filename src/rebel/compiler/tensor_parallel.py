@@ -161,7 +161,10 @@ class _Pass:
         self.g.outputs = outputs
         updates = {}
         for value, buffer in self.g.buffer_updates.items():
-            updates[self.replicated(value)] = buffer
+            split = self.s.weights.get(buffer)
+            # a buffer split over the dies (a KV cache by heads) takes each die's slice as is
+            updates[value if split is not None and self.state(value) == split
+                    else self.replicated(value)] = buffer
         self.g.buffer_updates = updates
         self.g.ops = self.ops
 
@@ -177,7 +180,8 @@ class _Pass:
                    "view": self.view, "_unsafe_view": self.view, "reshape": self.view,
                    "permute": self.permute, "transpose": self.transpose, "unsqueeze": self.unsqueeze,
                    "expand": self.expand, "cat": self.cat, "bmm": self.batched,
-                   "slice": self.slice_like, "select": self.slice_like}.get(name)
+                   "slice": self.slice_like, "select": self.slice_like,
+                   "paged_attention": self.paged_attention}.get(name)
         if handler is not None:
             handler(op)
         elif op.target == GETITEM:
@@ -304,6 +308,21 @@ class _Pass:
             return self.all_replicated(op)
         mapping = {name: self.split_copy(name, heads) for name in (q, k, v)}
         self.emit(self.rewrite(op, mapping), heads)
+
+    def paged_attention(self, op: Op) -> None:
+        """Split by heads: each die keeps the KV-cache slice of its own KV heads for good."""
+        q, k, v, k_cache, v_cache = (a.name for a in op.args[:5])
+        heads, kv_heads = self.spec(q).shape[1], self.spec(k_cache).shape[1]
+        tables, positions = op.args[5].name, op.args[6].name
+        if heads % self.n or kv_heads % self.n or self.state(tables) is not None \
+                or self.state(positions) is not None:
+            return self.all_replicated(op)
+        mapping = {name: self.split_copy(name, 1) for name in (q, k, v)}
+        for cache in (k_cache, v_cache):
+            if self.s.weights.get(cache, 1) != 1 or cache in self.used:
+                return self.all_replicated(op)
+            self.s.weights[cache] = 1
+        self.emit(self.rewrite(op, mapping), 1)
 
     def batched(self, op: Op) -> None:
         a, b = op.refs[:2]
