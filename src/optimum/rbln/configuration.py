@@ -1,0 +1,124 @@
+"""`rbln_*` options: parsed, checked before any compile work, saved as rbln_config.json."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rebel import RBLNError
+
+CONFIG_NAME = "rbln_config.json"
+CONFIG_VERSION = 1
+
+
+class RBLNConfigError(RBLNError, ValueError):
+    """An rbln_* option is unknown, of the wrong type, or inconsistent with another."""
+
+
+@dataclass
+class RBLNConfig:
+    """Everything that shapes the compiled graphs, plus where to run them.
+
+    batch_size: most sequences decoded together. max_seq_len: prompt + generated tokens.
+    kvcache_partition_len: KV-cache block (and attention partition) length; divides max_seq_len.
+    prefill_chunk_size: prompt tokens per prefill run (longer prompts loop chunks on the host).
+    decoder_batch_sizes: decode graphs to compile (default: just batch_size).
+    """
+
+    batch_size: int = 1
+    max_seq_len: int | None = None
+    kvcache_partition_len: int | None = None
+    prefill_chunk_size: int = 128
+    decoder_batch_sizes: list[int] | None = None
+    tensor_parallel_size: int = 1
+    npu: str | None = None
+    device_dtype: str = "float16"
+    device: int | list[int] | None = None
+    create_runtimes: bool = True
+    model_type: str = ""
+    architecture: str = ""
+    extra: dict = field(default_factory=dict)
+
+    # options that only say where/whether to run; never saved
+    RUNTIME_ONLY = ("device", "create_runtimes")
+
+    @classmethod
+    def from_kwargs(cls, kwargs: dict, base: RBLNConfig | None = None) -> RBLNConfig:
+        """Take rbln_<name> keyword arguments (and plain <name> keys of rbln_config=dict)."""
+        known = {f.name for f in dataclasses.fields(cls)} - {"model_type", "architecture", "extra"}
+        values = dataclasses.asdict(base) if base else {}
+        for key, value in kwargs.items():
+            name = key.removeprefix("rbln_")
+            if name not in known:
+                raise RBLNConfigError(f"unknown option {key!r}; known rbln_* options: "
+                                      f"{', '.join('rbln_' + k for k in sorted(known))}")
+            values[name] = value
+        return cls(**values)
+
+    def finalize(self, max_position_embeddings: int | None) -> RBLNConfig:
+        """Fill defaults from the model and check every option against the others."""
+        def positive_int(name):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise RBLNConfigError(f"rbln_{name} must be a positive integer, got {value!r}")
+
+        if self.max_seq_len is None:
+            self.max_seq_len = min(max_position_embeddings or 2048, 8192)
+        if self.kvcache_partition_len is None:
+            self.kvcache_partition_len = min(self.max_seq_len, 4096)
+        for name in ("batch_size", "max_seq_len", "kvcache_partition_len", "prefill_chunk_size",
+                     "tensor_parallel_size"):
+            positive_int(name)
+        if max_position_embeddings and self.max_seq_len > max_position_embeddings:
+            raise RBLNConfigError(f"rbln_max_seq_len={self.max_seq_len} exceeds the model's "
+                                  f"max_position_embeddings={max_position_embeddings}")
+        if self.max_seq_len % self.kvcache_partition_len:
+            raise RBLNConfigError(f"rbln_kvcache_partition_len={self.kvcache_partition_len} must divide "
+                                  f"rbln_max_seq_len={self.max_seq_len}")
+        if self.prefill_chunk_size > self.max_seq_len or self.max_seq_len % self.prefill_chunk_size:
+            raise RBLNConfigError(f"rbln_prefill_chunk_size={self.prefill_chunk_size} must divide "
+                                  f"rbln_max_seq_len={self.max_seq_len}")
+        if self.decoder_batch_sizes is None:
+            self.decoder_batch_sizes = [self.batch_size]
+        sizes = self.decoder_batch_sizes
+        if not isinstance(sizes, (list, tuple)) or not sizes or any(
+                isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= self.batch_size for b in sizes):
+            raise RBLNConfigError(f"rbln_decoder_batch_sizes must be integers between 1 and "
+                                  f"rbln_batch_size={self.batch_size}, got {sizes!r}")
+        self.decoder_batch_sizes = sorted(set(sizes))
+        if self.prefill_chunk_size == 1 and 1 in self.decoder_batch_sizes:
+            raise RBLNConfigError("rbln_prefill_chunk_size=1 would give the prefill graph the same "
+                                  "shape as the batch-1 decode graph; use a chunk of 2 or more")
+        if self.device_dtype not in ("float16", "bfloat16"):
+            raise RBLNConfigError(f"rbln_device_dtype must be 'float16' or 'bfloat16', got "
+                                  f"{self.device_dtype!r}")
+        return self
+
+    @property
+    def blocks_per_sequence(self) -> int:
+        return self.max_seq_len // self.kvcache_partition_len
+
+    def to_json(self) -> dict:
+        data = dataclasses.asdict(self)
+        for key in self.RUNTIME_ONLY:
+            data.pop(key)
+        return {"version": CONFIG_VERSION, **data}
+
+    def save(self, folder: Path) -> None:
+        (Path(folder) / CONFIG_NAME).write_text(json.dumps(self.to_json(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, folder: Path) -> RBLNConfig:
+        path = Path(folder) / CONFIG_NAME
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise RBLNConfigError(f"{folder} has no {CONFIG_NAME}: it is not a compiled RBLN model "
+                                  "folder (compile with export=True)") from None
+        except json.JSONDecodeError as e:
+            raise RBLNConfigError(f"{path} is not valid JSON: {e}") from None
+        if data.pop("version", None) != CONFIG_VERSION:
+            raise RBLNConfigError(f"{path} was written by an incompatible open-rbln version")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in fields})
