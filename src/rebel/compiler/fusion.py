@@ -16,15 +16,25 @@ PROLOGUE_TARGETS = ("reduction", "norm", "softmax")  # may consume an element-wi
 
 
 def fuse(ops: list[Op], users: dict[str, list[str]]) -> list[list[Op]]:
+    kinds = {op.name: op.kind for op in ops}
     groups: list[list[Op]] = []
     for op in ops:
         group = groups[-1] if groups else None
         alone = op.kind == "collective" or (group is not None and group[-1].kind == "collective")
+        # An element-wise op whose only readers are reductions opens their kernel instead of
+        # closing the previous one: x*x inside RMSNorm must not be rounded (or overflow) to 16 bits.
+        if op.kind == "elementwise" and group is not None and not _only_elementwise(group) and \
+                users.get(op.name) and all(kinds.get(u) in PROLOGUE_TARGETS for u in users[op.name]):
+            alone = True
         if not alone and group is not None and (_only_alias(group) or _can_absorb(group, op, users)):
             group.append(op)
         else:
             groups.append([op])
     return groups
+
+
+def _only_elementwise(group: list[Op]) -> bool:
+    return all(o.kind in EPILOGUE_KINDS for o in group)
 
 
 def _only_alias(group: list[Op]) -> bool:

@@ -59,10 +59,11 @@ def paged_attention_inplace(q, k, v, k_cache, v_cache, block_table, positions, p
     denom = torch.zeros((b, kv_heads, group, s, 1))
     acc = torch.zeros((b, kv_heads, group, s, d))
     for p in range(parts):
+        width = min(partition_len, context - p * partition_len)        # keys anyone can see
         blocks = block_table[:, p]                                      # [b]
-        keys = k_cache[blocks].float()                                  # [b, kvh, P, d]
-        values = v_cache[blocks].float()
-        key_pos = p * partition_len + torch.arange(partition_len)       # [P]
+        keys = k_cache[blocks, :, :width].float()                       # [b, kvh, width, d]
+        values = v_cache[blocks, :, :width].float()
+        key_pos = p * partition_len + torch.arange(width)
         scores = torch.einsum("bhgsd,bhpd->bhgsp", qf, keys) * scale
         visible = key_pos.view(1, 1, 1, 1, -1) <= positions.view(b, 1, 1, s, 1)
         scores = scores.masked_fill(~visible, NEG_INF)
