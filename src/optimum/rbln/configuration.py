@@ -56,8 +56,9 @@ class RBLNConfig:
             values[name] = value
         return cls(**values)
 
-    def finalize(self, max_position_embeddings: int | None) -> RBLNConfig:
-        """Fill defaults from the model and check every option against the others."""
+    def finalize(self, max_position_embeddings: int | None, decoder: bool = True) -> RBLNConfig:
+        """Fill defaults from the model and check every option against the others (decoder:
+        also the KV-cache, chunk and decode-batch options, which encoders do not use)."""
         def positive_int(name):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -73,6 +74,11 @@ class RBLNConfig:
         if max_position_embeddings and self.max_seq_len > max_position_embeddings:
             raise RBLNConfigError(f"rbln_max_seq_len={self.max_seq_len} exceeds the model's "
                                   f"max_position_embeddings={max_position_embeddings}")
+        if self.device_dtype not in ("float16", "bfloat16"):
+            raise RBLNConfigError(f"rbln_device_dtype must be 'float16' or 'bfloat16', got "
+                                  f"{self.device_dtype!r}")
+        if not decoder:
+            return self
         if self.max_seq_len % self.kvcache_partition_len:
             raise RBLNConfigError(f"rbln_kvcache_partition_len={self.kvcache_partition_len} must divide "
                                   f"rbln_max_seq_len={self.max_seq_len}")
@@ -90,9 +96,6 @@ class RBLNConfig:
         if self.prefill_chunk_size == 1 and 1 in self.decoder_batch_sizes:
             raise RBLNConfigError("rbln_prefill_chunk_size=1 would give the prefill graph the same "
                                   "shape as the batch-1 decode graph; use a chunk of 2 or more")
-        if self.device_dtype not in ("float16", "bfloat16"):
-            raise RBLNConfigError(f"rbln_device_dtype must be 'float16' or 'bfloat16', got "
-                                  f"{self.device_dtype!r}")
         return self
 
     @property

@@ -28,6 +28,7 @@ class _Encoder(torch.nn.Module):
 
 class RBLNEncoderModel(RBLNModel):
     model_types = ("bert", "roberta", "distilbert")
+    is_decoder = False
     output_fields: tuple[str, ...] = ()
 
     @classmethod

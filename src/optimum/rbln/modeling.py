@@ -30,6 +30,7 @@ class RBLNModel:
 
     hf_auto_class = None
     model_types: tuple[str, ...] = ()
+    is_decoder = True  # compiles a KV cache and prefill/decode graphs
 
     def __init__(self, config, rbln_config: RBLNConfig, compiled: dict[str, RBLNCompiledModel],
                  folder: Path | None = None):
@@ -64,7 +65,7 @@ class RBLNModel:
         cls._check_model_type(config)
         options.model_type = config.model_type
         options.architecture = cls.__name__
-        options.finalize(getattr(config, "max_position_embeddings", None))
+        options.finalize(getattr(config, "max_position_embeddings", None), decoder=cls.is_decoder)
         cls._check_config(config, options)
         model = cls.hf_auto_class.from_pretrained(model_id, **hf_kwargs).eval()
         with torch.no_grad():

@@ -1,0 +1,260 @@
+"""optimum.rbln decoder-only LLMs on small random models: paged KV cache, chunked prefill,
+generate(), save/reload, tensor parallelism, and every bad input with its message."""
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import (AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralConfig, Qwen2Config,
+                          Qwen3Config)
+
+import rebel
+from optimum.rbln import (RBLNAutoModelForCausalLM, RBLNConfigError, RBLNLlamaForCausalLM,
+                          RBLNMistralForCausalLM, RBLNQwen2ForCausalLM, RBLNQwen3ForCausalLM)
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=256, max_position_embeddings=256)
+OPTIONS = dict(rbln_batch_size=4, rbln_max_seq_len=128, rbln_kvcache_partition_len=32,
+               rbln_prefill_chunk_size=16, rbln_decoder_batch_sizes=[1, 2, 4])
+
+
+def save_model(folder: Path, config) -> Path:
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    return save_model(tmp_path_factory.mktemp("llama"), LlamaConfig(**SMALL))
+
+
+@pytest.fixture(scope="module")
+def reference(llama_dir):
+    return AutoModelForCausalLM.from_pretrained(llama_dir).eval()
+
+
+@pytest.fixture(scope="module")
+def llama(llama_dir):
+    return RBLNLlamaForCausalLM.from_pretrained(llama_dir, export=True, **OPTIONS)
+
+
+def prompt(n: int, seed: int) -> torch.Tensor:
+    return torch.randint(1, 256, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def teacher_forced_agreement(model, reference, tokens: torch.Tensor, start: int) -> float:
+    """Next-token argmax of the device vs FP32 at every position after `start`."""
+    session = model.start_session([tokens[:start]])
+    logits = [session.prefill()[0]]
+    for t in tokens[start:-1]:
+        logits.append(session.step(torch.tensor([t]), [0])[0])
+    with torch.no_grad():
+        ref = reference(tokens.unsqueeze(0)).logits[0, start - 1:-1]
+    device = torch.stack(logits)
+    assert (device - ref).abs().max() < 0.05 * ref.abs().max()
+    return (device.argmax(-1) == ref.argmax(-1)).float().mean().item()
+
+
+@pytest.mark.parametrize("length", [5, 16, 40, 70])  # within a chunk, chunks, past a partition
+def test_prompt_logits_match_fp32(llama, reference, length):
+    tokens = prompt(length + 6, length)
+    assert teacher_forced_agreement(llama, reference, tokens, length) >= 0.8
+
+
+def test_greedy_matches_transformers(llama, reference):
+    ids = prompt(21, 1).unsqueeze(0)
+    out = llama.generate(ids, max_new_tokens=12)
+    with torch.no_grad():
+        ref = reference.generate(ids, max_new_tokens=12, do_sample=False)
+    assert out.shape == ref.shape and torch.equal(out[:, :21], ids)
+    assert (out[0, 21:] == ref[0, 21:]).float().mean() >= 0.75
+    report = llama.last_generation_report
+    assert report.new_tokens == 12 and report.time_to_first_token_s > 0 and report.per_output_token_s > 0
+    assert report.predicted_tokens_per_s > 0 and "tokens/s on the NPU" in str(report)
+
+
+def test_batch_of_four_left_padded_equals_each_alone(llama):
+    prompts = [prompt(n, 10 + n) for n in (3, 17, 40, 9)]
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(4, width, dtype=torch.long)
+    mask = torch.zeros(4, width, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = p
+        mask[i, width - len(p):] = 1
+    batch = llama.generate(ids, attention_mask=mask, max_new_tokens=8)
+    for i, p in enumerate(prompts):
+        alone = llama.generate(p.unsqueeze(0), max_new_tokens=8)
+        assert torch.equal(batch[i, width:], alone[0, len(p):]), i
+
+
+def test_eos_stops_and_pads(llama):
+    ids = prompt(12, 3).unsqueeze(0)
+    free = llama.generate(ids, max_new_tokens=10)
+    eos = int(free[0, 12 + 3])
+    stopped = llama.generate(ids, max_new_tokens=10, eos_token_id=eos, pad_token_id=255)
+    first = (stopped[0, 12:] == eos).nonzero()[0].item()
+    assert torch.equal(stopped[0, 12:12 + first + 1], free[0, 12:12 + first + 1])
+    assert stopped.shape[1] == 12 + first + 1
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy(llama):
+    ids = prompt(10, 4).unsqueeze(0)
+    a = llama.generate(ids, do_sample=True, temperature=0.9, top_p=0.9, seed=7, max_new_tokens=8)
+    b = llama.generate(ids, do_sample=True, temperature=0.9, top_p=0.9, seed=7, max_new_tokens=8)
+    assert torch.equal(a, b)
+    greedy = llama.generate(ids, max_new_tokens=8)
+    assert torch.equal(llama.generate(ids, do_sample=True, top_k=1, seed=3, max_new_tokens=8), greedy)
+
+
+def test_streamer_sees_prompt_then_each_token(llama):
+    seen = []
+
+    class Recorder:
+        def put(self, value):
+            seen.append(value.tolist())
+
+        def end(self):
+            seen.append("end")
+
+    ids = prompt(6, 5).unsqueeze(0)
+    out = llama.generate(ids, max_new_tokens=4, streamer=Recorder())
+    assert seen[0] == ids.tolist() and seen[-1] == "end"
+    assert [s[0] for s in seen[1:-1]] == out[0, 6:].tolist()
+
+
+def test_save_reload_in_fresh_process(llama, tmp_path):
+    folder = llama.save_pretrained(tmp_path / "compiled")
+    names = {p.name for p in folder.iterdir()}
+    assert {"rbln_config.json", "config.json", "model.rbln"} <= names
+    ids = prompt(20, 6).unsqueeze(0)
+    expected = llama.generate(ids, max_new_tokens=10)
+    script = (f"import torch\nfrom optimum.rbln import RBLNAutoModelForCausalLM\n"
+              f"m = RBLNAutoModelForCausalLM.from_pretrained({str(folder)!r})\n"
+              f"print(m.generate(torch.tensor({ids.tolist()}), max_new_tokens=10).tolist())")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env={"PYTHONPATH": str(SRC), "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == str(expected.tolist())
+
+
+def test_compile_only_then_runtimes_from_the_saved_folder(llama_dir, tmp_path):
+    model = RBLNLlamaForCausalLM.from_pretrained(llama_dir, export=True, rbln_create_runtimes=False,
+                                                 rbln_batch_size=1, rbln_max_seq_len=64,
+                                                 rbln_prefill_chunk_size=16)
+    assert model.runtimes == {} and "no runtimes" in repr(model)
+    with pytest.raises(rebel.RBLNError, match="rbln_create_runtimes=False"):
+        model.generate(prompt(4, 1).unsqueeze(0), max_new_tokens=2)
+    folder = model.save_pretrained(tmp_path / "c")
+    loaded = RBLNLlamaForCausalLM.from_pretrained(folder, rbln_device=2)  # export=False detected
+    assert loaded.runtimes["model"].devices == (2,)
+    assert loaded.generate(prompt(4, 1).unsqueeze(0), max_new_tokens=2).shape == (1, 6)
+
+
+@pytest.mark.parametrize("cls, config", [
+    (RBLNQwen2ForCausalLM, Qwen2Config(**SMALL)),
+    (RBLNQwen3ForCausalLM, Qwen3Config(**SMALL, head_dim=16)),
+    (RBLNMistralForCausalLM, MistralConfig(**SMALL)),
+])
+def test_other_architectures(cls, config, tmp_path):
+    folder = save_model(tmp_path / config.model_type, config)
+    model = cls.from_pretrained(folder, export=True, rbln_batch_size=1, rbln_max_seq_len=64,
+                                rbln_prefill_chunk_size=16)
+    reference = AutoModelForCausalLM.from_pretrained(folder).eval()
+    assert teacher_forced_agreement(model, reference, prompt(30, 2), 20) >= 0.8
+    auto = RBLNAutoModelForCausalLM.from_pretrained(model.save_pretrained(tmp_path / "c"))
+    assert type(auto) is cls
+
+
+def test_tensor_parallel_matches_single_die(llama_dir, llama):
+    tp = RBLNLlamaForCausalLM.from_pretrained(llama_dir, export=True, rbln_tensor_parallel_size=2,
+                                              **OPTIONS)
+    assert tp.runtimes["model"].devices == (0, 1)
+    assert tp.compiled_models["model"].program.sharding.weights["k_cache_0"] == 1  # split by KV head
+    ids = prompt(25, 8).unsqueeze(0)
+    assert torch.equal(tp.generate(ids, max_new_tokens=8), llama.generate(ids, max_new_tokens=8))
+    assert tp.last_generation_report.per_output_token_s < llama.last_generation_report.per_output_token_s * 1.5
+
+
+# --- bad input -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("options, message", [
+    (dict(rbln_batchsize=4), "unknown option 'rbln_batchsize'"),
+    (dict(rbln_max_seq_len=100, rbln_kvcache_partition_len=32), "must divide rbln_max_seq_len=100"),
+    (dict(rbln_max_seq_len=64, rbln_prefill_chunk_size=48), "rbln_prefill_chunk_size=48 must divide"),
+    (dict(rbln_max_seq_len=1024), "exceeds the model's max_position_embeddings=256"),
+    (dict(rbln_batch_size=2, rbln_decoder_batch_sizes=[4]), "between 1 and rbln_batch_size=2"),
+    (dict(rbln_tensor_parallel_size=3), "must divide the model's 4 attention heads and 2 KV heads"),
+    (dict(rbln_batch_size=0), "rbln_batch_size must be a positive integer"),
+])
+def test_bad_options_fail_before_compiling(llama_dir, options, message, monkeypatch):
+    def no_compile(*args, **kwargs):
+        raise AssertionError("compiled despite bad options")
+
+    monkeypatch.setattr(rebel, "compile_from_torch", no_compile)
+    with pytest.raises(RBLNConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        RBLNLlamaForCausalLM.from_pretrained(llama_dir, export=True, **options)
+
+
+def test_prompt_longer_than_max_seq_len(llama):
+    with pytest.raises(rebel.InputError, match="has 129 tokens, longer than the compiled rbln_max_seq_len=128"):
+        llama.generate(prompt(129, 1).unsqueeze(0), max_new_tokens=1)
+
+
+def test_batch_larger_than_compiled(llama):
+    with pytest.raises(rebel.InputError, match="batch of 5 sequences exceeds the compiled rbln_batch_size=4"):
+        llama.generate(torch.ones(5, 4, dtype=torch.long), max_new_tokens=1)
+
+
+def test_generation_stops_at_max_seq_len(llama):
+    out = llama.generate(prompt(120, 2).unsqueeze(0), max_new_tokens=50)
+    assert out.shape[1] == 128
+
+
+def test_model_type_without_rbln_class(tmp_path):
+    folder = tmp_path / "gpt2"
+    AutoModelForCausalLM.from_config(GPT2Config(n_layer=1, n_embd=32, n_head=2)).save_pretrained(folder)
+    with pytest.raises(RBLNConfigError, match="no RBLN causal-LM class for model type 'gpt2'"):
+        RBLNAutoModelForCausalLM.from_pretrained(folder, export=True)
+    with pytest.raises(RBLNConfigError, match="compiles model types llama; this model is 'gpt2'"):
+        RBLNLlamaForCausalLM.from_pretrained(folder, export=True)
+
+
+def test_folder_compiled_for_another_npu(llama_dir, tmp_path):
+    model = RBLNLlamaForCausalLM.from_pretrained(llama_dir, export=True, rbln_npu="RBLN-CA12",
+                                                 rbln_create_runtimes=False, rbln_max_seq_len=64,
+                                                 rbln_prefill_chunk_size=16)
+    folder = model.save_pretrained(tmp_path / "ca12")
+    with pytest.raises(rebel.DeviceError, match="compiled for RBLN-CA12 but rbln:0 is a RBLN-CA25"):
+        RBLNLlamaForCausalLM.from_pretrained(folder)
+
+
+def test_changing_graph_options_on_reload_is_refused(llama, tmp_path):
+    folder = llama.save_pretrained(tmp_path / "c")
+    with pytest.raises(RBLNConfigError, match="rbln_batch_size shape the compiled graphs"):
+        RBLNLlamaForCausalLM.from_pretrained(folder, rbln_batch_size=8)
+
+
+def test_not_a_compiled_folder(tmp_path):
+    with pytest.raises(RBLNConfigError, match="not a compiled RBLN model folder"):
+        RBLNLlamaForCausalLM.from_pretrained(tmp_path, export=False)
+
+
+def test_beam_search_refused(llama):
+    with pytest.raises(rebel.InputError, match="beam search is not supported"):
+        llama.generate(prompt(4, 1).unsqueeze(0), num_beams=4)
+
+
+def test_config_of_reference_untouched(llama_dir):
+    """Compiling swaps the attention of the model it compiles, not of others loaded alike."""
+    fresh = AutoModelForCausalLM.from_pretrained(llama_dir)
+    assert fresh.config._attn_implementation != "rbln_paged"
+    assert copy.deepcopy(fresh.config)._attn_implementation != "rbln_paged"
