@@ -19,6 +19,7 @@ from transformers import AutoTokenizer, TextStreamer
 import rebel
 from optimum.rbln import RBLNLlamaForCausalLM
 from optimum.rbln.offline import cache_root, smollm2_folder
+from seed_examples import Foo  # the seed's Linear -> atan -> Linear module (examples/ is on sys.path)
 
 QUESTION = "What is the capital of France?"
 
@@ -51,15 +52,6 @@ def llm() -> None:
 
 
 def profiler() -> None:
-    class Foo(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.linear1 = torch.nn.Linear(16, 16)
-            self.linear2 = torch.nn.Linear(16, 16)
-
-        def forward(self, x):
-            return self.linear2(torch.atan(self.linear1(x)))
-
     os.environ.setdefault("RBLN_PROFILER_DIR", tempfile.mkdtemp(prefix="rbln-demo-traces-"))
     compiled_model = rebel.compile_from_torch(Foo(), example_inputs=[torch.randn(16, 16)])
     module = rebel.Runtime(compiled_model, tensor_type="pt", activate_profiler=True)
