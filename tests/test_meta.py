@@ -79,7 +79,6 @@ def test_llama3_8b_on_meta_compiles_for_prediction_in_under_a_minute():
     memory = compiled.device_memory_bytes()
     assert 16e9 < memory < 18e9
     latency = compiled.predicted_latency_s()
-    # A decode step streams all weights from DRAM once: at least bytes / DRAM bandwidth.
     # A decode step streams its weights from DRAM once (the 1 GB embedding table only for the
     # one row it gathers): close to weight bytes / DRAM bandwidth.
     stream = compiled.program.weight_bytes / compiled.compiled.spec.die.memory.dram_bandwidth

@@ -51,10 +51,16 @@ def op_class(name: str) -> OpClass | None:
 def dtype_supported(dtypes) -> str | None:
     """None if the device holds all these dtypes, else the first one it does not."""
     for d in dtypes:
-        name = str(d).removeprefix("torch.")
-        if name not in DEVICE_DTYPES:
+        name = _unsupported_name(d)
+        if name is not None:
             return name
     return None
+
+
+@lru_cache(maxsize=None)
+def _unsupported_name(dtype: torch.dtype) -> str | None:
+    name = str(dtype).removeprefix("torch.")
+    return None if name in DEVICE_DTYPES else name
 
 
 @dataclass(frozen=True)
