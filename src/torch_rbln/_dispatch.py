@@ -1,4 +1,7 @@
-"""Eager kernels of the "rbln" device: one boxed Python fallback for every ATen op.
+"""Eager kernels of the "rbln" device: one Python kernel (`run`) for every ATen op.
+
+`run` is the boxed PrivateUse1 fallback, and is also registered directly for the hot ops (_DIRECT),
+which skips the fallback's extra cost and ATen's out= detour for structured ops.
 
 Device memory is host memory (see csrc/rbln_shim.cpp), so a kernel needs no copies: it takes CPU
 aliases of its device operands (shim.as_cpu, zero-copy), runs the op with PyTorch's CPU kernel,
@@ -26,7 +29,6 @@ from . import kernels, profiler, stats
 
 log = logging.getLogger("torch_rbln")
 F16 = torch.float16
-F32 = torch.float32
 _shim = None
 _lib_fallback = None
 _lib_impl = None
@@ -198,13 +200,11 @@ def run(op, *args, **kwargs):
 
     on_device = info.cls is not None
     reason = ""
-    if info.memory:
-        pass
-    elif on_device:
+    if not info.memory and on_device:
         bad = kernels.dtype_supported([d for _, d in dev_in])
         if bad is not None:
             on_device, reason = False, f"dtype {bad} is not a device dtype"
-    else:
+    elif not info.memory:
         reason = "no device kernel for this op"
     quiet = getattr(_quiet, "depth", 0) > 0
     if not info.memory and not on_device and not quiet:
@@ -359,8 +359,8 @@ def _patch_printing() -> None:
 # Hot ops get a PrivateUse1 kernel of their own (the same `run`): reaching Python through the boxed
 # fallback costs ~3.5 us more per call, and structured ops (add, mul, mm...) would otherwise get
 # there through ATen's CompositeExplicitAutogradNonFunctional wrapper, which allocates the output
-# and calls the out= overload. Only ops that have no CompositeImplicitAutograd kernel (those
-# never reach a backend kernel) and whose CPU kernels are the reference belong here.
+# (empty_strided) and runs the out= overload through the fallback. Ops with a
+# CompositeImplicitAutograd kernel (linear, matmul) never reach a backend kernel: never list them.
 _DIRECT = ("add.Tensor", "add_.Tensor", "sub.Tensor", "sub_.Tensor", "mul.Tensor", "mul_.Tensor",
            "div.Tensor", "div_.Tensor", "relu", "relu_", "gelu", "silu", "sigmoid", "tanh", "exp",
            "neg", "sqrt", "rsqrt", "pow.Tensor_Scalar", "sum", "sum.dim_IntList",

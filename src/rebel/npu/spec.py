@@ -134,6 +134,10 @@ class LinkSpec:
     latency_us: float = 0.0
     # Host links may be slower towards the host; None means the same as bandwidth_gbps.
     d2h_bandwidth_gbps: float | None = None
+    # Copies from pageable host memory are staged through a pinned buffer in chunks: the first
+    # chunk's host memcpy is not hidden behind the DMA. None: the host memory is pinned.
+    staging_chunk_mib: float | None = None
+    staging_copy_gbps: float | None = None
 
     @property
     def bandwidth(self) -> float:
@@ -145,7 +149,10 @@ class LinkSpec:
 
     def transfer_s(self, nbytes: int, to_device: bool = True) -> float:
         bw = self.bandwidth_gbps if to_device or self.d2h_bandwidth_gbps is None else self.d2h_bandwidth_gbps
-        return self.alpha_s + nbytes / (bw * GB)
+        seconds = self.alpha_s + nbytes / (bw * GB)
+        if self.staging_chunk_mib and self.staging_copy_gbps:
+            seconds += min(nbytes, self.staging_chunk_mib * MiB) / (self.staging_copy_gbps * GB)
+        return seconds
 
 
 @dataclass(frozen=True)
