@@ -8,7 +8,7 @@ they fit in the shared SRAM left over.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from ..npu.spec import LinkSpec, ProductSpec
 from .events import HDMA, HOST, LINK, NEURAL_ENGINE, TASK_DMA, Event
@@ -89,112 +89,123 @@ class EventEngine:
         return Timeline(events, start_s, t)
 
     def _device_step(self, step: DeviceStep, t: float, flow: int, events: list[Event]):
-        spec, dev = self.spec, self.device
-        launch_flow, done_flow = flow, flow + 1
+        spec = self.spec
         launch = Event(HOST, None, f"launch {step.name}", t, spec.runtime.launch_s, "launch",
-                       {"segment": step.name}, flow_out=(launch_flow,))
+                       {"segment": step.name}, flow_out=(flow,))
         events.append(launch)
-        pending_flow = [launch_flow]  # attached to the first device slice
-
-        def device_event(track, name, start, dur, category, args) -> Event:
-            flow_in = tuple(pending_flow)
-            pending_flow.clear()
-            ev = Event(track, dev, name, start, dur, category, args, flow_in=flow_in)
-            events.append(ev)
-            return ev
-
-        t0 = launch.end_s
-        in_dram: dict[str, float] = {}
-        hdma_free = t0
+        q = _Queues(self.device, launch.end_s, events, pending_flow=[flow])
         for value, nbytes in step.copy_in:
             if self.resident_inputs:
-                in_dram[value] = t0
+                q.in_dram[value] = q.t0
                 continue
-            ev = device_event(HDMA, f"{value} host->device", hdma_free, hdma_seconds(nbytes, spec),
-                              "dma_in", {"bytes": nbytes, "value": value})
-            hdma_free = in_dram[value] = ev.end_s
-
-        dma_free = ne_free = t0
-        prefetch_budget = spec.die.memory.shared_sram_bytes // 2
-        last_end = hdma_free
+            ev = q.emit(HDMA, f"{value} host->device", q.hdma, hdma_seconds(nbytes, spec),
+                        "dma_in", {"bytes": nbytes, "value": value})
+            q.hdma = q.in_dram[value] = ev.end_s
+        q.last = q.hdma
         for k in step.kernels:
             if k.plan.comm:
-                start = max(ne_free, dma_free)
-                ev = device_event(LINK, f"{k.name}", start,
-                                  collective_seconds(k.plan.comm, k.plan.comm_bytes, len(self.group),
-                                                     self.link),
-                                  "collective", {"op": k.plan.comm, "bytes": k.plan.comm_bytes,
-                                                 "dies": len(self.group), "link": self.link.name})
-                ne_free = dma_free = ev.end_s
-                last_end = max(last_end, ev.end_s)
-                continue
-            weights = [x for x in k.plan.dma_in if x.weight]
-            acts = [x for x in k.plan.dma_in if not x.weight]
-            w_bytes = sum(x.nbytes for x in weights)
-            prefetched = bool(weights) and self.prefetch and w_bytes <= prefetch_budget
-            # Prefetched weights load as soon as the queue is free; otherwise they stream in
-            # behind the activations while the kernel runs.
-            order = [("weights", weights)] if prefetched else []
-            order += [("load", acts)] + ([] if prefetched else [("weights", weights)])
-            loads_start = loads_end = None  # of the last load, which gates the first tile
-            for label, group in order:
-                if not group:
-                    continue
-                nbytes = sum(x.nbytes for x in group)
-                start = max([dma_free] + [in_dram.get(x.value, t0) for x in group if not x.weight])
-                if label == "weights" and not prefetched:
-                    start = max(start, ne_free)  # no SRAM to spare before the previous kernel ends
-                args = {"bytes": nbytes, "values": [x.value for x in group]}
-                if label == "weights":
-                    args["prefetch"] = prefetched
-                ev = device_event(TASK_DMA, f"{label} {k.name}", start,
-                                  task_dma_seconds(nbytes, spec, k.kind), "dma_in", args)
-                dma_free, loads_start, loads_end = ev.end_s, ev.start_s, ev.end_s
-            tiles = max(1, k.plan.tiles)
-            # Kernels run in order, so what they read from SRAM is ready; the launch (command
-            # issue) overlaps the first tile's load.
-            tiles = max(1, k.plan.tiles)
-            start = ne_free + k.time.launch_s
-            first_tile = None
-            if loads_end is not None:
-                first_tile = loads_end if tiles == 1 else min(loads_end, loads_start + k.time.first_in_s)
-                start = max(start, first_tile)
-            end = start + k.time.compute_s
-            if loads_end is not None and tiles > 1:
-                end = max(end, loads_end + k.time.compute_s / tiles)
-            # The slice shows the engine busy from its launch, but not before its first operands
-            # are on chip (the launch itself overlaps their load).
-            start = max(ne_free, start - k.time.launch_s, first_tile or ne_free)
-            ne = device_event(NEURAL_ENGINE, k.name, start, end - start, "kernel",
-                              {"ops": list(k.ops), "kind": k.kind, "flops": k.plan.flops,
-                               "tiles": tiles})
-            ne_free = ne.end_s
-            if k.plan.dma_out:
-                o_bytes = k.plan.bytes_out
-                overlap = (ne.dur_s * (tiles - 1) / tiles) if tiles > 1 else 0.0
-                start = max(dma_free, ne.end_s - overlap)
-                ev = device_event(TASK_DMA, f"store {k.name}", start,
-                                  task_dma_seconds(o_bytes, spec, k.kind), "dma_out",
-                                  {"bytes": o_bytes, "values": [x.value for x in k.plan.dma_out]})
-                dma_free = ev.end_s
-                for x in k.plan.dma_out:
-                    in_dram[x.value] = ev.end_s
-            last_end = max(last_end, dma_free, ne_free)
-
-        hdma_free = max(hdma_free, last_end)
+                self._collective(k, q)
+            else:
+                self._kernel(k, q)
+            q.last = max(q.last, q.dma, q.ne)
+        q.hdma = max(q.hdma, q.last)
         for value, nbytes in step.copy_out:
-            start = max(hdma_free, in_dram.get(value, last_end))
-            ev = device_event(HDMA, f"{value} device->host", start, hdma_seconds(nbytes, spec, to_device=False),
-                              "dma_out", {"bytes": nbytes, "value": value})
-            hdma_free = ev.end_s
-        device_end = max(last_end, hdma_free)
-        if events[-1].device is not None:  # let the host's wait point back at the last device slice
-            last = events.pop()
-            events.append(Event(last.track, last.device, last.name, last.start_s, last.dur_s,
-                                last.category, last.args, flow_out=(done_flow,), flow_in=last.flow_in))
+            ev = q.emit(HDMA, f"{value} device->host", max(q.hdma, q.in_dram.get(value, q.last)),
+                        hdma_seconds(nbytes, spec, to_device=False), "dma_out",
+                        {"bytes": nbytes, "value": value})
+            q.hdma = ev.end_s
+        done = flow + 1
+        if events[-1].device is not None:  # the host's wait points back at the last device slice
+            events[-1] = replace(events[-1], flow_out=(done,))
+        device_end = max(q.last, q.hdma)
         wait = Event(HOST, None, f"wait {step.name}", launch.end_s,
                      device_end - launch.end_s + spec.runtime.sync_s, "sync", {"segment": step.name},
-                     flow_in=(done_flow,))
+                     flow_in=(done,))
         events.append(wait)
         return wait.end_s, flow + 2
 
+    def _collective(self, k: KernelStep, q: _Queues) -> None:
+        """All dies stop and exchange over the link; nothing else runs meanwhile."""
+        seconds = collective_seconds(k.plan.comm, k.plan.comm_bytes, len(self.group), self.link)
+        ev = q.emit(LINK, k.name, max(q.ne, q.dma), seconds, "collective",
+                    {"op": k.plan.comm, "bytes": k.plan.comm_bytes, "dies": len(self.group),
+                     "link": self.link.name})
+        q.ne = q.dma = ev.end_s
+
+    def _kernel(self, k: KernelStep, q: _Queues) -> None:
+        spec = self.spec
+        weights = [x for x in k.plan.dma_in if x.weight]
+        acts = [x for x in k.plan.dma_in if not x.weight]
+        w_bytes = sum(x.nbytes for x in weights)
+        prefetched = bool(weights) and self.prefetch and w_bytes <= spec.die.memory.shared_sram_bytes // 2
+        # Prefetched weights load as soon as the queue is free; otherwise they stream in behind
+        # the activations while the kernel runs.
+        order = [("weights", weights)] if prefetched else []
+        order += [("load", acts)] + ([] if prefetched else [("weights", weights)])
+        last_load = None  # the last load gates the kernel's first tile
+        for label, group in order:
+            if not group:
+                continue
+            nbytes = sum(x.nbytes for x in group)
+            start = max([q.dma] + [q.in_dram.get(x.value, q.t0) for x in group if not x.weight])
+            if label == "weights" and not prefetched:
+                start = max(start, q.ne)  # no SRAM to spare before the previous kernel ends
+            args = {"bytes": nbytes, "values": [x.value for x in group]}
+            if label == "weights":
+                args["prefetch"] = prefetched
+            last_load = q.emit(TASK_DMA, f"{label} {k.name}", start,
+                               task_dma_seconds(nbytes, spec, k.kind), "dma_in", args)
+            q.dma = last_load.end_s
+
+        # Kernels run in order, so what they read from SRAM is ready; the launch (command issue)
+        # overlaps the first tile's load.
+        tiles = max(1, k.plan.tiles)
+        start = q.ne + k.time.launch_s
+        first_tile = q.ne
+        if last_load is not None:
+            first_tile = last_load.end_s if tiles == 1 else min(last_load.end_s,
+                                                                 last_load.start_s + k.time.first_in_s)
+            start = max(start, first_tile)
+        end = start + k.time.compute_s
+        if last_load is not None and tiles > 1:
+            end = max(end, last_load.end_s + k.time.compute_s / tiles)
+        # The slice shows the engine busy from its launch, but not before its first operands are
+        # on chip.
+        start = max(q.ne, start - k.time.launch_s, first_tile)
+        ne = q.emit(NEURAL_ENGINE, k.name, start, end - start, "kernel",
+                    {"ops": list(k.ops), "kind": k.kind, "flops": k.plan.flops, "tiles": tiles})
+        q.ne = ne.end_s
+        if k.plan.dma_out:
+            # results stream out tile by tile: all but the last tile's leave while it computes
+            overlap = ne.dur_s * (tiles - 1) / tiles
+            ev = q.emit(TASK_DMA, f"store {k.name}", max(q.dma, ne.end_s - overlap),
+                        task_dma_seconds(k.plan.bytes_out, spec, k.kind), "dma_out",
+                        {"bytes": k.plan.bytes_out, "values": [x.value for x in k.plan.dma_out]})
+            q.dma = ev.end_s
+            for x in k.plan.dma_out:
+                q.in_dram[x.value] = ev.end_s
+
+
+@dataclass
+class _Queues:
+    """When each of one device's queues is next free, and when values land in device DRAM."""
+
+    device: int
+    t0: float
+    events: list[Event]
+    pending_flow: list[int]  # the host launch's arrow, attached to the first device slice
+    hdma: float = 0.0
+    dma: float = 0.0
+    ne: float = 0.0
+    last: float = 0.0
+    in_dram: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.hdma = self.dma = self.ne = self.last = self.t0
+
+    def emit(self, track: str, name: str, start: float, dur: float, category: str, args: dict) -> Event:
+        ev = Event(track, self.device, name, start, dur, category, args,
+                   flow_in=tuple(self.pending_flow))
+        self.pending_flow.clear()
+        self.events.append(ev)
+        return ev
