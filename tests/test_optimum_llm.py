@@ -258,3 +258,18 @@ def test_config_of_reference_untouched(llama_dir):
     fresh = AutoModelForCausalLM.from_pretrained(llama_dir)
     assert fresh.config._attn_implementation != "rbln_paged"
     assert copy.deepcopy(fresh.config)._attn_implementation != "rbln_paged"
+
+
+def test_kv_cache_is_not_stored_in_the_artifact(llama, tmp_path):
+    import json
+    import zipfile
+
+    folder = llama.save_pretrained(tmp_path / "c")
+    with zipfile.ZipFile(folder / "model.rbln") as z:
+        manifest = json.loads(z.read("manifest.json"))
+        weights = z.getinfo("weights.safetensors").file_size
+    caches = [n for n in manifest["zero_buffers"] if "cache" in n]
+    assert len(caches) == 2 * 2  # k and v for both layers
+    program = llama.compiled_models["model"].program
+    cache_bytes = sum(program.weights[n].nbytes() for n in caches)
+    assert weights < program.weight_bytes - cache_bytes + 4096  # header slack only

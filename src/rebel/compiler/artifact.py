@@ -34,13 +34,16 @@ def save_artifact(compiled: CompiledProgram, path: str | Path) -> Path:
     path = Path(path)
     blobs = {_program_file(i): json.dumps(p.to_json(), separators=(",", ":")).encode()
              for i, p in enumerate(compiled.buckets)}
-    blobs[WEIGHTS] = (safetensors.torch.save(compiled.weights)
-                      if compiled.weights and not compiled.meta else b"")
+    # Persistent buffers that start as zeros (KV caches) are not stored: they can be gigabytes.
+    zeros = sorted(n for p in compiled.buckets for n in p.mutable_buffers
+                   if n in compiled.weights and not compiled.meta and not compiled.weights[n].any())
+    stored = {n: t for n, t in compiled.weights.items() if n not in zeros}
+    blobs[WEIGHTS] = safetensors.torch.save(stored) if stored and not compiled.meta else b""
     manifest = {
         "format": FORMAT, "version": FORMAT_VERSION, "producer": "open-rbln",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "npu": compiled.program.npu, "spec": spec_to_dict(compiled.spec),
-        "buckets": len(compiled.buckets), "meta": compiled.meta,
+        "buckets": len(compiled.buckets), "meta": compiled.meta, "zero_buffers": zeros,
         "files": {name: _sha256(blob) for name, blob in blobs.items()},
     }
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -84,6 +87,7 @@ def load_artifact(path: str | Path) -> CompiledProgram:
                    for p in buckets for n, s in p.weights.items()}
     else:
         weights = _load_weights(blobs[WEIGHTS], path)
+        weights.update(_zero_buffers(manifest, buckets, path))
     _check_weights(buckets, weights, path)
     program = buckets[0]
     try:
@@ -91,6 +95,14 @@ def load_artifact(path: str | Path) -> CompiledProgram:
     except (KeyError, SpecError) as e:
         raise ArtifactError(f"{path} has a malformed hardware spec in its manifest: {e}") from None
     return CompiledProgram(program, weights, spec, buckets, meta)
+
+
+def _zero_buffers(manifest: dict, buckets: list[Program], path: Path) -> dict[str, torch.Tensor]:
+    names = manifest.get("zero_buffers", [])
+    specs = {n: s for p in buckets for n, s in p.weights.items()}
+    if not isinstance(names, list) or any(n not in specs for n in names):
+        raise ArtifactError(f"{path} has a malformed manifest (zero_buffers names no program buffer)")
+    return {n: torch.zeros(specs[n].shape, dtype=to_torch_dtype(specs[n].dtype)) for n in names}
 
 
 def _program_file(bucket: int) -> str:
