@@ -35,8 +35,8 @@ def save_artifact(compiled: CompiledProgram, path: str | Path) -> Path:
     blobs = {_program_file(i): json.dumps(p.to_json(), separators=(",", ":")).encode()
              for i, p in enumerate(compiled.buckets)}
     # Persistent buffers that start as zeros (KV caches) are not stored: they can be gigabytes.
-    zeros = sorted(n for p in compiled.buckets for n in p.mutable_buffers
-                   if n in compiled.weights and not compiled.meta and not compiled.weights[n].any())
+    zeros = sorted({n for p in compiled.buckets for n in p.mutable_buffers
+                    if n in compiled.weights and not compiled.meta and not compiled.weights[n].any()})
     stored = {n: t for n, t in compiled.weights.items() if n not in zeros}
     blobs[WEIGHTS] = safetensors.torch.save(stored) if stored and not compiled.meta else b""
     manifest = {
