@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import CompileError
-from ..ir import GETITEM, Graph, Op, Ref, TensorSpec
+from ..ir import GETITEM, Graph, Op, Ref, TensorSpec, substitute
 from .support import classify
 
 ALL_REDUCE = "rbln.all_reduce.default"
@@ -126,16 +126,8 @@ class _Pass:
         return self.collective(SHARD, value, dim)
 
     def rewrite(self, op: Op, mapping: dict[str, str]) -> Op:
-        def sub(v):
-            if isinstance(v, Ref):
-                return Ref(mapping.get(v.name, v.name))
-            if isinstance(v, list):
-                return [sub(x) for x in v]
-            if isinstance(v, tuple):
-                return tuple(sub(x) for x in v)
-            return v
-        op.args = sub(op.args)
-        op.kwargs = {k: sub(v) for k, v in op.kwargs.items()}
+        refs = {r: Ref(mapping.get(r, r)) for r in op.refs}
+        op.args, op.kwargs = substitute(op.args, refs), substitute(op.kwargs, refs)
         return op
 
     def all_replicated(self, op: Op) -> None:
