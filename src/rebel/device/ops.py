@@ -81,3 +81,5 @@ def paged_attention_inplace(q, k, v, k_cache, v_cache, block_table, positions, p
 
 # Device kernels whose implementation differs from the op's reference one (same results).
 DEVICE_IMPLS = {"rbln.paged_attention.default": paged_attention_inplace}
+# Results of those kernels that are their inputs updated in place (indices into the output tuple).
+INPLACE_RESULTS = {"rbln.paged_attention.default": (1, 2)}
