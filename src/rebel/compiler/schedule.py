@@ -14,9 +14,9 @@ from ..ir import GETITEM, Op, TensorSpec
 from ..npu.spec import ProductSpec
 from .program import Kernel
 from .support import classify
+from .tensor_parallel import Sharding
 
 PAGED_ATTENTION = "rbln.paged_attention.default"
-from .tensor_parallel import Sharding
 
 
 class Scheduler:
