@@ -127,3 +127,21 @@ def test_summary_from_slices_and_events_agree(slices, tmp_path):
 def test_summarize_file(tmp_path):
     path = write_trace(tmp_path / "run.pb", _run_events(), NAMES)
     assert summarize_file(path) == summarize(_run_events(), NAMES)
+
+
+def test_trace_file_grows_run_by_run_and_writes_when_asked(tmp_path):
+    from rebel.device.events import HOST, NEURAL_ENGINE, Event
+    from rebel.profiler.trace_file import TraceFile
+
+    run = [Event(HOST, None, "launch", 0.0, 1e-6, "launch", flow_out=(1,)),
+           Event(NEURAL_ENGINE, 0, "0_linear", 1e-6, 2e-6, "kernel", flow_in=(1,))]
+    trace = TraceFile(tmp_path / "t.pb", {0: "NPU 0"}, interval_s=3600.0)
+    for _ in range(3):
+        trace.add(run, span_s=5e-6)
+    assert len(read_trace(tmp_path / "t.pb")) == 2  # written at the first run only, then throttled
+    trace.flush()
+    slices = read_trace(tmp_path / "t.pb")
+    assert len(slices) == 6
+    launches = [s for s in slices if s.name == "launch"]
+    assert [s.start_ns for s in launches] == [0, 5000, 10000]  # one clock, run after run
+    assert sorted(f for s in launches for f in s.flow_ids) == [1, 2, 3]  # flows stay distinct

@@ -100,7 +100,8 @@ def test_linear_runs_in_fp16(linear_artifact):
 
 def test_linear_trace_follows_the_seed(linear_artifact):
     runtime = rebel.Runtime("compiled.rbln", tensor_type="pt", activate_profiler=True)
-    assert runtime.trace_path is None  # written by the first run
+    before = read_trace(runtime.trace_path)  # at creation: the weights going to device DRAM
+    assert [(s.track, s.name) for s in before] == [(HDMA, "upload weights")]
     x = torch.randn(16, 16)
     result = runtime.run(x)
     assert result.dtype == torch.float32

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import sys
 import threading
 import time
 import weakref
@@ -32,6 +31,7 @@ from ..device.timing import hdma_seconds
 from ..errors import DeviceError, InputError, RBLNError
 from ..ir import TensorSpec, dtype_name, to_torch_dtype
 from ..npu import current_machine
+from ..profiler.trace_file import TraceFile
 from .executor import bind_segments, execute, place_weights
 from .report import RunReport
 from .timeline import build_steps, paged_fill
@@ -96,11 +96,9 @@ class Runtime:
         self.last_report: RunReport | None = None
         self.runs = 0
         self._profile = _profiler_enabled(activate_profiler)
-        self._trace_path = Path(trace_path) if trace_path else None
-        self._trace_events: list[Event] = []
-        self._clock = 0.0
+        self._trace: TraceFile | None = None
         if self._profile:
-            self._record_weight_upload()
+            self._start_trace(trace_path)
 
     # --- set-up ---------------------------------------------------------------------------------
 
@@ -130,14 +128,22 @@ class Runtime:
                           else str(getattr(t, "dtype", type(t).__name__))) for t in inputs]
         return self._buckets[select_bucket([b.program.inputs for b in self._buckets], got)]
 
-    def _record_weight_upload(self) -> None:
+    def _start_trace(self, path) -> None:
+        if path is None:
+            folder = Path(os.environ.get("RBLN_PROFILER_DIR", "rbln_traces"))
+            path = folder / f"rbln_{os.getpid()}_{id(self):x}.pb"
+        names = {}
+        for index in self.devices:
+            info = current_machine().device(index)
+            names[index] = f"NPU {index} · {info.spec.name} (card {info.card}, die {info.die})"
+        self._trace = TraceFile(Path(path), names)
+        weakref.finalize(self, self._trace.flush)  # whatever is pending reaches the file
         nbytes = self.program.weight_bytes
-        if nbytes:
+        if nbytes:  # weights go to device DRAM once, when the runtime is created
             dur = hdma_seconds(nbytes, self.spec)
-            for index in self.devices:
-                self._trace_events.append(Event(HDMA, index, "upload weights", 0.0, dur, "dma_in",
-                                                {"bytes": nbytes, "when": "runtime creation"}))
-            self._clock = dur
+            upload = [Event(HDMA, index, "upload weights", 0.0, dur, "dma_in",
+                            {"bytes": nbytes, "when": "runtime creation"}) for index in self.devices]
+            self._trace.add(upload, span_s=dur)
 
     # --- running --------------------------------------------------------------------------------
 
@@ -156,8 +162,8 @@ class Runtime:
             events = self._timeline.events
             self.last_report = RunReport.from_events(self.program.npu, self.device, events, wall)
             self.runs += 1
-            if self._profile:
-                self._append_trace(events)
+            if self._trace is not None:
+                self._trace.add(events, self._timeline.end_s)
         return self._convert(outputs)
 
     __call__ = run
@@ -203,35 +209,18 @@ class Runtime:
 
     @property
     def trace_path(self) -> Path | None:
-        return self._trace_path if self._profile else None
-
-    def _append_trace(self, events: list[Event]) -> None:
-        from ..profiler import write_trace
-
-        offset = self._clock
-        flow_base = 2 * len(self.program.segments) * self.runs
-        for e in events:
-            self._trace_events.append(Event(
-                e.track, e.device, e.name, e.start_s + offset, e.dur_s, e.category, e.args,
-                tuple(f + flow_base for f in e.flow_out), tuple(f + flow_base for f in e.flow_in)))
-        self._clock = offset + self._timeline.end_s
-        first = self._trace_path is None
-        if first:
-            folder = Path(os.environ.get("RBLN_PROFILER_DIR", "rbln_traces"))
-            self._trace_path = folder / f"rbln_{os.getpid()}_{id(self):x}.pb"
-        names = {}
-        for index in self.devices:
-            info = current_machine().device(index)
-            names[index] = f"NPU {index} · {info.spec.name} (card {info.card}, die {info.die})"
-        write_trace(self._trace_path, self._trace_events, names)
-        if first:
-            print(f"rebel: profiler trace written to {self._trace_path} "
-                  "(open it at https://ui.perfetto.dev)", file=sys.stderr)
+        """The profiler's trace file, brought up to date (None when not profiling)."""
+        if self._trace is None:
+            return None
+        self._trace.flush()
+        return self._trace.path
 
     # --- lifetime -------------------------------------------------------------------------------
 
     def close(self) -> None:
         """Free this runtime's device DRAM now instead of when it is garbage collected."""
+        if self._trace is not None:
+            self._trace.flush()
         self._finalizer()
 
     def __enter__(self):
