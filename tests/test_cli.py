@@ -192,3 +192,23 @@ def test_trace_summary(capsys, tmp_path):
     assert code == 0 and err == ""
     assert "Trace summary" in out and NEURAL_ENGINE in out
     assert "linear_relu" in out and "atan" in out and "4096" in out
+
+
+def test_explain_subcommand(capsys, tmp_path):
+    import json
+
+    import torch
+
+    import rebel
+
+    class Foo(torch.nn.Module):
+        def forward(self, x):
+            return torch.atan(x) + 1
+
+    path = rebel.compile_from_torch(Foo(), example_inputs=[torch.randn(4)]).save(tmp_path / "m.rbln")
+    code, out, _ = run(capsys, "explain", str(path))
+    assert code == 0 and "atan" in out
+    code, out, _ = run(capsys, "explain", str(path), "--json")
+    assert code == 0 and json.loads(out)
+    code, _, err = run(capsys, "explain", str(tmp_path / "missing.rbln"))
+    assert code == 2 and "no compiled model" in err

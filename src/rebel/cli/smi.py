@@ -64,6 +64,12 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("trace", help="summarize a Perfetto trace written by the profiler")
     p.add_argument("file", metavar="FILE")
     p.set_defaults(func=cmd_trace)
+
+    p = sub.add_parser("explain", help="what runs where in a compiled .rbln model (rbln-explain)")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                   help="machine-readable output")
+    p.set_defaults(func=cmd_explain)
     return parser
 
 
@@ -184,7 +190,7 @@ def _row(key: str, value) -> tuple[str, str, str]:
     return key, text, unit
 
 
-# ---- products, trace ------------------------------------------------------------------------
+# ---- products, trace, explain ------------------------------------------------------------------------
 
 def cmd_products(args: argparse.Namespace) -> int:
     specs = [load_spec(name) for name in builtin_products()]
@@ -210,6 +216,12 @@ def cmd_trace(args: argparse.Namespace) -> int:
         raise ValueError(f"{path} is not a Perfetto trace: {e}") from None
     print(text)
     return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from ..runtime.explain import main as explain_main
+
+    return explain_main([args.file, *(["--json"] if getattr(args, "json", False) else [])])
 
 
 if __name__ == "__main__":
