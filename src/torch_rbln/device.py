@@ -6,6 +6,7 @@ setup() is idempotent and is what both the torch.backends autoload entry point a
 """
 from __future__ import annotations
 
+import sys
 import threading
 
 import torch
@@ -30,6 +31,9 @@ def setup() -> None:
         _done = True
 
 
+_dynamo_registered = False
+
+
 def _setup() -> None:
     name = torch._C._get_privateuse1_backend_name()
     if name not in ("privateuseone", "rbln"):
@@ -49,13 +53,18 @@ def _setup() -> None:
     torch.utils.generate_methods_for_privateuse1_backend(for_storage=True)
     rbln_module._init(shim)
     _dispatch.register(shim)
-    _register_dynamo_interface()
+    if "torch._dynamo" in sys.modules:  # else the backend registers it when torch.compile is used:
+        _register_dynamo_interface()    # importing Dynamo here would double `import torch` time
     from . import profiler
     profiler.start_from_env()
 
 
 def _register_dynamo_interface() -> None:
     """Let Dynamo trace code that touches rbln tensors and torch.rbln (device, streams)."""
+    global _dynamo_registered
+    if _dynamo_registered or torch._C._get_privateuse1_backend_name() != "rbln":
+        return
+    _dynamo_registered = True
     try:
         from torch._dynamo.device_interface import DeviceInterface, register_interface_for_device
     except ImportError:

@@ -32,6 +32,9 @@ import rebel
 from rebel.errors import CompileError, RBLNError
 
 from . import cache, profiler, stats
+from .device import _register_dynamo_interface
+
+_register_dynamo_interface()  # Dynamo is loaded by now: let it trace code on rbln tensors
 
 log = logging.getLogger("torch_rbln")
 
