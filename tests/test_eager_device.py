@@ -245,3 +245,23 @@ def test_direct_hot_ops_match_cpu_and_are_counted():
     ops = stats.current().device_ops
     assert ops["aten.add.Tensor"] == 1 and ops["aten.mm.default"] == 1 and ops["aten.add_.Tensor"] == 1
     assert stats.current().device_time_s > 0
+
+
+def test_eager_tensors_and_runtimes_share_device_dram():
+    import rebel
+    from rebel.device.memory import device_memory
+
+    memory = device_memory(3)
+    free_before = torch.rbln.mem_get_info(3)[0]
+    big = torch.empty(256, 1024, 1024, device="rbln:3")  # 1 GiB of eager tensors
+    assert memory.free_bytes == memory.capacity - memory.used - 2**30
+    runtime = rebel.Runtime(rebel.compile_from_torch(torch.nn.Linear(1024, 1024),
+                                                     example_inputs=[torch.randn(4, 1024)]), device=3)
+    assert torch.rbln.mem_get_info(3)[0] == free_before - 2**30 - runtime.dram_bytes
+    # the eager allocator's limit now leaves out what the runtime holds
+    with pytest.raises(torch.OutOfMemoryError):
+        torch.empty(memory.capacity - 2**30 - runtime.dram_bytes + 2**20, dtype=torch.uint8,
+                    device="rbln:3")
+    runtime.close()
+    del big
+    assert torch.rbln.mem_get_info(3)[0] == free_before

@@ -11,6 +11,8 @@ import threading
 
 import torch
 
+from rebel.device.memory import Tenant, add_tenant
+
 _lock = threading.Lock()
 _done = False
 _error: Exception | None = None
@@ -34,6 +36,22 @@ def setup() -> None:
 _dynamo_registered = False
 
 
+class _EagerTensors(Tenant):
+    """Eager tensors and compiled runtimes share each device's DRAM: runtimes see the eager
+    bytes, and the eager allocator's limit shrinks by what runtimes hold."""
+
+    def __init__(self, shim, usable: dict[int, int]):
+        self.shim = shim
+        self.usable = usable
+
+    def used(self, index: int) -> int:
+        return self.shim.stats(index)[0] if index in self.usable else 0
+
+    def runtimes_changed(self, index: int, runtime_bytes: int) -> None:
+        if index in self.usable:  # 0 would mean unlimited to the shim
+            self.shim.set_capacity(index, max(1, self.usable[index] - runtime_bytes))
+
+
 def _setup() -> None:
     name = torch._C._get_privateuse1_backend_name()
     if name not in ("privateuseone", "rbln"):
@@ -47,6 +65,7 @@ def _setup() -> None:
     shim.configure(len(machine.devices))
     for info in machine.devices:
         shim.set_capacity(info.index, info.spec.die.memory.dram_usable_bytes)
+    add_tenant(_EagerTensors(shim, {i.index: i.spec.die.memory.dram_usable_bytes for i in machine.devices}))
     if name != "rbln":
         torch.utils.rename_privateuse1_backend("rbln")
     torch._register_device_module("rbln", rbln_module)

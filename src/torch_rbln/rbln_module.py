@@ -178,20 +178,26 @@ def _runtime_bytes(idx: int) -> int:
     return device_memory(idx).used
 
 
+def _usable_bytes(idx: int) -> int:
+    """The device's whole usable DRAM (the shim's own limit shrinks by what runtimes hold)."""
+    from rebel.device.memory import device_memory
+    return device_memory(idx).capacity
+
+
 def mem_get_info(device=None) -> tuple[int, int]:
     """(free, total) bytes of the device's usable DRAM, eager tensors and compiled runtimes together."""
     idx = _index(device)
-    allocated, _, _, _, capacity = _shim.stats(idx)
-    return max(0, capacity - allocated - _runtime_bytes(idx)), capacity
+    total = _usable_bytes(idx)
+    return max(0, total - _shim.stats(idx)[0] - _runtime_bytes(idx)), total
 
 
 def memory_stats(device=None) -> dict:
     idx = _index(device)
-    allocated, peak, live, calls, capacity = _shim.stats(idx)
+    allocated, peak, live, calls, _ = _shim.stats(idx)
     return {"allocated_bytes.all.current": allocated, "allocated_bytes.all.peak": peak,
             "reserved_bytes.all.current": allocated, "reserved_bytes.all.peak": peak,
             "active.all.current": live, "allocation.all.allocated": calls,
-            "runtime_bytes.all.current": _runtime_bytes(idx), "capacity_bytes": capacity}
+            "runtime_bytes.all.current": _runtime_bytes(idx), "capacity_bytes": _usable_bytes(idx)}
 
 
 def memory_summary(device=None) -> str:

@@ -2,6 +2,8 @@
 
 Nothing is stored here: tensors live in host memory. What is tracked is how much of each device's
 DRAM they would occupy, so that a model that does not fit fails the way it would on the chip.
+Runtimes are not the only tenants: the eager device (torch_rbln) keeps its own count and joins
+through `add_tenant`, so each side sees the other's bytes.
 """
 from __future__ import annotations
 
@@ -28,27 +30,52 @@ class DeviceMemory:
 
     def allocate(self, nbytes: int, what: str) -> int:
         with self._lock:
-            if self.used + nbytes > self.capacity:
+            others = sum(t.used(self.index) for t in _tenants)
+            if self.used + others + nbytes > self.capacity:
+                eager = f", {_gib(others)} of it eager tensors" if others else ""
                 raise DeviceMemoryError(
                     f"{what} needs {_gib(nbytes)} of device DRAM but rbln:{self.index} has "
-                    f"{_gib(self.capacity - self.used)} free ({_gib(self.used)} of "
-                    f"{_gib(self.capacity)} usable in use). Use a larger device, tensor "
+                    f"{_gib(self.capacity - self.used - others)} free ({_gib(self.used + others)} of "
+                    f"{_gib(self.capacity)} usable in use{eager}). Use a larger device, tensor "
                     f"parallelism, or free other runtimes.")
             self._next += 1
             self.allocations[self._next] = (what, nbytes)
             self.used += nbytes
             self.peak = max(self.peak, self.used)
-            return self._next
+        self._notify()
+        return self._next
 
     def free(self, handle: int) -> None:
         with self._lock:
             what_bytes = self.allocations.pop(handle, None)
             if what_bytes is not None:
                 self.used -= what_bytes[1]
+        self._notify()
+
+    def _notify(self) -> None:
+        for tenant in _tenants:
+            tenant.runtimes_changed(self.index, self.used)
 
     @property
     def free_bytes(self) -> int:
-        return self.capacity - self.used
+        return self.capacity - self.used - sum(t.used(self.index) for t in _tenants)
+
+
+class Tenant:
+    """Another user of device DRAM: reports its bytes and hears how much runtimes hold."""
+
+    def used(self, index: int) -> int:
+        return 0
+
+    def runtimes_changed(self, index: int, runtime_bytes: int) -> None:
+        """Called after a runtime allocates or frees on device `index`."""
+
+
+_tenants: list[Tenant] = []
+
+
+def add_tenant(tenant: Tenant) -> None:
+    _tenants.append(tenant)
 
 
 _memories: dict[int, DeviceMemory] = {}
