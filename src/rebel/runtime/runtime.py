@@ -13,7 +13,7 @@ import time
 import weakref
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +34,7 @@ from ..npu import current_machine
 from ..profiler.trace_file import TraceFile
 from .executor import bind_segments, execute, place_weights
 from .report import RunReport
-from .timeline import build_steps, paged_fill
+from .timeline import build_steps, paged_fill, paged_sites
 
 TENSOR_TYPES = ("pt", "np")
 
@@ -117,7 +117,8 @@ class Runtime:
         self._buckets = []
         for p in self.compiled.buckets:
             segments = bind_segments(p)
-            self._buckets.append(_Bucket(p, segments, pytree.treespec_loads(p.out_spec)))
+            self._buckets.append(_Bucket(p, segments, pytree.treespec_loads(p.out_spec),
+                                         paged=paged_sites(p)))
         self._segments, self._out_spec = self._buckets[0].segments, self._buckets[0].out_spec
 
     def _select_bucket(self, inputs) -> _Bucket:
@@ -156,8 +157,8 @@ class Runtime:
             start = time.perf_counter()
             outputs = self._execute(tensors)
             wall = time.perf_counter() - start
-            fill = paged_fill(self.program, {n: t for (n, _), t in zip(self.program.inputs, tensors)})
-            if fill:  # attention work follows the context reached: time this run on its own
+            if bucket.paged:  # attention work follows the context reached: time this run alone
+                fill = paged_fill(bucket.paged, {n: t for (n, _), t in zip(self.program.inputs, tensors)})
                 self._timeline = self._engine.run(build_steps(self.program, self.spec, fill))
             events = self._timeline.events
             self.last_report = RunReport.from_events(self.program.npu, self.device, events, wall)
@@ -263,6 +264,7 @@ class _Bucket:
     segments: list
     out_spec: object
     timeline: Timeline | None = None
+    paged: list = field(default_factory=list)  # paged-attention kernels, re-timed per run
 
 
 def _devices(device, tensor_parallel_size: int) -> tuple[int, ...]:

@@ -7,7 +7,7 @@ the runtime scales the attention kernels by the run's positions (`paged_fill`) a
 """
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -48,20 +48,40 @@ def build_steps(program: Program, spec: ProductSpec, fill: dict[str, float] | No
     return steps
 
 
-def paged_fill(program: Program, values: dict) -> dict[str, float]:
-    """For each paged-attention kernel: blocks its sequences have reached / blocks compiled for,
-    from the positions the run was given (a position < 0 is padding)."""
-    fill = {}
+@dataclass(frozen=True)
+class PagedSite:
+    """A paged-attention kernel and where its run-time context comes from."""
+
+    kernel: str
+    positions: str      # the input holding each query token's position
+    rows: int           # sequences in the graph
+    blocks: int         # KV blocks compiled per sequence
+    block: int          # tokens per block
+
+
+def paged_sites(program: Program) -> list[PagedSite]:
+    """Found once per program, so runs without paged attention pay nothing."""
+    inputs = {name for name, _ in program.inputs}
+    sites = []
     for k in program.kernels:
         for op in k.ops:
-            if op.target != PAGED_ATTENTION or op.args[6].name not in values:
-                continue
-            positions = torch.as_tensor(values[op.args[6].name])
-            rows, blocks = program.values[op.args[5].name].shape
-            block = int(op.args[7])
-            reached = (positions.max(dim=-1).values + 1).clamp(min=0)
-            used = (-(-reached // block)).clamp(max=blocks).sum().item()
-            fill[k.name] = max(used, 1) / (rows * blocks)
+            if op.target == PAGED_ATTENTION and op.args[6].name in inputs:
+                rows, blocks = program.values[op.args[5].name].shape
+                sites.append(PagedSite(k.name, op.args[6].name, rows, blocks, int(op.args[7])))
+    return sites
+
+
+def paged_fill(sites: list[PagedSite], values: dict) -> dict[str, float]:
+    """For each paged-attention kernel: blocks its sequences have reached / blocks compiled for,
+    from the positions the run was given (a position < 0 is padding)."""
+    reached: dict[str, torch.Tensor] = {}
+    fill = {}
+    for site in sites:
+        if site.positions not in reached:  # every layer reads the same positions
+            positions = torch.as_tensor(values[site.positions])
+            reached[site.positions] = (positions.max(dim=-1).values + 1).clamp(min=0)
+        used = (-(-reached[site.positions] // site.block)).clamp(max=site.blocks).sum().item()
+        fill[site.kernel] = max(used, 1) / (site.rows * site.blocks)
     return fill
 
 
