@@ -22,18 +22,10 @@ import rebel
 from rebel.compiler.artifact import FORMAT_VERSION
 from rebel.runtime import RBLNCompiledModel
 
+from seed_models import Foo  # tests/seed_models.py
+
 SRC = Path(__file__).resolve().parents[1] / "src"
 MEMBERS = {"manifest.json", "program.json", "weights.safetensors"}
-
-
-class Foo(torch.nn.Module):  # the seed's host-fallback model: three segments
-    def __init__(self):
-        super().__init__()
-        self.linear1 = torch.nn.Linear(16, 16)
-        self.linear2 = torch.nn.Linear(16, 16)
-
-    def forward(self, x):
-        return self.linear2(torch.atan(self.linear1(x)))
 
 
 @pytest.fixture(scope="module")

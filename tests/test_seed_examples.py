@@ -9,22 +9,14 @@ import torch
 import rebel
 from rebel.profiler import read_trace
 
+from seed_models import Foo  # tests/seed_models.py
+
 HOST, HDMA, TASK_DMA, NE = "Host", "External HDMA", "Task DMA", "Neural Engine Clusters"
 ATOL = RTOL = 2e-3  # FP16: inputs, weights and outputs each carry ~2**-11 relative rounding
 
 
 def fp16(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.float16).to(torch.float32)
-
-
-class Foo(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.linear1 = torch.nn.Linear(16, 16)
-        self.linear2 = torch.nn.Linear(16, 16)
-
-    def forward(self, x):
-        return self.linear2(torch.atan(self.linear1(x)))
 
 
 def check_fp16_result(result: torch.Tensor, reference: torch.Tensor) -> None:
