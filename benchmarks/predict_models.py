@@ -12,8 +12,8 @@ import time
 from collections import defaultdict
 
 import torch
-import torch.nn.functional as F
 
+from llama_shapes import LlamaDecoder  # benchmarks/llama_shapes.py
 from rebel.compiler.compile import compile_module
 from rebel.device.engine import EventEngine
 from rebel.device.events import LINK, NEURAL_ENGINE
@@ -26,50 +26,6 @@ HALF = torch.float16
 
 def meta(*shape, dtype=HALF):
     return torch.empty(*shape, dtype=dtype, device="meta")
-
-
-class LlamaDecoder(torch.nn.Module):
-    """Llama-3-8B shapes: 32 layers, hidden 4096, 32 heads, 8 KV heads, MLP 14336, vocab 128256.
-    One decode step: embed the new token, attend over a KV cache, return next-token logits and
-    the extended caches."""
-
-    def __init__(self, layers=32, hidden=4096, heads=32, kv_heads=8, inter=14336, vocab=128256):
-        super().__init__()
-        self.h, self.kv, self.d = heads, kv_heads, hidden // heads
-        kw = dict(device="meta", dtype=HALF)
-        self.embed = torch.nn.Embedding(vocab, hidden, **kw)
-        self.layers = torch.nn.ModuleList()
-        for _ in range(layers):
-            block = torch.nn.Module()
-            block.q = torch.nn.Linear(hidden, hidden, bias=False, **kw)
-            block.k = torch.nn.Linear(hidden, kv_heads * self.d, bias=False, **kw)
-            block.v = torch.nn.Linear(hidden, kv_heads * self.d, bias=False, **kw)
-            block.o = torch.nn.Linear(hidden, hidden, bias=False, **kw)
-            block.gate = torch.nn.Linear(hidden, inter, bias=False, **kw)
-            block.up = torch.nn.Linear(hidden, inter, bias=False, **kw)
-            block.down = torch.nn.Linear(inter, hidden, bias=False, **kw)
-            block.n1 = torch.nn.RMSNorm(hidden, **kw)
-            block.n2 = torch.nn.RMSNorm(hidden, **kw)
-            self.layers.append(block)
-        self.norm = torch.nn.RMSNorm(hidden, **kw)
-        self.lm_head = torch.nn.Linear(hidden, vocab, bias=False, **kw)
-
-    def forward(self, ids, k_cache, v_cache):
-        x = self.embed(ids)
-        b, s, _ = x.shape
-        new_k, new_v = [], []
-        for i, blk in enumerate(self.layers):
-            h = blk.n1(x)
-            q = blk.q(h).view(b, s, self.h, self.d).transpose(1, 2)
-            k = torch.cat([k_cache[i], blk.k(h).view(b, s, self.kv, self.d).transpose(1, 2)], 2)
-            v = torch.cat([v_cache[i], blk.v(h).view(b, s, self.kv, self.d).transpose(1, 2)], 2)
-            a = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
-            x = x + blk.o(a.transpose(1, 2).reshape(b, s, -1))
-            h = blk.n2(x)
-            x = x + blk.down(F.silu(blk.gate(h)) * blk.up(h))
-            new_k.append(k[:, :, -s:])
-            new_v.append(v[:, :, -s:])
-        return self.lm_head(self.norm(x)), torch.stack(new_k), torch.stack(new_v)
 
 
 def bert_large():

@@ -11,6 +11,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
+from llama_shapes import LlamaLayer  # benchmarks/llama_shapes.py
 from rebel.compiler.compile import compile_module
 from rebel.device.engine import EventEngine
 from rebel.device.events import HDMA
@@ -32,35 +33,6 @@ class Gemm(torch.nn.Module):
 
     def forward(self, x):
         return F.linear(x, self.w)
-
-
-class LlamaLayer(torch.nn.Module):
-    """One Llama-3-8B decoder layer (hidden 4096, 32 heads, 8 KV heads, MLP 14336) that reads a
-    KV cache of `context` tokens and appends the new tokens' keys/values to it."""
-
-    def __init__(self, hidden=4096, heads=32, kv_heads=8, inter=14336):
-        super().__init__()
-        self.h, self.kv, self.d = heads, kv_heads, hidden // heads
-
-        def lin(i, o):
-            return torch.nn.Linear(i, o, bias=False, device="meta", dtype=torch.float16)
-
-        self.q, self.k, self.v, self.o = (lin(hidden, hidden), lin(hidden, kv_heads * self.d),
-                                          lin(hidden, kv_heads * self.d), lin(hidden, hidden))
-        self.gate, self.up, self.down = lin(hidden, inter), lin(hidden, inter), lin(inter, hidden)
-        self.n1 = torch.nn.RMSNorm(hidden, device="meta", dtype=torch.float16)
-        self.n2 = torch.nn.RMSNorm(hidden, device="meta", dtype=torch.float16)
-
-    def forward(self, x, k_cache, v_cache):
-        b, s, _ = x.shape
-        h = self.n1(x)
-        q = self.q(h).view(b, s, self.h, self.d).transpose(1, 2)
-        k = torch.cat([k_cache, self.k(h).view(b, s, self.kv, self.d).transpose(1, 2)], 2)
-        v = torch.cat([v_cache, self.v(h).view(b, s, self.kv, self.d).transpose(1, 2)], 2)
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=s > 1, enable_gqa=True)
-        x = x + self.o(a.transpose(1, 2).reshape(b, s, -1))
-        h = self.n2(x)
-        return x + self.down(F.silu(self.gate(h)) * self.up(h)), k, v
 
 
 def predicted_s(module, inputs, spec) -> float:
