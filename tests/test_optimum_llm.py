@@ -135,6 +135,8 @@ def test_save_reload_in_fresh_process(llama, tmp_path):
     folder = llama.save_pretrained(tmp_path / "compiled")
     names = {p.name for p in folder.iterdir()}
     assert {"rbln_config.json", "config.json", "model.rbln"} <= names
+    assert llama.graph_names == ["prefill", "decoder_batch_1", "decoder_batch_2", "decoder_batch_4"]
+    assert len(llama.compiled_models["model"].compiled.buckets) == len(llama.graph_names)
     ids = prompt(20, 6).unsqueeze(0)
     expected = llama.generate(ids, max_new_tokens=10)
     script = (f"import torch\nfrom optimum.rbln import RBLNAutoModelForCausalLM\n"
