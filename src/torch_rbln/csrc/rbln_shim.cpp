@@ -23,6 +23,7 @@
 #include <ATen/ops/unfold_native.h>
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
+#include <c10/core/CachingDeviceAllocator.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/library.h>
@@ -87,7 +88,9 @@ void free_block(void* ctx) {
   delete b;
 }
 
-struct RblnAllocator final : c10::Allocator {
+// A DeviceAllocator, so torch.accelerator's memory calls (empty_cache, memory_stats, ...) work with
+// rbln as the current accelerator. Blocks are released when freed: there is no cache to empty.
+struct RblnAllocator final : c10::DeviceAllocator {
   c10::DataPtr allocate(size_t nbytes) override {
     int d = g_current;
     account(d, static_cast<int64_t>(nbytes));
@@ -103,6 +106,26 @@ struct RblnAllocator final : c10::Allocator {
   c10::DeleterFnPtr raw_deleter() const override { return nullptr; }
   void copy_data(void* dest, const void* src, std::size_t count) const override {
     std::memcpy(dest, src, count);
+  }
+  bool initialized() override { return true; }
+  void emptyCache(c10::MempoolId_t) override {}
+  void recordStream(const c10::DataPtr&, c10::Stream) override {}
+  c10::CachingDeviceAllocator::DeviceStats getDeviceStats(c10::DeviceIndex device) override {
+    c10::CachingDeviceAllocator::DeviceStats stats;
+    for (auto* array : {&stats.allocated_bytes, &stats.reserved_bytes, &stats.active_bytes,
+                        &stats.requested_bytes}) {
+      auto& all = (*array)[static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE)];
+      all.current = g_allocated[device].load();
+      all.peak = g_peak[device].load();
+    }
+    auto& count = stats.allocation[static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE)];
+    count.current = g_count[device].load();
+    count.allocated = g_alloc_calls[device].load();
+    return stats;
+  }
+  void resetAccumulatedStats(c10::DeviceIndex device) override { g_alloc_calls[device].store(0); }
+  void resetPeakStats(c10::DeviceIndex device) override {
+    g_peak[device].store(g_allocated[device].load());
   }
 };
 RblnAllocator g_allocator;

@@ -16,7 +16,7 @@ from rebel import InputError
 from ..configuration import RBLNConfig, RBLNConfigError
 from ..modeling import RBLNModel
 from .paged_model import PagedCausalLM
-from .session import PagedSession
+from .session import PagedGraphs, PagedSession
 
 
 @dataclass
@@ -90,6 +90,10 @@ class RBLNDecoderOnlyModelForCausalLM(RBLNModel):
             except (OSError, TypeError, ValueError):
                 self._generation_config = GenerationConfig.from_model_config(self.config)
         return self._generation_config
+
+    def paged_graphs(self) -> PagedGraphs:
+        """Low-level access for a serving engine that manages KV-cache blocks itself."""
+        return PagedGraphs(self._runtime(), self.rbln_config)
 
     def start_session(self, prompts: list[torch.Tensor]) -> PagedSession:
         """Low-level access: prefill these prompts, then step them token by token."""

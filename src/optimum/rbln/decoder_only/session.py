@@ -1,9 +1,11 @@
-"""A batch of sequences on the device: slots, block tables, chunked prefill and decode steps.
+"""Driving the compiled LLM graphs: `PagedGraphs` is their calling convention (one prefill chunk of
+one sequence, or one decode step of a batch, each given the block tables of the sequences it
+touches); `PagedSession` is a batch of sequences for `generate`.
 
-Sequence i of a batch owns KV-cache slot i, i.e. blocks [i * blocks_per_seq, (i+1) *
+In a session, sequence i owns KV-cache slot i, i.e. blocks [i * blocks_per_seq, (i+1) *
 blocks_per_seq). Prefill runs one chunk of one sequence at a time (the host loops chunks and
 sequences); decode runs every unfinished sequence at once in the smallest compiled decode batch
-that holds them.
+that holds them. A serving engine (vllm_rbln) uses `PagedGraphs` with its own block tables.
 """
 from __future__ import annotations
 
@@ -12,8 +14,68 @@ from dataclasses import dataclass, field
 import torch
 
 from rebel import InputError, Runtime
+from rebel.runtime.report import RunReport
 
 from ..configuration import RBLNConfig
+
+
+class PagedGraphs:
+    def __init__(self, runtime: Runtime, options: RBLNConfig):
+        self.runtime = runtime
+        self.options = options
+
+    def prefill_chunk(self, tokens: torch.Tensor, start: int, table: torch.Tensor
+                      ) -> tuple[torch.Tensor, RunReport]:
+        """Cache `tokens` (at most one chunk) at positions start.. of the sequence whose blocks
+        are `table`; logits [vocab] of the last of them."""
+        o = self.options
+        n = len(tokens)
+        if not 0 < n <= o.prefill_chunk_size:
+            raise InputError(f"a prefill chunk holds 1..{o.prefill_chunk_size} tokens, got {n}")
+        if start < 0 or start + n > o.max_seq_len:
+            raise InputError(f"tokens {start}..{start + n - 1} exceed rbln_max_seq_len={o.max_seq_len}")
+        ids = torch.zeros(1, o.prefill_chunk_size, dtype=torch.long)
+        ids[0, :n] = tokens
+        positions = torch.full((1, o.prefill_chunk_size), -1, dtype=torch.long)
+        positions[0, :n] = torch.arange(start, start + n)
+        logits = self.runtime.run(ids, positions, self._tables(table.view(1, -1)),
+                                  torch.tensor([n - 1]))
+        return logits[0], self.runtime.last_report
+
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, tables: torch.Tensor
+               ) -> tuple[torch.Tensor, RunReport]:
+        """Cache tokens[j] at positions[j] of the sequence whose blocks are tables[j]; next-token
+        logits [len(tokens), vocab]. Runs the smallest compiled decode batch that holds them."""
+        o = self.options
+        k = len(tokens)
+        if k == 0:
+            raise InputError("no sequence to decode")
+        size = next((b for b in o.decoder_batch_sizes if b >= k), None)
+        if size is None:
+            raise InputError(f"{k} sequences exceed the largest compiled decode batch "
+                             f"{max(o.decoder_batch_sizes)}")
+        if int(positions.max()) >= o.max_seq_len or int(positions.min()) < 0:
+            raise InputError(f"decode positions must lie in 0..{o.max_seq_len - 1} "
+                             f"(rbln_max_seq_len), got {positions.tolist()}")
+        ids = torch.zeros(size, 1, dtype=torch.long)
+        ids[:k, 0] = tokens
+        padded_positions = torch.full((size, 1), -1, dtype=torch.long)
+        padded_positions[:k, 0] = positions
+        padded_tables = torch.zeros(size, o.blocks_per_sequence, dtype=torch.long)
+        padded_tables[:k] = self._tables(tables)
+        logits = self.runtime.run(ids, padded_positions, padded_tables,
+                                  torch.zeros(size, dtype=torch.long))
+        return logits[:k], self.runtime.last_report
+
+    def _tables(self, tables: torch.Tensor) -> torch.Tensor:
+        bps = self.options.blocks_per_sequence
+        blocks = self.options.batch_size * bps
+        if tables.shape[-1] != bps:
+            raise InputError(f"block tables must have {bps} entries per sequence "
+                             f"(rbln_max_seq_len / rbln_kvcache_partition_len), got {tables.shape[-1]}")
+        if int(tables.min()) < 0 or int(tables.max()) >= blocks:
+            raise InputError(f"block ids must lie in 0..{blocks - 1}, got {tables.tolist()}")
+        return tables.long()
 
 
 @dataclass
@@ -36,19 +98,13 @@ class PagedSession:
             if len(p) > options.max_seq_len:
                 raise InputError(f"prompt {i} has {len(p)} tokens, longer than the compiled "
                                  f"rbln_max_seq_len={options.max_seq_len}")
-        self.runtime = runtime
+        self.graphs = PagedGraphs(runtime, options)
         self.options = options
         self.lengths = [len(p) for p in prompts]  # tokens in each sequence's cache so far
         self.prompts = prompts
         self.timing = Timing()
         bps = options.blocks_per_sequence
         self.tables = torch.arange(options.batch_size * bps).view(options.batch_size, bps)
-
-    def _run(self, *inputs) -> torch.Tensor:
-        logits = self.runtime.run(*inputs)
-        report = self.runtime.last_report
-        self.timing.wall_s += report.wall_time_s
-        return logits, report.latency_s
 
     def prefill(self) -> torch.Tensor:
         """Run every prompt through the prefill graph, chunk by chunk; logits [b, vocab] of each
@@ -57,16 +113,11 @@ class PagedSession:
         last = []
         for i, prompt in enumerate(self.prompts):
             for start in range(0, len(prompt), chunk):
-                part = prompt[start:start + chunk]
-                n = len(part)
-                ids = torch.zeros(1, chunk, dtype=torch.long)
-                ids[0, :n] = part
-                positions = torch.full((1, chunk), -1, dtype=torch.long)
-                positions[0, :n] = torch.arange(start, start + n)
-                logits, seconds = self._run(ids, positions, self.tables[i:i + 1],
-                                            torch.tensor([n - 1]))
-                self.timing.prefill_s.append(seconds)
-            last.append(logits[0])
+                logits, report = self.graphs.prefill_chunk(prompt[start:start + chunk], start,
+                                                           self.tables[i])
+                self.timing.prefill_s.append(report.latency_s)
+                self.timing.wall_s += report.wall_time_s
+            last.append(logits)
         return torch.stack(last)
 
     def step(self, tokens: torch.Tensor, rows: list[int]) -> torch.Tensor:
@@ -76,18 +127,10 @@ class PagedSession:
         for r in rows:
             if self.lengths[r] >= self.options.max_seq_len:
                 raise InputError(f"sequence {r} is full: rbln_max_seq_len={self.options.max_seq_len}")
-        size = next((b for b in self.options.decoder_batch_sizes if b >= len(rows)), None)
-        if size is None:
-            raise InputError(f"{len(rows)} sequences exceed the largest compiled decode batch "
-                             f"{max(self.options.decoder_batch_sizes)}")
-        ids = torch.zeros(size, 1, dtype=torch.long)
-        positions = torch.full((size, 1), -1, dtype=torch.long)
-        tables = self.tables[:size].clone()
-        for j, r in enumerate(rows):
-            ids[j, 0] = tokens[j]
-            positions[j, 0] = self.lengths[r]
-            tables[j] = self.tables[r]
+        positions = torch.tensor([self.lengths[r] for r in rows])
+        logits, report = self.graphs.decode(tokens, positions, self.tables[rows])
+        for r in rows:
             self.lengths[r] += 1
-        logits, seconds = self._run(ids, positions, tables, torch.zeros(size, dtype=torch.long))
-        self.timing.decode_s.append(seconds)
-        return logits[:len(rows)]
+        self.timing.decode_s.append(report.latency_s)
+        self.timing.wall_s += report.wall_time_s
+        return logits

@@ -1,0 +1,154 @@
+"""The "rbln" platform: vLLM's scheduler, tokenizer and API on top, a compiled RBLN LLM below.
+
+vLLM serves a folder written by `RBLN<Model>ForCausalLM.from_pretrained(..., export=True)
+.save_pretrained(folder)`. Its rbln_config.json fixes what vLLM must agree with: the KV-cache block
+size (rbln_kvcache_partition_len), the number of blocks (rbln_batch_size sequences of
+rbln_max_seq_len tokens, plus vLLM's null block), the longest sequence and the batch. Tensors on
+the vLLM side stay on the host ("cpu"); the virtual NPU runs inside the compiled model's runtime.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from vllm.logger import init_logger
+from vllm.platforms.interface import Platform, PlatformEnum
+
+logger = init_logger("vllm.rbln.platform")  # under "vllm" so vLLM's handlers print it
+
+WORKER = "vllm_rbln.worker.RblnWorker"
+
+
+class RblnPlatformError(ValueError):
+    """A vLLM option that the compiled model cannot honour."""
+
+
+def compiled_options(folder: str | Path) -> dict:
+    path = Path(folder) / "rbln_config.json"
+    if not path.is_file():
+        raise RblnPlatformError(
+            f"vllm_rbln serves compiled models: {folder} has no rbln_config.json. Compile it first, "
+            f"e.g. RBLNLlamaForCausalLM.from_pretrained(model_id, export=True, rbln_batch_size=4)"
+            f".save_pretrained(folder), then LLM(model=folder)")
+    return json.loads(path.read_text())
+
+
+class RblnPlatform(Platform):
+    _enum = PlatformEnum.OOT
+    device_name = "rbln"
+    device_type = "cpu"        # torch.device() of the host tensors vLLM handles
+    dispatch_key = "CPU"
+    dist_backend = "gloo"
+    device_control_env_var = "RBLN_DEVICES"
+
+    @property
+    def supported_dtypes(self) -> list[torch.dtype]:
+        # float32 first: with dtype="auto" vLLM keeps an FP32 checkpoint's dtype for host tensors;
+        # the device computes in its own 16-bit format whatever vLLM's dtype says.
+        return [torch.float32, torch.float16, torch.bfloat16]
+
+    @classmethod
+    def get_device_name(cls, device_id: int = 0) -> str:
+        import rebel
+        return rebel.get_npu_name(device_id)
+
+    @classmethod
+    def get_device_total_memory(cls, device_id: int = 0) -> int:
+        from rebel.npu.machine import current_machine
+        return current_machine().spec.die.memory.dram_bytes
+
+    @classmethod
+    def set_device(cls, device: torch.device) -> None:
+        pass  # the compiled model's runtime places itself (rbln_device)
+
+    @classmethod
+    def manual_seed_all(cls, seed: int) -> None:
+        pass  # sampling uses host generators; torch.manual_seed covers them
+
+    @classmethod
+    def inference_mode(cls):
+        return torch.no_grad()
+
+    @classmethod
+    def is_pin_memory_available(cls) -> bool:
+        return False
+
+    @classmethod
+    def get_current_memory_usage(cls, device=None) -> float:
+        return 0.0
+
+    @classmethod
+    def get_device_communicator_cls(cls) -> str:
+        return "vllm.distributed.device_communicators.cpu_communicator.CpuCommunicator"
+
+    @classmethod
+    def get_attn_backend_cls(cls, selected_backend, attn_selector_config, num_heads=None) -> str:
+        # vLLM never builds its own attention here (the worker runs compiled graphs), but config
+        # checks ask for a backend; the CPU one describes host tensors correctly.
+        from vllm.v1.attention.backends.registry import AttentionBackendEnum
+        return AttentionBackendEnum.CPU_ATTN.get_path()
+
+    @classmethod
+    def update_block_size_for_backend(cls, vllm_config) -> None:
+        pass  # the compiled model fixed the block size (check_and_update_config)
+
+    @classmethod
+    def validate_request(cls, processed_inputs, params) -> None:
+        from vllm import SamplingParams
+        if not isinstance(params, SamplingParams):
+            raise RblnPlatformError("vllm_rbln serves text generation only (no pooling models)")
+        unsupported = [name for name, on in (("logprobs", params.logprobs is not None),
+                                             ("prompt_logprobs", params.prompt_logprobs is not None),
+                                             ("logit_bias", bool(params.logit_bias)),
+                                             ("allowed_token_ids", bool(params.allowed_token_ids)),
+                                             ("bad_words", bool(params.bad_words)),
+                                             ("n > 1", params.n > 1)) if on]
+        if unsupported:
+            raise RblnPlatformError(f"vllm_rbln does not support {', '.join(unsupported)} yet")
+
+    @classmethod
+    def check_and_update_config(cls, vllm_config) -> None:
+        """Make vLLM's configuration agree with the compiled model (runs in every process)."""
+        from vllm.config import CompilationMode
+        from vllm.config.compilation import CUDAGraphMode
+
+        parallel, cache = vllm_config.parallel_config, vllm_config.cache_config
+        scheduler, model = vllm_config.scheduler_config, vllm_config.model_config
+        if parallel.worker_cls == "auto":
+            parallel.worker_cls = WORKER
+        if parallel.distributed_executor_backend is None:
+            parallel.distributed_executor_backend = "uni"
+        scheduler.async_scheduling = False  # the worker samples in sample_tokens, step by step
+        # A forked engine process deadlocks once the parent has used torch's OpenMP thread pool
+        # (compiling or running a model first): start it fresh, as vLLM's CPU platform does.
+        os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"
+        compilation = vllm_config.compilation_config
+        compilation.mode = CompilationMode.NONE
+        compilation.cudagraph_mode = CUDAGraphMode.NONE
+        compilation.cudagraph_capture_sizes = []
+        if model is None:
+            return
+        o = compiled_options(model.model)
+        if parallel.world_size != 1:
+            raise RblnPlatformError(
+                f"tensor/pipeline parallelism is compiled into the model "
+                f"(rbln_tensor_parallel_size={o['tensor_parallel_size']}); run vLLM with "
+                f"tensor_parallel_size=1 and pipeline_parallel_size=1")
+        block = o["kvcache_partition_len"]
+        if cache.user_specified_block_size and cache.block_size != block:
+            raise RblnPlatformError(f"block_size={cache.block_size} differs from the compiled "
+                                    f"rbln_kvcache_partition_len={block}; pass block_size={block}")
+        cache.block_size = block
+        blocks = o["batch_size"] * (o["max_seq_len"] // block)
+        cache.num_gpu_blocks_override = blocks + 1  # block 0 is vLLM's null block
+        if model.max_model_len > o["max_seq_len"]:
+            if model.original_max_model_len is not None:
+                raise RblnPlatformError(f"max_model_len={model.max_model_len} exceeds the compiled "
+                                        f"rbln_max_seq_len={o['max_seq_len']}")
+            model.max_model_len = o["max_seq_len"]
+        if scheduler.max_num_seqs > o["batch_size"]:
+            logger.info("max_num_seqs %d -> %d (the compiled rbln_batch_size)",
+                        scheduler.max_num_seqs, o["batch_size"])
+            scheduler.max_num_seqs = o["batch_size"]

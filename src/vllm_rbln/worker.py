@@ -1,0 +1,80 @@
+"""The vLLM worker for a compiled RBLN LLM: loads the compiled folder, tells vLLM the KV-cache
+layout the graphs were compiled with, and hands each scheduled step to `RblnModelRunner`."""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from vllm.logger import init_logger
+from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheSpec
+from vllm.v1.worker.worker_base import CompilationTimes, WorkerBase
+
+from optimum.rbln.auto import RBLNAutoModelForCausalLM
+
+from .model_runner import RblnModelRunner
+
+logger = init_logger("vllm.rbln.worker")
+
+
+class RblnWorker(WorkerBase):
+    def init_device(self) -> None:
+        # torch_rbln (normally autoloaded with torch) makes "rbln" torch's accelerator; vLLM's
+        # shutdown calls torch.accelerator.empty_cache() on it.
+        import torch_rbln  # noqa: F401
+        self.device = torch.device("cpu")
+
+    def load_model(self, *, load_dummy_weights: bool = False) -> None:
+        self.model = RBLNAutoModelForCausalLM.from_pretrained(self.model_config.model, export=False)
+        self.runner = RblnModelRunner(self.model.paged_graphs())
+        logger.info("loaded %r", self.model)
+
+    def get_model(self):
+        return self.model
+
+    def get_supported_tasks(self):
+        return ("generate",)
+
+    def _kv_spec(self) -> FullAttentionSpec:
+        config, o = self.model.config, self.model.rbln_config
+        heads = config.num_attention_heads
+        return FullAttentionSpec(
+            block_size=o.kvcache_partition_len,
+            num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+            head_size=getattr(config, "head_dim", None) or config.hidden_size // heads,
+            dtype=getattr(torch, o.device_dtype))
+
+    def get_kv_cache_spec(self) -> dict[str, KVCacheSpec]:
+        spec = self._kv_spec()
+        return {f"model.layers.{i}.self_attn.attn": spec
+                for i in range(self.model.config.num_hidden_layers)}
+
+    def get_supported_kv_cache_layouts(self) -> list[str]:
+        from vllm.v1.attention.backends.utils import get_supported_kv_cache_layouts
+        return [layout.name for layout in get_supported_kv_cache_layouts([])]
+
+    def determine_available_memory(self) -> int:
+        """The bytes of the KV cache the compiled model holds in device DRAM."""
+        o = self.model.rbln_config
+        blocks = o.batch_size * o.blocks_per_sequence
+        return blocks * self._kv_spec().page_size_bytes * self.model.config.num_hidden_layers
+
+    def initialize_from_config(self, kv_cache_config) -> None:
+        self.cache_config.num_gpu_blocks = kv_cache_config.num_blocks
+
+    def compile_or_warm_up_model(self) -> CompilationTimes:
+        return CompilationTimes(language_model=0.0, encoder=0.0)  # compiled ahead of time
+
+    def execute_model(self, scheduler_output):
+        return self.runner.execute(scheduler_output)
+
+    def sample_tokens(self, grammar_output):
+        return self.runner.sample(grammar_output)
+
+    def rbln_stats(self) -> dict:
+        """What the runner did and the NPU time predicted for it:
+        `llm.collective_rpc("rbln_stats")`."""
+        return dataclasses.asdict(self.runner.stats)
+
+    def shutdown(self) -> None:
+        if hasattr(self, "runner"):
+            logger.info("vllm_rbln: %s", self.runner.stats)

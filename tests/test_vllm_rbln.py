@@ -1,0 +1,171 @@
+"""vllm_rbln: vLLM serving compiled RBLN models through the platform plugin.
+
+The engine runs in a subprocess per case (`vllm_serve.py`), as a user's script would; its greedy
+tokens must equal optimum.rbln's `generate` on the same compiled folder (both run the same device
+graphs), whatever vLLM does in between: batching, chunked prefill, prefix caching."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("vllm", reason="vllm_rbln needs vLLM: pip install 'open-rbln[vllm]'")
+
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig  # noqa: E402
+from vllm import SamplingParams  # noqa: E402
+
+from optimum.rbln import RBLNLlamaForCausalLM  # noqa: E402
+from optimum.rbln.offline import smollm2_folder  # noqa: E402
+from vllm_rbln.sampler import apply_bitmask, apply_penalties, sample  # noqa: E402
+
+SERVE = Path(__file__).with_name("vllm_serve.py")
+OPTIONS = dict(rbln_batch_size=4, rbln_max_seq_len=128, rbln_kvcache_partition_len=32,
+               rbln_prefill_chunk_size=16, rbln_decoder_batch_sizes=[1, 2, 4])
+ENGINE = dict(device="rbln", max_num_seqs=4, max_model_len=128, block_size=32)
+GREEDY = dict(temperature=0.0, max_tokens=10, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """A small random Llama with SmolLM2's tokenizer: its HF folder and its compiled folder."""
+    root = tmp_path_factory.mktemp("vllm")
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=49152,
+                         max_position_embeddings=256)
+    AutoModelForCausalLM.from_config(config).save_pretrained(root / "hf")
+    AutoTokenizer.from_pretrained(smollm2_folder()).save_pretrained(root / "hf")
+    model = RBLNLlamaForCausalLM.from_pretrained(root / "hf", export=True, **OPTIONS)
+    model.save_pretrained(root / "compiled")
+    return root / "hf", root / "compiled"
+
+
+@pytest.fixture(scope="module")
+def compiled(folders):
+    return RBLNLlamaForCausalLM.from_pretrained(folders[1], export=False)
+
+
+def serve(tmp_path: Path, *cases: dict) -> list[dict]:
+    """Each case's outputs and the worker's stats (`rbln_stats`), or its error."""
+    request = tmp_path / f"request{len(list(tmp_path.iterdir()))}.json"
+    request.write_text(json.dumps(list(cases)))
+    env = {**os.environ, "VLLM_LOGGING_LEVEL": "WARNING", "TOKENIZERS_PARALLELISM": "false"}
+    run = subprocess.run([sys.executable, str(SERVE), str(request)], capture_output=True,
+                         text=True, timeout=600, env=env)
+    lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
+    assert run.returncode == 0 and lines, run.stdout[-3000:] + run.stderr[-5000:]
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def prompts(n: int) -> list[list[int]]:
+    """Token-id prompts of 5, 20, 37, 70... tokens (past one prefill chunk and one KV block)."""
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(10, 49000, (length,), generator=g).tolist()
+            for length in (5, 20, 37, 70, 12, 50)[:n]]
+
+
+def expected(model, prompt: list[int], new: int) -> list[int]:
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=new, eos_token_id=[])
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.mark.slow
+def test_seed_call_matches_generate(folders, compiled, tmp_path):
+    """The seed's call shape: LLM(model=compiled_folder, device="rbln", ...).generate(prompts)."""
+    batch = prompts(6)
+    [case] = serve(tmp_path, {"llm": {"model": str(folders[1]), **ENGINE}, "prompts": batch,
+                              "sampling": GREEDY})
+    assert [o["tokens"] for o in case["outputs"]] == [expected(compiled, p, 10) for p in batch]
+    stats = case["stats"]  # 4 sequences decode together: 6 prompts need at least 2 x 9 batches
+    assert stats["decode_batches"] >= 18 and stats["prefill_s"] > 0 and stats["decode_s"] > 0
+
+
+@pytest.mark.slow
+def test_chunked_prefill_and_prefix_caching_keep_results(folders, compiled, tmp_path):
+    """Small token budgets split prompts over steps and mix them with decodes; a later prompt
+    that shares two full KV blocks with an earlier one reuses them (prefix caching). Tokens stay
+    those of generate."""
+    shared = prompts(4)[3][:64]
+    first, later = [shared + [101, 102, 103], prompts(2)[1]], [shared + [7] * 9]
+    [case] = serve(tmp_path, {"llm": {"model": str(folders[1]), **ENGINE, "max_num_batched_tokens": 24},
+                              "prompts": first, "after": later, "sampling": GREEDY})
+    batch = first + later
+    assert [o["tokens"] for o in case["outputs"]] == [expected(compiled, p, 10) for p in batch]
+    assert case["stats"]["cached_prompt_tokens"] == 64
+    # the later prompt computes only its 9 new tokens (one chunk); the 24-token budget splits
+    # the first prompt's 67 tokens into more chunks than 67/16 alone would
+    assert case["stats"]["prefill_chunks"] > sum(-(-len(p) // 16) for p in first)
+
+
+@pytest.mark.slow
+def test_seeded_sampling_and_structured_output(folders, tmp_path):
+    prompt = prompts(3)[2]
+    sampled = dict(temperature=0.9, top_p=0.9, top_k=200, max_tokens=8, ignore_eos=True)
+    [case] = serve(tmp_path, {"llm": {"model": str(folders[1]), **ENGINE},
+                              "prompts": [prompt] * 3 + ["Answer yes or no:"],
+                              "sampling": [{**sampled, "seed": 5}, {**sampled, "seed": 5},
+                                           {**sampled, "seed": 6},
+                                           {"temperature": 0.0, "max_tokens": 4,
+                                            "choice": ["yes", "no"]}]})
+    first, again, other, choice = case["outputs"]
+    assert first["tokens"] == again["tokens"] and len(first["tokens"]) == 8
+    assert other["tokens"] != first["tokens"]
+    assert choice["text"] in ("yes", "no")
+
+
+@pytest.mark.slow
+def test_options_the_compiled_model_cannot_honour(folders, tmp_path):
+    hf, folder = (str(f) for f in folders)
+    cases = serve(tmp_path,
+                  {"llm": {"model": hf, "device": "rbln"}, "prompts": ["hi"]},
+                  {"llm": {"model": folder, **ENGINE, "block_size": 16}, "prompts": ["hi"]},
+                  {"llm": {"model": folder, **ENGINE, "max_model_len": 256}, "prompts": ["hi"]},
+                  {"llm": {"model": folder, **ENGINE, "device": "cuda"}, "prompts": ["hi"]},
+                  {"llm": {"model": folder, **ENGINE}, "prompts": ["hi"],
+                   "sampling": {"logprobs": 2}})
+    errors = [c.get("error", "") for c in cases]
+    assert "has no rbln_config.json" in errors[0]
+    assert "block_size=16 differs from the compiled rbln_kvcache_partition_len=32" in errors[1]
+    assert "max_model_len=256 exceeds the compiled rbln_max_seq_len=128" in errors[2]
+    assert "device='cuda'" in errors[3]
+    assert "does not support logprobs" in errors[4]
+
+
+# --- the sampler, without an engine --------------------------------------------------------------
+
+def test_bitmask_allows_only_set_bits():
+    logits = torch.zeros(70)
+    words = np.zeros(3, dtype=np.int32)
+    words[0] = 1 << 3
+    words[2] = np.int32(-2**31)  # bit 31 of word 2: token 95, past the vocabulary
+    words[1] = 1 << 2            # token 34
+    masked = apply_bitmask(logits, words)
+    assert torch.isfinite(masked).nonzero().flatten().tolist() == [3, 34]
+
+
+def test_penalties_follow_vllm_definitions():
+    logits = torch.tensor([2.0, -2.0, 1.0, 1.0])
+    params = SamplingParams(repetition_penalty=2.0, presence_penalty=0.5, frequency_penalty=0.25)
+    out = apply_penalties(logits.clone(), params, prompt=[0], output=[1, 3, 3])
+    # token 0: prompt only -> 2/2; token 1: -2*2 - 0.25 - 0.5; token 3: 1/2 - 0.5 - 0.5
+    assert torch.allclose(out, torch.tensor([1.0, -4.75, 1.0, -0.5]))
+
+
+def test_sampling_rules():
+    logits = torch.tensor([0.0, 3.0, 2.9, -1.0, 1.0])
+    assert sample(logits, SamplingParams(temperature=0.0), None) == 1
+    g = torch.Generator().manual_seed(0)
+    top_k = {sample(logits, SamplingParams(temperature=1.0, top_k=2), g) for _ in range(200)}
+    assert top_k == {1, 2}
+    # probabilities 0.474, 0.429, 0.064, ...: the smallest set holding p keeps 1 token for
+    # p = 0.4 and 2 for p = 0.9
+    assert {sample(logits, SamplingParams(temperature=1.0, top_p=0.4), g) for _ in range(100)} == {1}
+    assert {sample(logits, SamplingParams(temperature=1.0, top_p=0.9), g) for _ in range(200)} == {1, 2}
+    min_p = {sample(logits, SamplingParams(temperature=1.0, min_p=0.5), g) for _ in range(200)}
+    assert min_p == {1, 2}  # 0.429 >= 0.5 * 0.474; 0.064 is not
