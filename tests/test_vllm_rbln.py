@@ -22,7 +22,7 @@ from vllm import SamplingParams  # noqa: E402
 
 from optimum.rbln import RBLNLlamaForCausalLM  # noqa: E402
 from optimum.rbln.offline import smollm2_folder  # noqa: E402
-from vllm_rbln.sampler import apply_bitmask, apply_penalties, sample  # noqa: E402
+from vllm_rbln.sampler import apply_bitmask, apply_penalties, apply_token_rules, sample  # noqa: E402
 
 SERVE = Path(__file__).with_name("vllm_serve.py")
 OPTIONS = dict(rbln_batch_size=4, rbln_max_seq_len=128, rbln_kvcache_partition_len=32,
@@ -104,19 +104,33 @@ def test_chunked_prefill_and_prefix_caching_keep_results(folders, compiled, tmp_
 
 
 @pytest.mark.slow
-def test_seeded_sampling_and_structured_output(folders, tmp_path):
+def test_seeded_sampling_structured_output_and_logprobs(folders, compiled, tmp_path):
     prompt = prompts(3)[2]
     sampled = dict(temperature=0.9, top_p=0.9, top_k=200, max_tokens=8, ignore_eos=True)
     [case] = serve(tmp_path, {"llm": {"model": str(folders[1]), **ENGINE},
-                              "prompts": [prompt] * 3 + ["Answer yes or no:"],
+                              "prompts": [prompt] * 3 + ["Answer yes or no:", prompt],
                               "sampling": [{**sampled, "seed": 5}, {**sampled, "seed": 5},
                                            {**sampled, "seed": 6},
                                            {"temperature": 0.0, "max_tokens": 4,
-                                            "choice": ["yes", "no"]}]})
-    first, again, other, choice = case["outputs"]
+                                            "choice": ["yes", "no"]},
+                                           {**GREEDY, "max_tokens": 3, "logprobs": 2}]})
+    first, again, other, choice, scored = case["outputs"]
     assert first["tokens"] == again["tokens"] and len(first["tokens"]) == 8
     assert other["tokens"] != first["tokens"]
     assert choice["text"] in ("yes", "no")
+    # logprobs: log-softmax of the device logits; the greedy token is the top one (rank 1)
+    assert scored["tokens"] == expected(compiled, prompt, 3)
+    graphs = compiled.paged_graphs()
+    table = torch.arange(4)
+    for start in range(0, len(prompt), 16):
+        logits, _ = graphs.prefill_chunk(torch.tensor(prompt[start:start + 16]), start, table)
+    reference = torch.log_softmax(logits.float(), -1)
+    first_position = scored["logprobs"][0]
+    assert len(first_position) == 2  # the sampled token is also the best one
+    token = str(scored["tokens"][0])
+    assert first_position[token][1] == 1
+    assert first_position[token][0] == pytest.approx(float(reference.max()), abs=1e-4)
+    assert len(scored["logprobs"]) == 3
 
 
 @pytest.mark.slow
@@ -128,13 +142,13 @@ def test_options_the_compiled_model_cannot_honour(folders, tmp_path):
                   {"llm": {"model": folder, **ENGINE, "max_model_len": 256}, "prompts": ["hi"]},
                   {"llm": {"model": folder, **ENGINE, "device": "cuda"}, "prompts": ["hi"]},
                   {"llm": {"model": folder, **ENGINE}, "prompts": ["hi"],
-                   "sampling": {"logprobs": 2}})
+                   "sampling": {"prompt_logprobs": 2}})
     errors = [c.get("error", "") for c in cases]
     assert "has no rbln_config.json" in errors[0]
     assert "block_size=16 differs from the compiled rbln_kvcache_partition_len=32" in errors[1]
     assert "max_model_len=256 exceeds the compiled rbln_max_seq_len=128" in errors[2]
     assert "device='cuda'" in errors[3]
-    assert "does not support logprobs" in errors[4]
+    assert "does not support prompt_logprobs" in errors[4]
 
 
 # --- the sampler, without an engine --------------------------------------------------------------
@@ -155,6 +169,14 @@ def test_penalties_follow_vllm_definitions():
     out = apply_penalties(logits.clone(), params, prompt=[0], output=[1, 3, 3])
     # token 0: prompt only -> 2/2; token 1: -2*2 - 0.25 - 0.5; token 3: 1/2 - 0.5 - 0.5
     assert torch.allclose(out, torch.tensor([1.0, -4.75, 1.0, -0.5]))
+
+
+def test_allowed_tokens_and_logit_bias():
+    logits = torch.tensor([0.0, 1.0, 2.0, 3.0])
+    params = SamplingParams(allowed_token_ids=[0, 1, 2], logit_bias={0: 5.0})
+    out = apply_token_rules(logits.clone(), params)
+    assert out.tolist() == [5.0, 1.0, 2.0, float("-inf")]
+    assert sample(out, SamplingParams(temperature=0.0), None) == 0
 
 
 def test_sampling_rules():

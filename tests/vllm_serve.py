@@ -42,7 +42,9 @@ def run(LLM, SamplingParams, StructuredOutputsParams, request: dict) -> dict:
             prompts = [{"prompt_token_ids": p} if isinstance(p, list) else p for p in batch]
             outputs += llm.generate(prompts, params[:len(prompts)], use_tqdm=False)
     [stats] = llm.collective_rpc("rbln_stats")
-    return {"outputs": [{"text": o.outputs[0].text, "tokens": list(o.outputs[0].token_ids)}
+    return {"outputs": [{"text": o.outputs[0].text, "tokens": list(o.outputs[0].token_ids),
+                         "logprobs": [{str(t): [lp.logprob, lp.rank] for t, lp in position.items()}
+                                      for position in o.outputs[0].logprobs or []]}
                         for o in outputs], "stats": stats}
 
 

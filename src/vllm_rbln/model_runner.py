@@ -11,14 +11,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from vllm import SamplingParams
 from vllm.v1.core.sched.output import GrammarOutput, SchedulerOutput
-from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
+from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, LogprobsLists, ModelRunnerOutput
 
 from optimum.rbln.decoder_only.session import PagedGraphs
 
-from .sampler import apply_bitmask, apply_penalties, sample
+from .sampler import apply_bitmask, apply_penalties, apply_token_rules, sample
 
 
 @dataclass
@@ -146,7 +147,8 @@ class RblnModelRunner:
         if grammar is not None:
             masks = dict(zip(grammar.structured_output_request_ids, grammar.grammar_bitmask))
         sampled: list[list[int]] = []
-        for req_id in order:
+        logprobs: dict[int, tuple[torch.Tensor, int]] = {}
+        for index, req_id in enumerate(order):
             if req_id not in logits:  # a prompt chunk that does not end the prompt
                 sampled.append([])
                 continue
@@ -154,9 +156,31 @@ class RblnModelRunner:
             scores = logits[req_id].float().clone()
             if req_id in masks:
                 scores = apply_bitmask(scores, masks[req_id])
+            scores = apply_token_rules(scores, state.params)
             scores = apply_penalties(scores, state.params, state.prompt, state.output)
             token = sample(scores, state.params, state.generator)
             state.output.append(token)
             sampled.append([token])
+            if state.params.logprobs is not None:
+                logprobs[index] = (logits[req_id], token)
         return ModelRunnerOutput(req_ids=order, req_id_to_index={r: i for i, r in enumerate(order)},
-                                 sampled_token_ids=sampled)
+                                 sampled_token_ids=sampled,
+                                 logprobs=self._logprobs(order, logprobs) if logprobs else None)
+
+    def _logprobs(self, order: list[str], chosen: dict[int, tuple[torch.Tensor, int]]) -> LogprobsLists:
+        """vLLM's default (raw) logprobs: log-softmax of the model's logits; per request a row of
+        the sampled token then the top `logprobs` tokens, and the sampled token's rank."""
+        vocab = next(iter(chosen.values()))[0].shape[-1]
+        top = {i: self.requests[order[i]].params.logprobs for i in chosen}
+        width = 1 + max(vocab if k == -1 else k for k in top.values())
+        ids = np.zeros((len(order), width), dtype=np.int64)
+        values = np.zeros((len(order), width), dtype=np.float32)
+        ranks = np.zeros(len(order), dtype=np.int64)
+        for i, (raw, token) in chosen.items():
+            lp = torch.log_softmax(raw.float(), -1)
+            k = vocab if top[i] == -1 else top[i]
+            best = torch.topk(lp, k)
+            ids[i, 0], values[i, 0] = token, float(lp[token])
+            ids[i, 1:1 + k], values[i, 1:1 + k] = best.indices.numpy(), best.values.numpy()
+            ranks[i] = int((lp > lp[token]).sum()) + 1
+        return LogprobsLists(ids, values, ranks)

@@ -99,12 +99,8 @@ class RblnPlatform(Platform):
         from vllm import SamplingParams
         if not isinstance(params, SamplingParams):
             raise RblnPlatformError("vllm_rbln serves text generation only (no pooling models)")
-        unsupported = [name for name, on in (("logprobs", params.logprobs is not None),
-                                             ("prompt_logprobs", params.prompt_logprobs is not None),
-                                             ("logit_bias", bool(params.logit_bias)),
-                                             ("allowed_token_ids", bool(params.allowed_token_ids)),
-                                             ("bad_words", bool(params.bad_words)),
-                                             ("n > 1", params.n > 1)) if on]
+        unsupported = [name for name, on in (("prompt_logprobs", params.prompt_logprobs is not None),
+                                             ("bad_words", bool(params.bad_words))) if on]
         if unsupported:
             raise RblnPlatformError(f"vllm_rbln does not support {', '.join(unsupported)} yet")
 

@@ -1,5 +1,5 @@
-"""Next-token choice for one engine step, with vLLM's SamplingParams semantics: penalties on the
-raw logits, then temperature (0 means greedy), min-p, top-k and top-p, and a per-request seed.
+"""Next-token choice for one engine step, with vLLM's SamplingParams semantics: allowed tokens,
+logit bias and penalties on the raw logits, then temperature (0 means greedy), min-p, top-k and top-p, and a per-request seed.
 
 The grammar bitmask of structured outputs (one int32 word per 32 tokens, bit set = allowed) masks
 the logits before anything else, as vLLM's own samplers do.
@@ -21,6 +21,17 @@ def apply_bitmask(logits: torch.Tensor, words: np.ndarray) -> torch.Tensor:
     if allowed.numel() < logits.shape[-1]:
         allowed = torch.cat([allowed, allowed.new_zeros(logits.shape[-1] - allowed.numel())])
     return logits.masked_fill(~allowed, float("-inf"))
+
+
+def apply_token_rules(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """allowed_token_ids keeps only those tokens; logit_bias adds to the named tokens' logits."""
+    if params.allowed_token_ids:
+        keep = torch.full_like(logits, float("-inf"))
+        keep[torch.tensor(params.allowed_token_ids, dtype=torch.long)] = 0.0
+        logits = logits + keep
+    for token, bias in (params.logit_bias or {}).items():
+        logits[int(token)] += bias
+    return logits
 
 
 def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt: list[int],
