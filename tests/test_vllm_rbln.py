@@ -134,6 +134,20 @@ def test_seeded_sampling_structured_output_and_logprobs(folders, compiled, tmp_p
 
 
 @pytest.mark.slow
+def test_tensor_parallel_model_serves_on_two_dies(folders, tmp_path):
+    """Tensor parallelism is compiled in: vLLM runs one worker, the runtime spans rbln:0 and
+    rbln:1, and the tokens are those of the same compiled model's generate."""
+    model = RBLNLlamaForCausalLM.from_pretrained(folders[0], export=True, **OPTIONS,
+                                                 rbln_tensor_parallel_size=2)
+    model.save_pretrained(tmp_path / "tp2")
+    assert model.runtimes["model"].devices == (0, 1)
+    batch = prompts(3)
+    [case] = serve(tmp_path, {"llm": {"model": str(tmp_path / "tp2"), **ENGINE}, "prompts": batch,
+                              "sampling": GREEDY})
+    assert [o["tokens"] for o in case["outputs"]] == [expected(model, p, 10) for p in batch]
+
+
+@pytest.mark.slow
 def test_options_the_compiled_model_cannot_honour(folders, tmp_path):
     hf, folder = (str(f) for f in folders)
     cases = serve(tmp_path,
@@ -141,6 +155,7 @@ def test_options_the_compiled_model_cannot_honour(folders, tmp_path):
                   {"llm": {"model": folder, **ENGINE, "block_size": 16}, "prompts": ["hi"]},
                   {"llm": {"model": folder, **ENGINE, "max_model_len": 256}, "prompts": ["hi"]},
                   {"llm": {"model": folder, **ENGINE, "device": "cuda"}, "prompts": ["hi"]},
+                  {"llm": {"model": folder, **ENGINE, "tensor_parallel_size": 2}, "prompts": ["hi"]},
                   {"llm": {"model": folder, **ENGINE}, "prompts": ["hi"],
                    "sampling": {"prompt_logprobs": 2}})
     errors = [c.get("error", "") for c in cases]
@@ -148,7 +163,8 @@ def test_options_the_compiled_model_cannot_honour(folders, tmp_path):
     assert "block_size=16 differs from the compiled rbln_kvcache_partition_len=32" in errors[1]
     assert "max_model_len=256 exceeds the compiled rbln_max_seq_len=128" in errors[2]
     assert "device='cuda'" in errors[3]
-    assert "does not support prompt_logprobs" in errors[4]
+    assert "run vLLM with tensor_parallel_size=1" in errors[4]
+    assert "does not support prompt_logprobs" in errors[5]
 
 
 # --- the sampler, without an engine --------------------------------------------------------------
