@@ -104,22 +104,27 @@ def test_chunked_prefill_and_prefix_caching_keep_results(folders, compiled, tmp_
 
 
 @pytest.mark.slow
-def test_seeded_sampling_structured_output_and_logprobs(folders, compiled, tmp_path):
+def test_sampling_options(folders, compiled, tmp_path):
+    """Seeds, structured output (choice), logprobs and bad_words, in one engine."""
     prompt = prompts(3)[2]
+    greedy = expected(compiled, prompt, 3)
+    banned = AutoTokenizer.from_pretrained(folders[1]).decode(greedy[:1])
     sampled = dict(temperature=0.9, top_p=0.9, top_k=200, max_tokens=8, ignore_eos=True)
     [case] = serve(tmp_path, {"llm": {"model": str(folders[1]), **ENGINE},
-                              "prompts": [prompt] * 3 + ["Answer yes or no:", prompt],
+                              "prompts": [prompt] * 3 + ["Answer yes or no:", prompt, prompt],
                               "sampling": [{**sampled, "seed": 5}, {**sampled, "seed": 5},
                                            {**sampled, "seed": 6},
                                            {"temperature": 0.0, "max_tokens": 4,
                                             "choice": ["yes", "no"]},
-                                           {**GREEDY, "max_tokens": 3, "logprobs": 2}]})
-    first, again, other, choice, scored = case["outputs"]
+                                           {**GREEDY, "max_tokens": 3, "logprobs": 2},
+                                           {**GREEDY, "max_tokens": 3, "bad_words": [banned]}]})
+    first, again, other, choice, scored, avoided = case["outputs"]
     assert first["tokens"] == again["tokens"] and len(first["tokens"]) == 8
     assert other["tokens"] != first["tokens"]
     assert choice["text"] in ("yes", "no")
     # logprobs: log-softmax of the device logits; the greedy token is the top one (rank 1)
-    assert scored["tokens"] == expected(compiled, prompt, 3)
+    assert scored["tokens"] == greedy
+    assert avoided["tokens"][0] != greedy[0]
     graphs = compiled.paged_graphs()
     table = torch.arange(4)
     for start in range(0, len(prompt), 16):

@@ -16,6 +16,7 @@ import torch
 from vllm import SamplingParams
 from vllm.v1.core.sched.output import GrammarOutput, SchedulerOutput
 from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, LogprobsLists, ModelRunnerOutput
+from vllm.v1.sample.ops.bad_words import apply_bad_words
 
 from optimum.rbln.decoder_only.session import PagedGraphs
 
@@ -157,6 +158,9 @@ class RblnModelRunner:
             if req_id in masks:
                 scores = apply_bitmask(scores, masks[req_id])
             scores = apply_token_rules(scores, state.params)
+            if state.params.bad_words_token_ids:
+                apply_bad_words(scores.view(1, -1), {0: state.params.bad_words_token_ids},
+                                [state.output])
             scores = apply_penalties(scores, state.params, state.prompt, state.output)
             token = sample(scores, state.params, state.generator)
             state.output.append(token)

@@ -99,10 +99,9 @@ class RblnPlatform(Platform):
         from vllm import SamplingParams
         if not isinstance(params, SamplingParams):
             raise RblnPlatformError("vllm_rbln serves text generation only (no pooling models)")
-        unsupported = [name for name, on in (("prompt_logprobs", params.prompt_logprobs is not None),
-                                             ("bad_words", bool(params.bad_words))) if on]
-        if unsupported:
-            raise RblnPlatformError(f"vllm_rbln does not support {', '.join(unsupported)} yet")
+        if params.prompt_logprobs is not None:
+            raise RblnPlatformError("vllm_rbln does not support prompt_logprobs: the compiled "
+                                    "prefill graph returns the logits of a chunk's last token only")
 
     @classmethod
     def check_and_update_config(cls, vllm_config) -> None:
