@@ -10,6 +10,7 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheSpec
 from vllm.v1.worker.worker_base import CompilationTimes, WorkerBase
 
 from optimum.rbln.auto import RBLNAutoModelForCausalLM
+from optimum.rbln.decoder_only.paged_model import kv_heads_and_dim
 
 from .model_runner import RblnModelRunner
 
@@ -35,13 +36,10 @@ class RblnWorker(WorkerBase):
         return ("generate",)
 
     def _kv_spec(self) -> FullAttentionSpec:
-        config, o = self.model.config, self.model.rbln_config
-        heads = config.num_attention_heads
-        return FullAttentionSpec(
-            block_size=o.kvcache_partition_len,
-            num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
-            head_size=getattr(config, "head_dim", None) or config.hidden_size // heads,
-            dtype=getattr(torch, o.device_dtype))
+        kv_heads, head_dim = kv_heads_and_dim(self.model.config)
+        o = self.model.rbln_config
+        return FullAttentionSpec(block_size=o.kvcache_partition_len, num_kv_heads=kv_heads,
+                                 head_size=head_dim, dtype=getattr(torch, o.device_dtype))
 
     def get_kv_cache_spec(self) -> dict[str, KVCacheSpec]:
         spec = self._kv_spec()

@@ -15,7 +15,7 @@ from rebel import InputError
 
 from ..configuration import RBLNConfig, RBLNConfigError
 from ..modeling import RBLNModel
-from .paged_model import PagedCausalLM
+from .paged_model import PagedCausalLM, kv_heads_and_dim
 from .session import PagedGraphs, PagedSession
 
 
@@ -51,8 +51,7 @@ class RBLNDecoderOnlyModelForCausalLM(RBLNModel):
 
     @classmethod
     def _check_config(cls, config, options: RBLNConfig) -> None:
-        heads = config.num_attention_heads
-        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        heads, (kv_heads, _) = config.num_attention_heads, kv_heads_and_dim(config)
         tp = options.tensor_parallel_size
         if heads % tp or kv_heads % tp:
             raise RBLNConfigError(f"rbln_tensor_parallel_size={tp} must divide the model's "

@@ -18,6 +18,14 @@ from rebel.device.ops import paged_attention  # noqa: F401  (registers torch.ops
 ATTENTION = "rbln_paged"
 
 
+def kv_heads_and_dim(config) -> tuple[int, int]:
+    """(KV heads, head dim) of a transformers decoder config: one KV-cache block holds
+    [kv_heads, block_size, head_dim]."""
+    heads = config.num_attention_heads
+    return (getattr(config, "num_key_value_heads", None) or heads,
+            getattr(config, "head_dim", None) or config.hidden_size // heads)
+
+
 class PagedContext:
     """What the attention of every layer needs during one forward: the caches, where each query
     token sits (positions) and which blocks each sequence owns (block tables)."""
@@ -62,9 +70,7 @@ class PagedCausalLM(torch.nn.Module):
         self.lm_head = hf_model.get_output_embeddings()
         self.block_size = block_size
         self.num_layers = config.num_hidden_layers
-        heads = config.num_attention_heads
-        kv_heads = getattr(config, "num_key_value_heads", None) or heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        kv_heads, head_dim = kv_heads_and_dim(config)
         shape = (num_blocks, kv_heads, block_size, head_dim)
         device = next(hf_model.parameters()).device
         for i in range(self.num_layers):
