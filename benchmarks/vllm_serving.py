@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from optimum.rbln.decoder_only.modeling import left_padded
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from demo import compiled_smollm2  # noqa: E402  (the compiled folder `make demo` caches)
 
@@ -34,13 +36,7 @@ def static_batches(model, prompts, wants, size: int):
     """optimum.rbln generate, `size` requests at a time, each batch as long as its longest."""
     predicted = wall = 0.0
     for start in range(0, len(prompts), size):
-        group = prompts[start:start + size]
-        width = max(len(p) for p in group)
-        ids = torch.zeros(len(group), width, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, p in enumerate(group):
-            ids[row, width - len(p):] = torch.tensor(p)
-            mask[row, width - len(p):] = 1
+        ids, mask = left_padded(prompts[start:start + size])
         model.generate(ids, attention_mask=mask, max_new_tokens=max(wants[start:start + size]),
                        eos_token_id=[])
         report = model.last_generation_report

@@ -13,6 +13,7 @@ from transformers import (AutoModelForCausalLM, GPT2Config, LlamaConfig, Mistral
                           Qwen3Config)
 
 import rebel
+from optimum.rbln.decoder_only.modeling import left_padded
 from optimum.rbln import (RBLNAutoModelForCausalLM, RBLNConfigError, RBLNLlamaForCausalLM,
                           RBLNMistralForCausalLM, RBLNQwen2ForCausalLM, RBLNQwen3ForCausalLM)
 
@@ -84,12 +85,8 @@ def test_greedy_matches_transformers(llama, reference):
 
 def test_batch_of_four_left_padded_equals_each_alone(llama):
     prompts = [prompt(n, 10 + n) for n in (3, 17, 40, 9)]
-    width = max(len(p) for p in prompts)
-    ids = torch.zeros(4, width, dtype=torch.long)
-    mask = torch.zeros(4, width, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = p
-        mask[i, width - len(p):] = 1
+    ids, mask = left_padded(prompts)
+    width = ids.shape[1]
     batch = llama.generate(ids, attention_mask=mask, max_new_tokens=8)
     for i, p in enumerate(prompts):
         alone = llama.generate(p.unsqueeze(0), max_new_tokens=8)

@@ -11,6 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from optimum.rbln import RBLNLlamaForCausalLM
+from optimum.rbln.decoder_only.modeling import left_padded
 from optimum.rbln.offline import smollm2_folder
 
 pytestmark = pytest.mark.slow
@@ -82,12 +83,8 @@ def test_answers_paris(model, tokenizer):
 def test_batch_of_four_equals_each_alone(model, tokenizer):
     prompts = [chat(tokenizer, q) for q in QUESTIONS[:4]]
     assert len({len(p) for p in prompts}) > 1
-    width = max(len(p) for p in prompts)
-    ids = torch.full((4, width), tokenizer.pad_token_id)
-    mask = torch.zeros(4, width, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = p
-        mask[i, width - len(p):] = 1
+    ids, mask = left_padded(prompts, tokenizer.pad_token_id)
+    width = ids.shape[1]
     batch = model.generate(ids, attention_mask=mask, max_new_tokens=12)
     for i, p in enumerate(prompts):
         alone = model.generate(p.unsqueeze(0), max_new_tokens=12)

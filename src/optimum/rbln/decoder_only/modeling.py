@@ -193,6 +193,18 @@ def _processors(do_sample: bool, temperature, top_k, top_p) -> LogitsProcessorLi
     return steps
 
 
+def left_padded(prompts: list, pad_token_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) for prompts of different lengths, padded on the left as
+    decoder-only generate expects."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = torch.as_tensor(p)
+        mask[row, width - len(p):] = 1
+    return ids, mask
+
+
 def _as_batch(t) -> torch.Tensor:
     t = torch.as_tensor(t)
     if t.dim() == 1:
