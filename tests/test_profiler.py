@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import pytest
 
@@ -129,19 +130,44 @@ def test_summarize_file(tmp_path):
     assert summarize_file(path) == summarize(_run_events(), NAMES)
 
 
-def test_trace_file_grows_run_by_run_and_writes_when_asked(tmp_path):
-    from rebel.device.events import HOST, NEURAL_ENGINE, Event
+def test_trace_file_appends_every_run_on_one_clock(tmp_path):
     from rebel.profiler.trace_file import TraceFile
 
     run = [Event(HOST, None, "launch", 0.0, 1e-6, "launch", flow_out=(1,)),
            Event(NEURAL_ENGINE, 0, "0_linear", 1e-6, 2e-6, "kernel", flow_in=(1,))]
-    trace = TraceFile(tmp_path / "t.pb", {0: "NPU 0"}, interval_s=3600.0)
-    for _ in range(3):
+    trace = TraceFile(tmp_path / "t.pb", {0: "NPU 0"})
+    for runs in range(1, 4):
         trace.add(run, span_s=5e-6)
-    assert len(read_trace(tmp_path / "t.pb")) == 2  # written at the first run only, then throttled
-    trace.flush()
+        assert len(read_trace(tmp_path / "t.pb")) == 2 * runs  # on disk as soon as add returns
     slices = read_trace(tmp_path / "t.pb")
-    assert len(slices) == 6
     launches = [s for s in slices if s.name == "launch"]
     assert [s.start_ns for s in launches] == [0, 5000, 10000]  # one clock, run after run
     assert sorted(f for s in launches for f in s.flow_ids) == [1, 2, 3]  # flows stay distinct
+    kernels = [s for s in slices if s.name == "0_linear"]
+    assert sorted(f for s in kernels for f in s.terminating_flow_ids) == [1, 2, 3]
+
+
+def test_trace_file_replaces_an_old_file(tmp_path):
+    from rebel.profiler.trace_file import TraceFile
+
+    path = write_trace(tmp_path / "t.pb", _run_events(), NAMES)
+    TraceFile(path, NAMES).add([Event(HOST, None, "launch", 0.0, 1e-6)], span_s=1e-6)
+    assert [s.name for s in read_trace(path)] == ["launch"]
+
+
+def test_appended_chunks_equal_one_trace(tmp_path):
+    """Run by run or all at once, the same slices come back, lanes (overlaps) included."""
+    from rebel.profiler.trace_file import TraceFile
+
+    us = 1e-6
+    run = [*_run_events(), Event(HDMA, 0, "overlap", 5 * us, 10 * us, "dma_in")]
+    trace = TraceFile(tmp_path / "appended.pb", NAMES)
+    for _ in range(3):
+        trace.add(run, span_s=60 * us)
+    shifted = [replace(e, start_s=e.start_s + k * 60 * us) for k in range(3) for e in run]
+    whole = write_trace(tmp_path / "whole.pb", shifted, NAMES)
+
+    def key(s):
+        return (s.group, s.track, s.name, s.start_ns, s.end_ns, s.args)
+
+    assert sorted(map(key, read_trace(trace.path)), key=repr) == sorted(map(key, read_trace(whole)), key=repr)

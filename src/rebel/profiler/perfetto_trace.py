@@ -20,7 +20,6 @@ from perfetto.protos.perfetto.trace.perfetto_trace_pb2 import (
     TrackDescriptor,
     TrackEvent,
 )
-from perfetto.trace_builder.proto_builder import TraceProtoBuilder
 
 from rebel.device.events import DEVICE_TRACKS, HOST, Event
 
@@ -71,15 +70,18 @@ def _track_rank(track: str) -> tuple[int, str]:
     return (_TRACK_ORDER.index(track), "") if track in _TRACK_ORDER else (len(_TRACK_ORDER), track)
 
 
-def _lanes(spans: list[tuple[int, int, Event]]) -> list[list[tuple[int, int, Event]]]:
+def _assign_lanes(
+    spans: list[tuple[int, int, Event]], open_ends: list[list[int]]
+) -> list[list[tuple[int, int, Event]]]:
     """Split one track's slices into lanes where slices only ever nest.
 
     BEGIN/END events on a single Perfetto track must form a stack; two partially overlapping
     transfers would be mis-paired. Each lane is a stack-consistent sequence; extra lanes become
-    sibling tracks with the same name.
+    sibling tracks with the same name. `open_ends` (one stack of slice ends per lane) is the
+    state carried from earlier batches, so a trace appended run by run keeps the same lanes,
+    and nesting across runs, as one written at once. Returns this batch's slices per lane.
     """
-    lanes: list[list[tuple[int, int, Event]]] = []
-    open_ends: list[list[int]] = []
+    lanes: list[list[tuple[int, int, Event]]] = [[] for _ in open_ends]
     for span in sorted(spans, key=lambda s: (s[0], -s[1])):
         start, end, _ = span
         for lane, stack in zip(lanes, open_ends):
@@ -123,15 +125,10 @@ def _annotate(annotation: DebugAnnotation, key: str, value: Any) -> None:
         annotation.string_value = str(value)
 
 
-def _add_track(
-    builder: TraceProtoBuilder,
-    uuid: int,
-    name: str,
-    parent: int | None,
-    rank: int,
-    ordered_children: bool,
-) -> None:
-    packet = builder.add_packet()
+def _track_packet(
+    uuid: int, name: str, parent: int | None, rank: int, ordered_children: bool
+) -> TracePacket:
+    packet = TracePacket()
     packet.trusted_packet_sequence_id = _SEQUENCE_ID
     desc = packet.track_descriptor
     desc.uuid = uuid
@@ -144,6 +141,119 @@ def _add_track(
     else:
         # Lanes of one track share its name; keep the UI from folding them into one row.
         desc.sibling_merge_behavior = TrackDescriptor.SiblingMergeBehavior.SIBLING_MERGE_BEHAVIOR_NONE
+    return packet
+
+
+def _event_packet(ts: int, track_uuid: int, event: Event | None) -> TracePacket:
+    packet = TracePacket()
+    packet.trusted_packet_sequence_id = _SEQUENCE_ID
+    packet.timestamp = ts
+    te = packet.track_event
+    te.track_uuid = track_uuid
+    if event is None:
+        te.type = TrackEvent.Type.TYPE_SLICE_END
+        return packet
+    te.type = TrackEvent.Type.TYPE_SLICE_BEGIN
+    te.name = event.name
+    if event.category:
+        te.categories.append(event.category)
+    for key, value in event.args.items():
+        _annotate(te.debug_annotations.add(), key, value)
+    te.flow_ids.extend(event.flow_out)
+    te.terminating_flow_ids.extend(event.flow_in)
+    return packet
+
+
+# Tracks of one group are ordered by kind (Host, DMA, compute, link ...), then lane; a rank
+# is fixed when a track first appears, so tracks added by a later run still sort correctly.
+_LANE_SLOTS = 1024
+
+
+class TraceEncoder:
+    """Encodes events into serialized `Trace` chunks that concatenate into one valid trace.
+
+    `Trace.packet` is a repeated field, so serialized `Trace` messages appended one after
+    another parse as a single trace. The encoder remembers which track descriptors it has
+    already emitted (and each track's lane state), so every chunk carries only the
+    descriptors of tracks that are new, then that batch's slices. Its memory is the set of
+    tracks, not the events: a profiler can append each run to the file as it happens.
+    """
+
+    def __init__(self, device_names: dict[int, str], title: str = "open-rbln"):
+        self.device_names = device_names
+        self.title = title
+        self._next_uuid = _UUID_BASE
+        self._root: int | None = None
+        self._groups: dict[int | None, int] = {}  # device -> group track uuid
+        self._lanes: dict[tuple[int | None, str], list[int]] = {}  # (device, track) -> lane uuids
+        self._open_ends: dict[tuple[int | None, str], list[list[int]]] = {}
+        self._ranks: dict[tuple[int | None, str], int] = {}  # base rank of a track kind
+
+    def _uuid(self) -> int:
+        uuid, self._next_uuid = self._next_uuid, self._next_uuid + 1
+        return uuid
+
+    @property
+    def tracks(self) -> int:
+        """How many lane tracks have been described so far (bounded by the model, not the runs)."""
+        return sum(len(lanes) for lanes in self._lanes.values())
+
+    def _track_rank(self, device: int | None, track: str) -> int:
+        key = (device, track)
+        if key not in self._ranks:
+            if track in _TRACK_ORDER:
+                kind = _TRACK_ORDER.index(track)
+            else:  # unknown kinds after the known ones, in order of first appearance
+                kind = len(_TRACK_ORDER) + sum(
+                    1 for d, t in self._ranks if d == device and t not in _TRACK_ORDER)
+            self._ranks[key] = kind * _LANE_SLOTS
+        return self._ranks[key]
+
+    def encode(self, events: Iterable[Event]) -> bytes:
+        """One serialized `Trace` chunk: descriptors of new tracks, then `events` as slices."""
+        chunk = Trace()
+        if self._root is None:
+            first = chunk.packet.add()
+            first.trusted_packet_sequence_id = _SEQUENCE_ID
+            first.sequence_flags = TracePacket.SequenceFlags.SEQ_INCREMENTAL_STATE_CLEARED
+            self._root = self._uuid()
+            first.track_descriptor.uuid = self._root
+            first.track_descriptor.name = self.title
+            first.track_descriptor.child_ordering = TrackDescriptor.ChildTracksOrdering.EXPLICIT
+
+        by_group: dict[int | None, dict[str, list[tuple[int, int, Event]]]] = defaultdict(
+            lambda: defaultdict(list)
+        )
+        for event in events:
+            start, end = _span_ns(event)
+            by_group[event.device][event.track].append((start, end, event))
+
+        timeline: list[tuple[int, int, Event | None]] = []  # (ts, track uuid, begin event or None)
+        for device in sorted(by_group, key=lambda d: (d is not None, d if d is not None else 0)):
+            if device not in self._groups:
+                self._groups[device] = self._uuid()
+                rank = 0 if device is None else device + 1  # Host first, then devices by id
+                chunk.packet.append(_track_packet(self._groups[device],
+                                                  _group_name(device, self.device_names),
+                                                  self._root, rank, True))
+            group_uuid = self._groups[device]
+            tracks = by_group[device]
+            for track in sorted(tracks, key=_track_rank):
+                key = (device, track)
+                uuids = self._lanes.setdefault(key, [])
+                lanes = _assign_lanes(tracks[track], self._open_ends.setdefault(key, []))
+                for index, lane in enumerate(lanes):
+                    if index == len(uuids):
+                        uuids.append(self._uuid())
+                        rank = self._track_rank(device, track) + min(index, _LANE_SLOTS - 1)
+                        chunk.packet.append(_track_packet(uuids[index], track, group_uuid,
+                                                          rank, False))
+                    timeline.extend((ts, uuids[index], ev) for ts, ev in _lane_packets(lane))
+
+        # Stable sort: equal timestamps keep each lane's end-before-begin order.
+        timeline.sort(key=lambda item: item[0])
+        chunk.packet.extend(_event_packet(ts, uuid, event) for ts, uuid, event in timeline)
+        return chunk.SerializeToString()
 
 
 def write_trace(
@@ -158,61 +268,9 @@ def write_trace(
     by id) is explicit rather than left to the UI's heuristics.
     """
     path = Path(path)
-    events = list(events)
-    builder = TraceProtoBuilder()
-
-    first = builder.add_packet()
-    first.trusted_packet_sequence_id = _SEQUENCE_ID
-    first.sequence_flags = TracePacket.SequenceFlags.SEQ_INCREMENTAL_STATE_CLEARED
-    next_uuid = iter(range(_UUID_BASE, _UUID_BASE + 2**32))
-    root = next(next_uuid)
-    first.track_descriptor.uuid = root
-    first.track_descriptor.name = title
-    first.track_descriptor.child_ordering = TrackDescriptor.ChildTracksOrdering.EXPLICIT
-
-    by_group: dict[int | None, dict[str, list[tuple[int, int, Event]]]] = defaultdict(
-        lambda: defaultdict(list)
-    )
-    for event in events:
-        start, end = _span_ns(event)
-        by_group[event.device][event.track].append((start, end, event))
-
-    timeline: list[tuple[int, int, Event | None]] = []  # (ts, track uuid, begin event or None)
-    group_keys = sorted(by_group, key=lambda d: (d is not None, d if d is not None else 0))
-    for group_rank, device in enumerate(group_keys):
-        group_uuid = next(next_uuid)
-        _add_track(builder, group_uuid, _group_name(device, device_names), root, group_rank, True)
-        tracks = by_group[device]
-        rank = 0
-        for track in sorted(tracks, key=_track_rank):
-            for lane in _lanes(tracks[track]):
-                track_uuid = next(next_uuid)
-                _add_track(builder, track_uuid, track, group_uuid, rank, False)
-                rank += 1
-                timeline.extend((ts, track_uuid, ev) for ts, ev in _lane_packets(lane))
-
-    # Stable sort: equal timestamps keep each lane's end-before-begin order.
-    timeline.sort(key=lambda item: item[0])
-    for ts, track_uuid, event in timeline:
-        packet = builder.add_packet()
-        packet.trusted_packet_sequence_id = _SEQUENCE_ID
-        packet.timestamp = ts
-        te = packet.track_event
-        te.track_uuid = track_uuid
-        if event is None:
-            te.type = TrackEvent.Type.TYPE_SLICE_END
-            continue
-        te.type = TrackEvent.Type.TYPE_SLICE_BEGIN
-        te.name = event.name
-        if event.category:
-            te.categories.append(event.category)
-        for key, value in event.args.items():
-            _annotate(te.debug_annotations.add(), key, value)
-        te.flow_ids.extend(event.flow_out)
-        te.terminating_flow_ids.extend(event.flow_in)
-
+    data = TraceEncoder(device_names, title).encode(events)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(builder.serialize())
+    path.write_bytes(data)
     return path
 
 

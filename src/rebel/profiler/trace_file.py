@@ -1,51 +1,59 @@
-"""A trace that grows run by run, written to disk without costing more than the runs.
+"""A trace that grows run by run, appended to disk as each run finishes.
 
-Each run's events are shifted onto one clock (run after run) with their flow ids kept unique.
-Rewriting the whole protobuf after every run would cost O(runs^2) for an LLM's hundreds of decode
-steps, so the file is rewritten at most every `interval_s`, and whenever someone asks for it
-(`flush`): reading `Runtime.trace_path`, closing the runtime, or interpreter exit.
+Each run's events are shifted onto one clock (run after run) with their flow ids kept unique,
+encoded as one serialized Perfetto `Trace` chunk and appended to the file. `Trace.packet` is a
+repeated field, so concatenated chunks parse as one trace: the file on disk is complete and
+valid as soon as `add` returns, with no flush step. Track descriptors go out once, in the chunk
+of the run that first uses a track, so each run appends only its own packets and the cost per
+run (time, bytes, memory) stays flat over an LLM's hundreds of decode steps; no list of past
+events is kept.
 """
 from __future__ import annotations
 
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
 from ..device.events import Event
-from .perfetto_trace import write_trace
+from .perfetto_trace import TraceEncoder
 
 
 class TraceFile:
-    def __init__(self, path: Path, device_names: dict[int, str], interval_s: float = 2.0):
+    def __init__(self, path: Path, device_names: dict[int, str]):
         self.path = Path(path)
         self.device_names = device_names
-        self.interval_s = interval_s
-        self.events: list[Event] = []
         self.clock = 0.0
+        self.runs = 0
+        self.bytes_written = 0
+        self.last_append_bytes = 0
         self._flows = 0
-        self._dirty = False
-        self._written_at: float | None = None
+        self._encoder = TraceEncoder(device_names)
+
+    @property
+    def tracks(self) -> int:
+        """Lane tracks described so far: the profiler's only state that grows, bounded by the model."""
+        return self._encoder.tracks
 
     def add(self, events: list[Event], span_s: float) -> None:
-        """Append one run's events (times from 0) and advance the clock by its span."""
+        """Append one run's events (times from 0) to the file and advance the clock by its span."""
         base = self._flows
-        for e in events:
-            self.events.append(replace(e, start_s=e.start_s + self.clock,
-                                       flow_out=tuple(f + base for f in e.flow_out),
-                                       flow_in=tuple(f + base for f in e.flow_in)))
+        shifted = [replace(e, start_s=e.start_s + self.clock,
+                           flow_out=tuple(f + base for f in e.flow_out),
+                           flow_in=tuple(f + base for f in e.flow_in)) for e in events]
         self._flows = base + max((f for e in events for f in (*e.flow_out, *e.flow_in)), default=0)
         self.clock += span_s
-        self._dirty = True
-        if self._written_at is None or time.monotonic() - self._written_at > self.interval_s:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self._dirty:
-            return
-        first = self._written_at is None
-        write_trace(self.path, self.events, self.device_names)
-        self._dirty, self._written_at = False, time.monotonic()
+        chunk = self._encoder.encode(shifted)
+        first = self.runs == 0
+        if first:  # a new trace replaces whatever an earlier process left at this path
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "wb" if first else "ab") as f:
+            f.write(chunk)
+        self.runs += 1
+        self.bytes_written += len(chunk)
+        self.last_append_bytes = len(chunk)
         if first:
             print(f"rebel: profiler trace written to {self.path} (open it at https://ui.perfetto.dev)",
                   file=sys.stderr)
+
+    def flush(self) -> None:
+        """Nothing to do: every run is on disk when `add` returns. Kept for callers that ask."""

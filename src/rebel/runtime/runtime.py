@@ -137,8 +137,7 @@ class Runtime:
         for index in self.devices:
             info = current_machine().device(index)
             names[index] = f"NPU {index} · {info.spec.name} (card {info.card}, die {info.die})"
-        self._trace = TraceFile(Path(path), names)
-        weakref.finalize(self, self._trace.flush)  # whatever is pending reaches the file
+        self._trace = TraceFile(Path(path), names)  # each run is appended as it finishes
         nbytes = self.program.weight_bytes
         if nbytes:  # weights go to device DRAM once, when the runtime is created
             dur = hdma_seconds(nbytes, self.spec)
@@ -210,18 +209,13 @@ class Runtime:
 
     @property
     def trace_path(self) -> Path | None:
-        """The profiler's trace file, brought up to date (None when not profiling)."""
-        if self._trace is None:
-            return None
-        self._trace.flush()
-        return self._trace.path
+        """The profiler's trace file, complete up to the last run (None when not profiling)."""
+        return None if self._trace is None else self._trace.path
 
     # --- lifetime -------------------------------------------------------------------------------
 
     def close(self) -> None:
         """Free this runtime's device DRAM now instead of when it is garbage collected."""
-        if self._trace is not None:
-            self._trace.flush()
         self._finalizer()
 
     def __enter__(self):
