@@ -149,6 +149,53 @@ def test_linear_trace_grows_with_each_run(linear_artifact):
     assert len(uploads) == 1
 
 
+def _track_names(path) -> set[str]:
+    """Track descriptor names, parsed with the bundled protobuf classes."""
+    from perfetto.protos.perfetto.trace.perfetto_trace_pb2 import Trace
+
+    trace = Trace.FromString(path.read_bytes())
+    return {p.track_descriptor.name for p in trace.packet if p.HasField("track_descriptor")}
+
+
+def test_linear_trace_is_complete_after_every_run(linear_artifact):
+    """No flush: the file parses, with every track and all runs' kernels, as soon as run() returns."""
+    runtime = rebel.Runtime("compiled.rbln", tensor_type="pt", activate_profiler=True)
+    path = runtime.trace_path
+    per_run = None
+    for runs in range(1, 6):
+        runtime.run(torch.randn(16, 16))
+        assert {HOST, HDMA, TASK_DMA, NE} <= _track_names(path)
+        slices = read_trace(path)
+        kernels = [s for s in slices if s.track == NE]
+        per_run = per_run or len(kernels)
+        assert len(kernels) == runs * per_run
+        assert len([s for s in slices if s.category == "launch"]) == runs
+        assert_flows_connect(slices)
+    assert rebel.trace_summary(path)
+
+
+def test_profiler_cost_per_run_stays_flat(linear_artifact):
+    """Bytes appended per run do not grow with the runs before it, and no event list is kept."""
+    runtime = rebel.Runtime("compiled.rbln", tensor_type="pt", activate_profiler=True)
+    trace = runtime._trace
+    appended, state = [], []
+    for _ in range(200):
+        before = trace.path.stat().st_size
+        runtime.run(torch.randn(16, 16))
+        appended.append(trace.path.stat().st_size - before)
+        assert appended[-1] == trace.last_append_bytes
+        state.append((trace.tracks, trace.open_ends))
+    early, late = appended[1:10], appended[190:200]  # run 1 also carries the track descriptors
+    # Only the varint widths of the growing timestamps and flow ids may differ.
+    assert max(late) - min(early) <= 0.05 * min(early)
+    assert max(late) - min(late) <= 8
+    assert state[9] == state[199]  # the profiler's state is bounded by the model, not the runs
+    assert not hasattr(trace, "events")
+    assert trace.path.stat().st_size == trace.bytes_written
+    slices = read_trace(trace.path)
+    assert len([s for s in slices if s.category == "launch"]) == 200
+
+
 # --- example 2: Linear + ReLU, fused ------------------------------------------------------------
 
 def test_linear_relu_fused(in_tmp):

@@ -198,6 +198,11 @@ class TraceEncoder:
         """How many lane tracks have been described so far (bounded by the model, not the runs)."""
         return sum(len(lanes) for lanes in self._lanes.values())
 
+    @property
+    def open_ends(self) -> int:
+        """Slice ends remembered for lane assignment: bounded by nesting depth, not by runs."""
+        return sum(len(stack) for stacks in self._open_ends.values() for stack in stacks)
+
     def _track_rank(self, device: int | None, track: str) -> int:
         key = (device, track)
         if key not in self._ranks:

@@ -34,6 +34,11 @@ class TraceFile:
         """Lane tracks described so far: the profiler's only state that grows, bounded by the model."""
         return self._encoder.tracks
 
+    @property
+    def open_ends(self) -> int:
+        """Slice ends kept to assign lanes across runs: bounded by nesting depth, not by runs."""
+        return self._encoder.open_ends
+
     def add(self, events: list[Event], span_s: float) -> None:
         """Append one run's events (times from 0) to the file and advance the clock by its span."""
         base = self._flows
