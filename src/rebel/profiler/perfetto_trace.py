@@ -54,10 +54,10 @@ def _to_ns(seconds: float) -> int:
     return int(round(seconds * 1e9))
 
 
-def _span_ns(event: Event) -> tuple[int, int]:
+def _span_ns(event: Event, offset_s: float = 0.0) -> tuple[int, int]:
     # Zero-length slices get 1 ns so the UI still draws them and nesting stays well defined.
-    start = _to_ns(event.start_s)
-    return start, max(_to_ns(event.end_s), start + 1)
+    start = _to_ns(event.start_s + offset_s)
+    return start, max(_to_ns(event.start_s + offset_s + event.dur_s), start + 1)
 
 
 def _group_name(device: int | None, device_names: dict[int, str]) -> str:
@@ -125,10 +125,9 @@ def _annotate(annotation: DebugAnnotation, key: str, value: Any) -> None:
         annotation.string_value = str(value)
 
 
-def _track_packet(
-    uuid: int, name: str, parent: int | None, rank: int, ordered_children: bool
-) -> TracePacket:
-    packet = TracePacket()
+def _fill_track(
+    packet: TracePacket, uuid: int, name: str, parent: int | None, rank: int, ordered_children: bool
+) -> None:
     packet.trusted_packet_sequence_id = _SEQUENCE_ID
     desc = packet.track_descriptor
     desc.uuid = uuid
@@ -137,31 +136,35 @@ def _track_packet(
         desc.parent_uuid = parent
     desc.sibling_order_rank = rank
     if ordered_children:
-        desc.child_ordering = TrackDescriptor.ChildTracksOrdering.EXPLICIT
+        desc.child_ordering = _EXPLICIT
     else:
         # Lanes of one track share its name; keep the UI from folding them into one row.
         desc.sibling_merge_behavior = TrackDescriptor.SiblingMergeBehavior.SIBLING_MERGE_BEHAVIOR_NONE
-    return packet
 
 
-def _event_packet(ts: int, track_uuid: int, event: Event | None) -> TracePacket:
-    packet = TracePacket()
+# Looked up once: protobuf enum attribute access is slow, and this runs per slice per run.
+_EXPLICIT = TrackDescriptor.ChildTracksOrdering.EXPLICIT
+_SLICE_BEGIN = TrackEvent.Type.TYPE_SLICE_BEGIN
+_SLICE_END = TrackEvent.Type.TYPE_SLICE_END
+
+
+def _fill_event(packet: TracePacket, ts: int, track_uuid: int, event: Event | None,
+                flow_base: int) -> None:
     packet.trusted_packet_sequence_id = _SEQUENCE_ID
     packet.timestamp = ts
     te = packet.track_event
     te.track_uuid = track_uuid
     if event is None:
-        te.type = TrackEvent.Type.TYPE_SLICE_END
-        return packet
-    te.type = TrackEvent.Type.TYPE_SLICE_BEGIN
+        te.type = _SLICE_END
+        return
+    te.type = _SLICE_BEGIN
     te.name = event.name
     if event.category:
         te.categories.append(event.category)
     for key, value in event.args.items():
         _annotate(te.debug_annotations.add(), key, value)
-    te.flow_ids.extend(event.flow_out)
-    te.terminating_flow_ids.extend(event.flow_in)
-    return packet
+    te.flow_ids.extend(f + flow_base for f in event.flow_out)
+    te.terminating_flow_ids.extend(f + flow_base for f in event.flow_in)
 
 
 # Tracks of one group are ordered by kind (Host, DMA, compute, link ...), then lane; a rank
@@ -214,8 +217,12 @@ class TraceEncoder:
             self._ranks[key] = kind * _LANE_SLOTS
         return self._ranks[key]
 
-    def encode(self, events: Iterable[Event]) -> bytes:
-        """One serialized `Trace` chunk: descriptors of new tracks, then `events` as slices."""
+    def encode(self, events: Iterable[Event], offset_s: float = 0.0, flow_base: int = 0) -> bytes:
+        """One serialized `Trace` chunk: descriptors of new tracks, then `events` as slices.
+
+        `offset_s` and `flow_base` shift the events' times and flow ids while encoding, so a
+        caller putting run after run on one clock need not copy every event first.
+        """
         chunk = Trace()
         if self._root is None:
             first = chunk.packet.add()
@@ -224,13 +231,13 @@ class TraceEncoder:
             self._root = self._uuid()
             first.track_descriptor.uuid = self._root
             first.track_descriptor.name = self.title
-            first.track_descriptor.child_ordering = TrackDescriptor.ChildTracksOrdering.EXPLICIT
+            first.track_descriptor.child_ordering = _EXPLICIT
 
         by_group: dict[int | None, dict[str, list[tuple[int, int, Event]]]] = defaultdict(
             lambda: defaultdict(list)
         )
         for event in events:
-            start, end = _span_ns(event)
+            start, end = _span_ns(event, offset_s)
             by_group[event.device][event.track].append((start, end, event))
 
         timeline: list[tuple[int, int, Event | None]] = []  # (ts, track uuid, begin event or None)
@@ -238,9 +245,8 @@ class TraceEncoder:
             if device not in self._groups:
                 self._groups[device] = self._uuid()
                 rank = 0 if device is None else device + 1  # Host first, then devices by id
-                chunk.packet.append(_track_packet(self._groups[device],
-                                                  _group_name(device, self.device_names),
-                                                  self._root, rank, True))
+                _fill_track(chunk.packet.add(), self._groups[device],
+                            _group_name(device, self.device_names), self._root, rank, True)
             group_uuid = self._groups[device]
             tracks = by_group[device]
             for track in sorted(tracks, key=_track_rank):
@@ -251,13 +257,13 @@ class TraceEncoder:
                     if index == len(uuids):
                         uuids.append(self._uuid())
                         rank = self._track_rank(device, track) + min(index, _LANE_SLOTS - 1)
-                        chunk.packet.append(_track_packet(uuids[index], track, group_uuid,
-                                                          rank, False))
+                        _fill_track(chunk.packet.add(), uuids[index], track, group_uuid, rank, False)
                     timeline.extend((ts, uuids[index], ev) for ts, ev in _lane_packets(lane))
 
         # Stable sort: equal timestamps keep each lane's end-before-begin order.
         timeline.sort(key=lambda item: item[0])
-        chunk.packet.extend(_event_packet(ts, uuid, event) for ts, uuid, event in timeline)
+        for ts, uuid, event in timeline:
+            _fill_event(chunk.packet.add(), ts, uuid, event, flow_base)
         return chunk.SerializeToString()
 
 

@@ -11,7 +11,6 @@ events is kept.
 from __future__ import annotations
 
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 from ..device.events import Event
@@ -41,13 +40,9 @@ class TraceFile:
 
     def add(self, events: list[Event], span_s: float) -> None:
         """Append one run's events (times from 0) to the file and advance the clock by its span."""
-        base = self._flows
-        shifted = [replace(e, start_s=e.start_s + self.clock,
-                           flow_out=tuple(f + base for f in e.flow_out),
-                           flow_in=tuple(f + base for f in e.flow_in)) for e in events]
-        self._flows = base + max((f for e in events for f in (*e.flow_out, *e.flow_in)), default=0)
+        chunk = self._encoder.encode(events, offset_s=self.clock, flow_base=self._flows)
+        self._flows += max((f for e in events for f in (*e.flow_out, *e.flow_in)), default=0)
         self.clock += span_s
-        chunk = self._encoder.encode(shifted)
         first = self.runs == 0
         if first:  # a new trace replaces whatever an earlier process left at this path
             self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,70 @@
+"""Profiler cost per run, early vs late: does tracing run 200 cost what tracing run 10 did?
+
+    PYTHONPATH=src .venv/bin/python benchmarks/profiler_overhead.py [--runs 200]
+
+Runs a small compiled MLP `--runs` times with and without the profiler and prints, for runs
+1..10 and for the last 10, the median and worst wall time per run, the profiler's share (on
+minus off), and the bytes the trace file grew per run. An appending profiler keeps all of these
+flat; one that keeps every event and rewrites the file shows late runs growing (or spiking at
+each rewrite). Whether the file on disk already holds the last run is printed too.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import rebel
+from rebel.profiler import read_trace
+
+
+def _runs(runtime, x, n: int, path: Path | None) -> tuple[list[float], list[int], list[bool]]:
+    times, grown, complete = [], [], []
+    for i in range(n):
+        size = path.stat().st_size if path is not None and path.exists() else 0
+        t = time.perf_counter()
+        runtime.run(x)
+        times.append(time.perf_counter() - t)
+        if path is not None:  # read the file as it is, without asking the runtime to flush
+            grown.append(path.stat().st_size - size)
+            if i in (9, n - 1):
+                launches = sum(s.category == "launch" for s in read_trace(path))
+                complete.append(launches == i + 1)
+    return times, grown, complete
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=200)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 64))
+    x = torch.randn(8, 64)
+    with tempfile.TemporaryDirectory() as tmp:
+        compiled = rebel.compile_from_torch(model, example_inputs=[x])
+        path = Path(tmp) / "trace.pb"
+        off = rebel.Runtime(compiled, tensor_type="pt", activate_profiler=False)
+        on = rebel.Runtime(compiled, tensor_type="pt", activate_profiler=True, trace_path=path)
+        t_off, _, _ = _runs(off, x, args.runs, None)
+        t_on, grown, complete = _runs(on, x, args.runs, path)
+        size = os.path.getsize(path)
+    n = args.runs
+    print(f"{n} runs of a {sum(p.numel() for p in model.parameters())}-parameter MLP; "
+          f"trace {size / 1024:.1f} KiB")
+    print(f"{'runs':>10} {'off med us':>11} {'on med us':>10} {'on max us':>10} "
+          f"{'profiler us':>12} {'bytes/run':>10}")
+    for label, window in (("1..10", slice(0, 10)), (f"{n - 9}..{n}", slice(n - 10, n))):
+        off_med = statistics.median(t_off[window]) * 1e6
+        on_med = statistics.median(t_on[window]) * 1e6
+        print(f"{label:>10} {off_med:11.1f} {on_med:10.1f} {max(t_on[window]) * 1e6:10.1f} "
+              f"{on_med - off_med:12.1f} {statistics.median(grown[window]):10.0f}")
+    print(f"file complete right after run 10 and run {n} (no flush): {all(complete)}")
+
+
+if __name__ == "__main__":
+    main()
