@@ -158,3 +158,5 @@ def test_vllm_serve_answers_openai_requests(server, compiled):
     # the server is still healthy after the refused request
     with urllib.request.urlopen(base + "/health", timeout=10) as response:
         assert response.status == 200
+    # the worker logs what the steps would cost on the NPU (the emulation's wall time does not)
+    assert "vllm_rbln: predicted NPU time per step" in log.read_text()
