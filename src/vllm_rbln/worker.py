@@ -3,6 +3,7 @@ layout the graphs were compiled with, and hands each scheduled step to `RblnMode
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import torch
 from vllm.logger import init_logger
@@ -63,7 +64,31 @@ class RblnWorker(WorkerBase):
         return CompilationTimes(language_model=0.0, encoder=0.0)  # compiled ahead of time
 
     def execute_model(self, scheduler_output):
-        return self.runner.execute(scheduler_output)
+        output = self.runner.execute(scheduler_output)
+        self._log_npu_time()
+        return output
+
+    def _log_npu_time(self) -> None:
+        """Put the predicted NPU time per step in the server's log: at the first step, then at
+        most every VLLM_LOG_STATS_INTERVAL seconds (vLLM's own throughput line's interval), over
+        the steps since the last line. The wall time of this emulation says nothing about the
+        chip; this figure is what a served model would cost on it."""
+        import vllm.envs as envs
+        now, stats = time.monotonic(), self.runner.stats
+        last_time, last = getattr(self, "_npu_logged", (None, None))
+        if last_time is not None and now - last_time < envs.VLLM_LOG_STATS_INTERVAL:
+            return
+        last = last or type(stats)()
+        steps = stats.steps - last.steps
+        if not steps:
+            return
+        prefill, decode = stats.prefill_s - last.prefill_s, stats.decode_s - last.decode_s
+        logger.info("vllm_rbln: predicted NPU time per step %.3f ms over %d steps "
+                    "(%.2f ms prefill in %d chunks, %.2f ms decode in %d batches)",
+                    (prefill + decode) * 1e3 / steps, steps, prefill * 1e3,
+                    stats.prefill_chunks - last.prefill_chunks, decode * 1e3,
+                    stats.decode_batches - last.decode_batches)
+        self._npu_logged = (now, dataclasses.replace(stats))
 
     def sample_tokens(self, grammar_output):
         return self.runner.sample(grammar_output)
