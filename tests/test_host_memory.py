@@ -86,3 +86,42 @@ def test_runtime_picks_the_path_from_the_input_tensor(h100_runtime):
     # a pinned run does not change the cached timing of later pageable runs
     runtime.run(x)
     assert runtime.last_report.latency_s == pytest.approx(pageable.latency_s)
+
+
+def test_trace_names_the_host_memory_of_each_copy(monkeypatch, tmp_path):
+    from rebel.profiler import read_trace
+    monkeypatch.setenv("RBLN_VIRTUAL_NPU", H100)
+    reset_machine()
+    x = torch.randn(64, 256)
+    compiled = rebel.compile_from_torch(Scale(), example_inputs=[x], npu=H100)
+    runtime = rebel.Runtime(compiled, activate_profiler=True, trace_path=tmp_path / "t.pb")
+    runtime.run(pin(x.clone()))
+    runtime.run(x)
+    copies = [s for s in read_trace(runtime.trace_path) if s.track == "External HDMA"
+              and "->" in s.name]
+    names = [s.name for s in copies]
+    assert any("host->device (pinned)" in n for n in names)
+    assert any("host->device (pageable)" in n for n in names)
+    assert any(s.args.get("host_memory") == "pinned" for s in copies)
+
+
+def test_eager_copies_take_the_path_of_the_host_tensor(monkeypatch, tmp_path):
+    import torch_rbln  # noqa: F401  (the eager "rbln" device)
+    from torch_rbln import kernels
+    monkeypatch.setenv("RBLN_VIRTUAL_NPU", H100)
+    reset_machine()
+    kernels.reset_caches()
+    try:
+        with torch.rbln.profile(tmp_path / "e.pb") as prof:
+            d = pin(torch.randn(512, 512)).to("rbln")
+            out = pin(torch.empty(512, 512))
+            out.copy_(d)       # into a pinned host tensor: the `out=` path
+            d.to("cpu")        # into a new, pageable tensor
+        from rebel.profiler import read_trace
+        copies = {s.name: s.end_ns - s.start_ns for s in read_trace(prof.path) if s.track == "External HDMA"}
+        assert {"host->device (pinned)", "device->host (pinned)", "device->host (pageable)"} <= set(copies)
+        assert copies["device->host (pinned)"] < copies["device->host (pageable)"]
+    finally:
+        monkeypatch.undo()
+        reset_machine()
+        kernels.reset_caches()
