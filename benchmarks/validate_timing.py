@@ -150,6 +150,9 @@ def main() -> None:
     print(f"{'kind':12s} {'ops':>4s} {'MAPE':>8s} {'max':>8s}")
     for kind, errs in errors.items():
         print(f"{kind:12s} {len(errs):4d} {statistics.mean(errs) * 100:7.1f}% {max(errs) * 100:7.1f}%")
+    copies = [r for r in records if r["kind"] in ("h2d", "d2h")]
+    if copies and not any(r.get("pinned") for r in copies):
+        print("# no pinned copy rows in the data: the pinned path's figures are unchecked here")
     if args.norm_fit:
         norm_fit(records)
     every = [e for errs in errors.values() for e in errs]
