@@ -178,6 +178,9 @@ def test_validate_timing_against_h100_measurements():
     mape = float(last.split()[1])
     assert math.isfinite(mape) and mape < 17.0  # measured 15.8 when this test was written
     kinds = {line.split()[0]: float(line.split()[2].rstrip("%")) for line in out.splitlines()
-             if line[:10].strip() in ("gemm", "eltwise", "attention", "h2d", "d2h", "norm")
+             if line.split() and line.split()[0] in ("gemm", "eltwise", "attention", "norm",
+                                                     "h2d-pageable", "d2h-pageable")
              and line.split()[1].isdigit()}
-    assert kinds["gemm"] < 15 and kinds["attention"] < 25 and kinds["h2d"] < 10 and kinds["d2h"] < 5
+    assert kinds["gemm"] < 15 and kinds["attention"] < 25
+    # the calibration copies are all pageable (pinned=false); each is reported under its path
+    assert kinds["h2d-pageable"] < 10 and kinds["d2h-pageable"] < 5

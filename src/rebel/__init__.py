@@ -18,6 +18,7 @@ from .npu import device_count, get_npu_name, npu_is_available
 from .profiler import summarize_file
 from .runtime import AsyncRuntime, RBLNCompiledModel, RunReport, Runtime
 from .runtime.explain import explain
+from .runtime.host_memory import pin
 
 __version__ = "0.1.0"
 
@@ -51,4 +52,4 @@ def trace_summary(path) -> str:
 __all__ = ["ArtifactError", "AsyncRuntime", "CompileError", "DeviceError", "DeviceMemoryError",
            "InputError", "RBLNCompiledModel", "RBLNError", "RunReport", "Runtime", "SpecError",
            "compile_from_torch", "device_count", "explain", "get_npu_name", "npu_is_available",
-           "trace_summary"]
+           "pin", "trace_summary"]

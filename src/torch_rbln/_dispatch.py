@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
+from rebel.runtime.host_memory import is_pinned
+
 from . import kernels, profiler, stats
 
 log = logging.getLogger("torch_rbln")
@@ -329,11 +331,15 @@ def _copy_from(self, dst, non_blocking=False):
     if src_dev != dst_dev or (src_dev and self.device.index != dst.device.index):
         nbytes = dst.numel() * dst.element_size()
         to_device = dst_dev
+        # The host side decides the HDMA path: a pinned source, or a pinned destination given
+        # to copy_ (the eager form of `out=`), is read/written by DMA directly; else staged.
+        host = self if to_device else dst
+        pinned = host.device.type == "cpu" and is_pinned(host)
         stats.add_copy(to_device, nbytes)
         session = profiler.active()
         if session is not None:
             session.copy(dst.device.index if dst_dev else self.device.index, to_device, nbytes,
-                         kernels.copy_s(nbytes, to_device))
+                         kernels.copy_s(nbytes, to_device, pinned), pinned)
     return dst
 
 

@@ -141,9 +141,10 @@ def host_op_s(inputs, outputs) -> float:
     return host_op_seconds(out_numel * HOST_FLOPS_PER_ELEMENT, nbytes, spec)
 
 
-def copy_s(nbytes: int, to_device: bool) -> float:
+def copy_s(nbytes: int, to_device: bool, pinned: bool = False) -> float:
+    """One eager host copy; pinned host memory takes the DMA path, pageable the staged one."""
     spec, _ = _spec_and_scheduler()
-    return hdma_seconds(nbytes, spec, to_device)
+    return hdma_seconds(nbytes, spec, to_device, pinned)
 
 
 def reset_caches() -> None:

@@ -52,11 +52,14 @@ class Session:
             self.events.append(Event(HOST, None, name, self.clock, host_s, "fallback", args))
             self.clock += host_s
 
-    def copy(self, device: int, to_device: bool, nbytes: int, seconds: float) -> None:
+    def copy(self, device: int, to_device: bool, nbytes: int, seconds: float,
+             pinned: bool = False) -> None:
         with self.lock:
-            name = "host->device" if to_device else "device->host"
+            memory = "pinned" if pinned else "pageable"
+            name = f"host->device ({memory})" if to_device else f"device->host ({memory})"
             self.events.append(Event(HDMA, device, name, self.clock, seconds,
-                                     "dma_in" if to_device else "dma_out", {"bytes": nbytes}))
+                                     "dma_in" if to_device else "dma_out",
+                                     {"bytes": nbytes, "host_memory": memory}))
             self.devices.add(device)
             self.clock += seconds
 

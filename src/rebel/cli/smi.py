@@ -160,13 +160,15 @@ def _spec_sections(spec: ProductSpec) -> list[tuple[str, list[tuple[str, str, st
     top = [(k, v) for k, v in dataclasses.asdict(spec).items()
            if not isinstance(v, dict) and k not in ("source", "published_totals")]
     sections = [("product", [_row(k, v) for k, v in top])]
-    for name in ("die.compute", "die.memory", "die.dma", "host_link", "runtime", "host",
+    for name in ("die.compute", "die.memory", "die.dma", "host_link", "host_link.pageable", "runtime", "host",
                  "links.die_to_die", "links.card_to_card", "published_totals"):
         obj = spec
         for part in name.split("."):
-            obj = getattr(obj, part)
+            obj = getattr(obj, part) if obj is not None else None
         if obj is not None:
-            sections.append((name, [_row(k, v) for k, v in dataclasses.asdict(obj).items()]))
+            # sub-tables (host_link.pageable) get their own section
+            sections.append((name, [_row(k, v) for k, v in dataclasses.asdict(obj).items()
+                                    if not isinstance(v, dict) and k != "pageable"]))
     c, m, n = spec.die.compute, spec.die.memory, spec.dies
     sections.append((f"card totals, derived: {n} x die", [
         _row("fp16_tflops", c.fp16_tflops * n), _row("int8_tops", c.int8_tops * n),

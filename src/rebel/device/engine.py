@@ -12,7 +12,8 @@ from dataclasses import dataclass, field, replace
 
 from ..npu.spec import LinkSpec, ProductSpec
 from .events import HDMA, HOST, LINK, NEURAL_ENGINE, TASK_DMA, Event
-from .timing import KernelPlan, KernelTime, collective_seconds, hdma_seconds, task_dma_seconds
+from .timing import (KernelPlan, KernelTime, collective_seconds, hdma_seconds, host_memory,
+                     task_dma_seconds)
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,13 @@ class EventEngine:
         self.group = tuple(group) or (device,)
         self.link = link or spec.links.die_to_die
 
-    def run(self, steps, start_s: float = 0.0, first_flow: int = 1) -> Timeline:
+    def run(self, steps, start_s: float = 0.0, first_flow: int = 1,
+            pinned: frozenset[str] = frozenset()) -> Timeline:
+        """Time `steps`. pinned: the inputs whose host copies are in page-locked memory (the
+        user passed a pinned tensor), so their External HDMA takes the pinned path; every other
+        host copy is from pageable memory. Outputs are written to fresh pageable host tensors
+        (Runtime.run has no `out=` argument), so device->host copies are always pageable."""
+        self._pinned = frozenset(pinned)
         events: list[Event] = []
         t = start_s
         flow = first_flow
@@ -98,8 +105,11 @@ class EventEngine:
             if self.resident_inputs:
                 q.in_dram[value] = q.t0
                 continue
-            ev = q.emit(HDMA, f"{value} host->device", q.hdma, hdma_seconds(nbytes, spec),
-                        "dma_in", {"bytes": nbytes, "value": value})
+            pinned = value in self._pinned
+            memory = host_memory(pinned)
+            ev = q.emit(HDMA, f"{value} host->device ({memory})", q.hdma,
+                        hdma_seconds(nbytes, spec, pinned=pinned), "dma_in",
+                        {"bytes": nbytes, "value": value, "host_memory": memory})
             q.hdma = q.in_dram[value] = ev.end_s
         q.last = q.hdma
         for k in step.kernels:
@@ -110,9 +120,12 @@ class EventEngine:
             q.last = max(q.last, q.dma, q.ne)
         q.hdma = max(q.hdma, q.last)
         for value, nbytes in step.copy_out:
-            ev = q.emit(HDMA, f"{value} device->host", max(q.hdma, q.in_dram.get(value, q.last)),
-                        hdma_seconds(nbytes, spec, to_device=False), "dma_out",
-                        {"bytes": nbytes, "value": value})
+            pinned = False  # results land in new, pageable host tensors
+            memory = host_memory(pinned)
+            ev = q.emit(HDMA, f"{value} device->host ({memory})",
+                        max(q.hdma, q.in_dram.get(value, q.last)),
+                        hdma_seconds(nbytes, spec, to_device=False, pinned=pinned), "dma_out",
+                        {"bytes": nbytes, "value": value, "host_memory": memory})
             q.hdma = ev.end_s
         done = flow + 1
         if events[-1].device is not None:  # the host's wait points back at the last device slice

@@ -143,8 +143,15 @@ def collective_seconds(op: str, nbytes: int, parties: int, link) -> float:
     return rounds * step
 
 
-def hdma_seconds(nbytes: int, spec: ProductSpec, to_device: bool = True) -> float:
-    return spec.host_link.transfer_s(nbytes, to_device)
+def hdma_seconds(nbytes: int, spec: ProductSpec, to_device: bool = True, pinned: bool = False) -> float:
+    """One External HDMA copy. Pinned host memory is read by the DMA engine directly; pageable
+    memory (the default: numpy arrays, ordinary tensors) is staged through pinned chunks."""
+    return spec.host_link.transfer_s(nbytes, to_device, pinned)
+
+
+def host_memory(pinned: bool) -> str:
+    """The label the trace and the run report use for a host copy's memory."""
+    return "pinned" if pinned else "pageable"
 
 
 def host_op_seconds(flops: float, nbytes: int, spec: ProductSpec) -> float:

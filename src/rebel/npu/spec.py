@@ -125,8 +125,30 @@ class DieSpec:
 
 
 @dataclass(frozen=True)
+class PageableSpec:
+    """How a host link copies from pageable (not page-locked) host memory.
+
+    The DMA engine can only read page-locked memory, so the driver copies pageable data through a
+    pinned staging buffer, chunk by chunk: the host memcpy of one chunk overlaps the DMA of the
+    previous one, so the throughput is below the link's DMA rate and the first chunk's memcpy is
+    not hidden. The figures are the achieved end-to-end rates of such copies.
+    """
+
+    bandwidth_gbps: float
+    setup_us: float = 0.0
+    d2h_bandwidth_gbps: float | None = None
+    staging_chunk_mib: float | None = None
+    staging_copy_gbps: float | None = None
+
+
+@dataclass(frozen=True)
 class LinkSpec:
-    """A data path with an alpha-beta cost: latency_us per transfer plus bytes / bandwidth."""
+    """A data path with an alpha-beta cost: latency_us per transfer plus bytes / bandwidth.
+
+    For the host link, bandwidth_gbps and setup_us are the DMA path from pinned (page-locked)
+    host memory; `pageable` describes copies from ordinary host memory, staged through pinned
+    chunks. A host link without a `pageable` table copies both kinds of memory at the DMA rate.
+    """
 
     name: str
     bandwidth_gbps: float
@@ -134,10 +156,7 @@ class LinkSpec:
     latency_us: float = 0.0
     # Host links may be slower towards the host; None means the same as bandwidth_gbps.
     d2h_bandwidth_gbps: float | None = None
-    # Copies from pageable host memory are staged through a pinned buffer in chunks: the first
-    # chunk's host memcpy is not hidden behind the DMA. None: the host memory is pinned.
-    staging_chunk_mib: float | None = None
-    staging_copy_gbps: float | None = None
+    pageable: PageableSpec | None = None
 
     @property
     def bandwidth(self) -> float:
@@ -147,11 +166,17 @@ class LinkSpec:
     def alpha_s(self) -> float:
         return (self.setup_us + self.latency_us) * US
 
-    def transfer_s(self, nbytes: int, to_device: bool = True) -> float:
-        bw = self.bandwidth_gbps if to_device or self.d2h_bandwidth_gbps is None else self.d2h_bandwidth_gbps
-        seconds = self.alpha_s + nbytes / (bw * GB)
-        if self.staging_chunk_mib and self.staging_copy_gbps:
-            seconds += min(nbytes, self.staging_chunk_mib * MiB) / (self.staging_copy_gbps * GB)
+    def transfer_s(self, nbytes: int, to_device: bool = True, pinned: bool = False) -> float:
+        """Seconds for one host copy of nbytes; pinned picks the DMA path over the staged one."""
+        p = self.pageable
+        if pinned or p is None:
+            bw = self.bandwidth_gbps if to_device or self.d2h_bandwidth_gbps is None \
+                else self.d2h_bandwidth_gbps
+            return self.alpha_s + nbytes / (bw * GB)
+        bw = p.bandwidth_gbps if to_device or p.d2h_bandwidth_gbps is None else p.d2h_bandwidth_gbps
+        seconds = (p.setup_us + self.latency_us) * US + nbytes / (bw * GB)
+        if p.staging_chunk_mib and p.staging_copy_gbps:
+            seconds += min(nbytes, p.staging_chunk_mib * MiB) / (p.staging_copy_gbps * GB)
         return seconds
 
 

@@ -37,6 +37,9 @@ class RunReport:
     kernels: list[KernelRecord]
     host_fallbacks: list[tuple[str, float]]
     events: list[Event] = field(repr=False, default_factory=list)
+    # External HDMA bytes by direction and host memory, e.g. {"host_to_device": {"pinned": n,
+    # "pageable": m}}: pinned copies run at the link's DMA rate, pageable ones are staged.
+    host_copies: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @staticmethod
     def from_events(npu: str, device: int, events: list[Event], wall_time_s: float) -> RunReport:
@@ -50,13 +53,29 @@ class RunReport:
                 if e.category == "dma_out":
                     prefix = "hdma_device_to_host" if e.track == HDMA else "task_dma_out"
                 moved[prefix] += int(e.args.get("bytes", 0))
+        copies = {"host_to_device": {"pinned": 0, "pageable": 0},
+                  "device_to_host": {"pinned": 0, "pageable": 0}}
+        for e in events:
+            if e.track == HDMA and "host_memory" in e.args:
+                way = "device_to_host" if e.category == "dma_out" else "host_to_device"
+                copies[way][e.args["host_memory"]] += int(e.args.get("bytes", 0))
         host = [e for e in events if e.track == HOST and e.category in ("launch", "fallback")]
         return RunReport(
             npu, device, end - start, _union_s([e for e in events if e.device is not None]),
             sum(e.dur_s for e in host), wall_time_s, moved,
             [KernelRecord(e.name, tuple(e.args.get("ops", ())), e.start_s - start, e.dur_s)
              for e in events if e.track == NEURAL_ENGINE and e.device == device],
-            [(e.name, e.dur_s) for e in events if e.category == "fallback"], events)
+            [(e.name, e.dur_s) for e in events if e.category == "fallback"], events, copies)
+
+    def _copies(self) -> str:
+        """', host copies in: 1.00 MiB pinned, ...' for the paths any copy took."""
+        parts = []
+        for way, label in (("host_to_device", "in"), ("device_to_host", "out")):
+            paths = [f"{n / 2**20:.2f} MiB {memory}"
+                     for memory, n in self.host_copies.get(way, {}).items() if n]
+            if paths:
+                parts.append(f"{label} {' + '.join(paths)}")
+        return f" (host copies {', '.join(parts)})" if parts else ""
 
     def summary(self) -> str:
         from ..profiler import summarize
@@ -67,5 +86,5 @@ class RunReport:
         return (f"RunReport({self.npu} rbln:{self.device}: predicted latency "
                 f"{self.latency_s * 1e6:.1f} us (device {self.device_time_s * 1e6:.1f} us, host "
                 f"{self.host_time_s * 1e6:.1f} us), {len(self.kernels)} kernels, "
-                f"{len(self.host_fallbacks)} host fallbacks, {mib:.2f} MiB moved; "
+                f"{len(self.host_fallbacks)} host fallbacks, {mib:.2f} MiB moved{self._copies()}; "
                 f"emulated in {self.wall_time_s * 1e3:.2f} ms)")
