@@ -318,9 +318,10 @@ class AsyncRuntime(Runtime):
         super().__init__(*args, **kwargs)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rbln-async")
 
-    async def async_run(self, *inputs):
+    async def async_run(self, *inputs, out=None, **named_inputs):
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, lambda: self.run(*inputs))
+        return await loop.run_in_executor(self._executor,
+                                          lambda: self.run(*inputs, out=out, **named_inputs))
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
