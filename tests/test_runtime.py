@@ -283,8 +283,9 @@ def test_device_queries():
     assert all(rebel.npu_is_available(i) for i in range(4))
     assert not rebel.npu_is_available(4) and not rebel.npu_is_available(-1)
     assert rebel.get_npu_name(0) == "RBLN-CA25" and rebel.get_npu_name(3) == "RBLN-CA25"
-    with pytest.raises(rebel.DeviceError, match="4 device"):
-        rebel.get_npu_name(4)
+    # The vendor's rebel.get_npu_name answers None for a missing device (optimum-rbln probes
+    # devices this way); rebel.npu.get_npu_name still raises (tests/test_npu.py).
+    assert rebel.get_npu_name(4) is None and rebel.get_npu_name(-1) is None
 
 
 def test_close_frees_device_memory(compiled):

@@ -14,7 +14,8 @@ import torch
 from .compiler import compile_module
 from .errors import (ArtifactError, CompileError, DeviceError, DeviceMemoryError, InputError,
                      RBLNError, SpecError)
-from .npu import device_count, get_npu_name, npu_is_available
+from .npu import device_count, npu_is_available
+from .npu import get_npu_name as _machine_npu_name
 from .profiler import summarize_file
 from .runtime import AsyncRuntime, RBLNCompiledModel, RunReport, Runtime
 from .runtime.explain import explain
@@ -23,25 +24,113 @@ from .runtime.host_memory import pin
 __version__ = "0.1.0"
 
 
-def compile_from_torch(module: torch.nn.Module, example_inputs: Sequence[torch.Tensor], *,
-                       npu: str | None = None, tensor_parallel_size: int = 1,
+# The dtype strings the vendor's input_info carries, and the torch dtype each one means.
+INPUT_INFO_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                     "int64": torch.int64, "int32": torch.int32, "int16": torch.int16,
+                     "int8": torch.int8, "bool": torch.bool}
+
+
+def compile_from_torch(module: torch.nn.Module, example_inputs: Sequence[torch.Tensor] | None = None,
+                       *, input_info: Sequence | None = None, npu: str | None = None,
+                       tensor_parallel_size: int | None = None, num_devices: int | None = None,
                        device_dtype: str | torch.dtype = "float16",
-                       progress: bool | None = None) -> RBLNCompiledModel:
-    """Compile `module` for the NPU at the shapes of `example_inputs`.
+                       progress: bool | None = None, **unsupported) -> RBLNCompiledModel:
+    """Compile `module` for the NPU at the shapes of `example_inputs` or `input_info`.
 
     example_inputs: a list of tensors, or a list of such lists to compile one shape bucket each
     (the runtime runs the bucket whose shapes match its inputs). A module or inputs on the meta
     device compile for prediction only (memory and latency; the model cannot run).
+    input_info: the vendor's form, `[(name, shape, dtype_str), ...]` or a list of such lists (one
+    bucket each). The names are kept (a Runtime binds keyword inputs by them, and
+    `runtime._index_to_input_name` lists them) and the runtime returns a flat tensor or list
+    instead of the module's pytree, as the vendor's runtime does. Without example_inputs, inputs
+    are built from it: zeros for floats, ones for ints (so embedding lookups stay in range).
     progress: show compile progress on stderr (default: for models of 100M+ parameters).
 
     npu: product name or spec path (default: the virtual machine's product). device_dtype:
     "float16" (default) or "bfloat16", the 16-bit format FP32 tensors become on the device.
-    tensor_parallel_size: shard linear layers and attention heads over that many dies (run the
-    result with a Runtime on as many devices).
+    tensor_parallel_size (alias num_devices, the vendor's name): shard linear layers and attention
+    heads over that many dies (run the result with a Runtime on as many devices).
     """
-    return RBLNCompiledModel(compile_module(module, example_inputs, npu=npu, device_dtype=device_dtype,
-                                            tensor_parallel_size=tensor_parallel_size,
-                                            progress=progress))
+    if unsupported:
+        raise CompileError(f"compile_from_torch got unsupported argument(s): {sorted(unsupported)}")
+    if num_devices is not None and tensor_parallel_size is not None and num_devices != tensor_parallel_size:
+        raise CompileError(f"num_devices={num_devices} and tensor_parallel_size={tensor_parallel_size} "
+                           f"disagree; they are the same setting, pass one")
+    size = num_devices if num_devices is not None else (tensor_parallel_size or 1)
+    names = None
+    if input_info is not None:
+        buckets = _input_info_buckets(input_info)
+        names = [n for n, _, _ in buckets[0]]
+        if any([n for n, _, _ in b] != names for b in buckets):
+            raise CompileError("every input_info bucket must list the same input names in the same order")
+        if example_inputs is None:
+            built = [[_example_from_info(n, shape, dtype) for n, shape, dtype in b] for b in buckets]
+            example_inputs = built[0] if len(built) == 1 else built
+    elif example_inputs is None:
+        raise CompileError("compile_from_torch needs example_inputs or input_info")
+    compiled = compile_module(module, example_inputs, npu=npu, device_dtype=device_dtype,
+                              tensor_parallel_size=size, progress=progress)
+    if names is not None:
+        for program in compiled.buckets:
+            if len(program.inputs) != len(names):
+                raise CompileError(f"input_info names {len(names)} input(s) {names} but the module "
+                                   f"was captured with {len(program.inputs)}")
+            program.input_names = list(names)
+            program.flat_outputs = True
+    return RBLNCompiledModel(compiled)
+
+
+def compile(module: torch.nn.Module, example_inputs=None, *, input_info=None, npu: str | None = None,
+            num_devices: int | None = None, tensor_parallel_size: int | None = None,
+            **kwargs) -> RBLNCompiledModel:
+    """Same as compile_from_torch. The vendor's optimum-rbln reads only this signature: a
+    `num_devices` parameter tells it to pass `num_devices=` (else `tensor_parallel_size=`)."""
+    return compile_from_torch(module, example_inputs, input_info=input_info, npu=npu,
+                              num_devices=num_devices, tensor_parallel_size=tensor_parallel_size,
+                              **kwargs)
+
+
+def _input_info_buckets(input_info) -> list[list[tuple[str, tuple[int, ...], str]]]:
+    """input_info as a list of buckets, each a list of (name, shape, dtype_str), checked."""
+    items = list(input_info)
+    if not items:
+        raise CompileError("input_info is empty")
+    one_bucket = isinstance(items[0], (tuple, list)) and len(items[0]) == 3 and isinstance(items[0][0], str)
+    buckets = [items] if one_bucket else [list(b) for b in items]
+    out = []
+    for bucket in buckets:
+        checked = []
+        for entry in bucket:
+            if not (isinstance(entry, (tuple, list)) and len(entry) == 3 and isinstance(entry[0], str)):
+                raise CompileError(f"input_info entries are (name, shape, dtype_str), got {entry!r}")
+            name, shape, dtype = entry
+            if dtype not in INPUT_INFO_DTYPES:
+                raise CompileError(f"input_info {name!r}: dtype {dtype!r} is not one of "
+                                   f"{sorted(INPUT_INFO_DTYPES)}")
+            checked.append((name, tuple(int(d) for d in shape), dtype))
+        names = [n for n, _, _ in checked]
+        if len(set(names)) != len(names):
+            raise CompileError(f"input_info names repeat: {names}")
+        out.append(checked)
+    return out
+
+
+def _example_from_info(name: str, shape, dtype: str) -> torch.Tensor:
+    """An example input for one input_info entry: zeros for floats, ones for ints (index 1 is a
+    valid row of any embedding table with two or more rows)."""
+    torch_dtype = INPUT_INFO_DTYPES[dtype]
+    if torch_dtype.is_floating_point or torch_dtype == torch.bool:
+        return torch.zeros(shape, dtype=torch_dtype)
+    return torch.ones(shape, dtype=torch_dtype)
+
+
+def get_npu_name(index: int = 0) -> str | None:
+    """The product name of device `index`, or None when there is no such device (the vendor
+    probes devices this way)."""
+    if not npu_is_available(index):
+        return None
+    return _machine_npu_name(index)
 
 
 def trace_summary(path) -> str:
@@ -51,5 +140,5 @@ def trace_summary(path) -> str:
 
 __all__ = ["ArtifactError", "AsyncRuntime", "CompileError", "DeviceError", "DeviceMemoryError",
            "InputError", "RBLNCompiledModel", "RBLNError", "RunReport", "Runtime", "SpecError",
-           "compile_from_torch", "device_count", "explain", "get_npu_name", "npu_is_available",
-           "pin", "trace_summary"]
+           "compile", "compile_from_torch", "device_count", "explain", "get_npu_name",
+           "npu_is_available", "pin", "trace_summary"]

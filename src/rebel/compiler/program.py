@@ -73,6 +73,12 @@ class Program:
     buffer_updates: dict[str, str] = field(default_factory=dict)  # value -> persistent buffer
     mutable_buffers: list[str] = field(default_factory=list)
     sharding: Sharding = field(default_factory=lambda: Sharding(1))  # tensor parallelism
+    # The caller's names for the inputs (from compile_from_torch's input_info), by position; the
+    # graph's own names stay in `inputs` because the kernels refer to values by those.
+    input_names: list[str] | None = None
+    # Return a flat tensor (one output) or list (several) instead of the module's pytree: the
+    # vendor's calling convention, used when the model was compiled with input_info.
+    flat_outputs: bool = False
 
     @property
     def tensor_parallel_size(self) -> int:
@@ -102,6 +108,7 @@ class Program:
             "segments": [s.to_json() for s in self.segments],
             "buffer_updates": self.buffer_updates, "mutable_buffers": self.mutable_buffers,
             "tensor_parallel": self.sharding.to_json(),
+            "input_names": self.input_names, "flat_outputs": self.flat_outputs,
         }
 
     @staticmethod
@@ -118,6 +125,7 @@ class Program:
                 {n: TensorSpec.from_json(s) for n, s in d["weights"].items()},
                 [Segment.from_json(s) for s in d["segments"]],
                 dict(d["buffer_updates"]), list(d["mutable_buffers"]),
-                Sharding.from_json(d.get("tensor_parallel")))
+                Sharding.from_json(d.get("tensor_parallel")),
+                input_names=d.get("input_names"), flat_outputs=bool(d.get("flat_outputs", False)))
         except (KeyError, TypeError, ValueError) as e:
             raise ArtifactError(f"program is malformed: {type(e).__name__}: {e}") from None

@@ -11,7 +11,14 @@ from .timeline import predict
 
 
 class RBLNCompiledModel:
-    def __init__(self, compiled: CompiledProgram):
+    def __init__(self, compiled: CompiledProgram | str | os.PathLike):
+        """compiled: what the compiler produced, or the path of a saved .rbln artifact (the
+        vendor's `rebel.RBLNCompiledModel(path)` loads a model this way)."""
+        if isinstance(compiled, (str, os.PathLike)):
+            compiled = load_artifact(compiled)
+        elif not isinstance(compiled, CompiledProgram):
+            raise TypeError(f"RBLNCompiledModel expects a compiled program or a .rbln path, got "
+                            f"{type(compiled).__name__}")
         self.compiled = compiled
 
     @property

@@ -43,11 +43,14 @@ TENSOR_TYPES = ("pt", "np")
 class Runtime:
     """Runs a compiled model on one virtual device. Safe to call from several threads."""
 
-    def __init__(self, compiled_model, tensor_type: str = "pt", device: int | Sequence[int] = 0,
+    def __init__(self, compiled_model, tensor_type: str = "pt", device: int | Sequence[int] | None = 0,
                  activate_profiler: bool | None = None, trace_path: str | os.PathLike | None = None,
-                 predictive_dma: bool | None = None):
+                 predictive_dma: bool | None = None, timeout: float | None = None):
         """device: a device index, or the devices of a tensor-parallel model (default: as many
-        consecutive devices from `device` as the model was compiled for). predictive_dma:
+        consecutive devices from `device` as the model was compiled for); None means device 0
+        (the vendor's config defaults pass None). timeout: seconds a run waits for this runtime
+        (another thread's run holds it) before raising RBLNError; None waits for ever. Runs
+        themselves are not interrupted: the virtual device has no hung-hardware case. predictive_dma:
         prefetch the next kernels' weights while the current one runs (default on;
         RBLN_PREDICTIVE_DMA=0 turns it off to measure its gain)."""
         if tensor_type not in TENSOR_TYPES:
@@ -62,6 +65,12 @@ class Runtime:
         # The bucket that runs (bucket 0 until a run picks another by its input shapes).
         self.program: Program = self.compiled.program
         self.tensor_type = tensor_type
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                    or timeout < 0):
+            raise RBLNError(f"timeout must be a number of seconds >= 0 or None, got {timeout!r}")
+        self.timeout = timeout
+        if device is None:
+            device = 0
         self.devices = _devices(device, self.program.tensor_parallel_size)
         self.device = self.devices[0]
         for index in self.devices:
@@ -148,13 +157,33 @@ class Runtime:
 
     # --- running --------------------------------------------------------------------------------
 
-    def run(self, *inputs):
+    @property
+    def _index_to_input_name(self) -> dict[int, str]:
+        """Input position -> name: input_info's names when compiled with them, else the graph's."""
+        return dict(enumerate(self._input_names(self.compiled.program)))
+
+    @staticmethod
+    def _input_names(program: Program) -> list[str]:
+        return list(program.input_names) if program.input_names else [n for n, _ in program.inputs]
+
+    def run(self, *inputs, out=None, **named_inputs):
+        """Run the model. Inputs by position, or by input name as keywords (the names given in
+        compile_from_torch's input_info), or both (keywords fill the positions after the
+        positional ones). out: a tensor or list of tensors the results are copied into; those
+        are then returned."""
+        if named_inputs:
+            inputs = self._bind_named(inputs, named_inputs)
         bucket = self._select_bucket(inputs)
         # Host copies take the pinned or the pageable path according to the tensors passed.
         pinned = frozenset(name for (name, _), value in zip(bucket.program.inputs, inputs)
                            if is_pinned(value))
-        tensors = self._check_inputs(inputs, bucket.program.inputs)
-        with self._lock:
+        # Errors name inputs as the caller knows them (input_info's names when there are some).
+        expected = list(zip(self._input_names(bucket.program), (s for _, s in bucket.program.inputs)))
+        tensors = self._check_inputs(inputs, expected)
+        if not self._lock.acquire(timeout=-1 if self.timeout is None else self.timeout):
+            raise RBLNError(f"the runtime stayed busy with another run for longer than "
+                            f"timeout={self.timeout} s")
+        try:
             self.program, self._segments = bucket.program, bucket.segments
             self._out_spec, self._timeline = bucket.out_spec, bucket.timeline
             start = time.perf_counter()
@@ -171,9 +200,51 @@ class Runtime:
             self.runs += 1
             if self._trace is not None:
                 self._trace.add(events, self._timeline.end_s)
+        finally:
+            self._lock.release()
+        if bucket.program.flat_outputs or out is not None:
+            outputs = _flat(outputs)
+        if out is not None:
+            return self._write_out(outputs, out)
         return self._convert(outputs)
 
-    __call__ = run
+    def __call__(self, *inputs, out=None, **named_inputs):
+        return self.run(*inputs, out=out, **named_inputs)
+
+    def forward(self, *inputs, out=None, **named_inputs):
+        """The same as calling the runtime (the vendor calls both)."""
+        return self.run(*inputs, out=out, **named_inputs)
+
+    def _bind_named(self, inputs: tuple, named: dict) -> tuple:
+        """Positional plus keyword inputs as one positional tuple, in the compiled order."""
+        names = self._input_names(self.compiled.program)
+        slots = list(inputs) + [_MISSING] * max(0, len(names) - len(inputs))
+        for key, value in named.items():
+            if key not in names:
+                raise InputError(f"unknown input {key!r}; the model's inputs are {names}")
+            index = names.index(key)
+            if slots[index] is not _MISSING:
+                raise InputError(f"input {key!r} was given twice (by position {index} and by name)")
+            slots[index] = value
+        missing = [names[i] for i, v in enumerate(slots) if v is _MISSING]
+        if missing:
+            raise InputError(f"missing input(s) {missing}; the model's inputs are {names}")
+        return tuple(slots)
+
+    def _write_out(self, results: list, out):
+        """Copy results into the caller's `out` buffers (one tensor, or one per output)."""
+        results = [results] if isinstance(results, torch.Tensor) else list(results)
+        buffers = [out] if isinstance(out, torch.Tensor) else list(out)
+        if len(buffers) != len(results):
+            raise InputError(f"out= has {len(buffers)} tensor(s) but the model has {len(results)} output(s)")
+        for i, (buffer, result) in enumerate(zip(buffers, results)):
+            if not isinstance(buffer, torch.Tensor):
+                raise InputError(f"out[{i}] must be a torch.Tensor, got {type(buffer).__name__}")
+            if tuple(buffer.shape) != tuple(result.shape) or buffer.dtype != result.dtype:
+                raise InputError(f"out[{i}] is {list(buffer.shape)} {dtype_name(buffer.dtype)} but output "
+                                 f"{i} is {list(result.shape)} {dtype_name(result.dtype)}")
+            buffer.copy_(result)
+        return out
 
     def _execute(self, inputs: list[torch.Tensor]):
         return execute(self.program, self._segments, self._die_weights, inputs, self._out_spec,
@@ -248,9 +319,10 @@ class AsyncRuntime(Runtime):
         super().__init__(*args, **kwargs)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rbln-async")
 
-    async def async_run(self, *inputs):
+    async def async_run(self, *inputs, out=None, **named_inputs):
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, lambda: self.run(*inputs))
+        return await loop.run_in_executor(self._executor,
+                                          lambda: self.run(*inputs, out=out, **named_inputs))
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
@@ -266,6 +338,15 @@ class _Bucket:
     out_spec: object
     timeline: Timeline | None = None
     paged: list = field(default_factory=list)  # paged-attention kernels, re-timed per run
+
+
+_MISSING = object()  # an input slot no positional or keyword input filled
+
+
+def _flat(outputs):
+    """The vendor's convention: a tensor for one output, else a flat list."""
+    leaves = pytree.tree_leaves(outputs)
+    return leaves[0] if len(leaves) == 1 else leaves
 
 
 def _devices(device, tensor_parallel_size: int) -> tuple[int, ...]:
