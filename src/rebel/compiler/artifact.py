@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import zipfile
+import zlib
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -22,10 +23,14 @@ import torch
 from ..errors import ArtifactError, SpecError
 from ..ir import TensorSpec, to_torch_dtype
 from ..npu.spec import spec_from_dict, spec_to_dict
+from .artifact_check import check_program
 from .compile import CompiledProgram
 from .program import Program
 
 FORMAT = "rbln-artifact"
+# A member may decompress to at most this many times its stored size (plus a slack): refusing zip
+# bombs keeps a hostile file from eating memory or hanging the loader. Our own writer stores.
+MAX_COMPRESSION_RATIO = 200
 FORMAT_VERSION = 2
 MANIFEST, PROGRAM, WEIGHTS = "manifest.json", "program.json", "weights.safetensors"
 
@@ -42,7 +47,7 @@ def save_artifact(compiled: CompiledProgram, path: str | Path) -> Path:
     manifest = {
         "format": FORMAT, "version": FORMAT_VERSION, "producer": "open-rbln",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "npu": compiled.program.npu, "spec": spec_to_dict(compiled.spec),
+        "npu": compiled.program.npu, "spec": _portable_spec(compiled.spec),
         "buckets": len(compiled.buckets), "meta": compiled.meta, "zero_buffers": zeros,
         "files": {name: _sha256(blob) for name, blob in blobs.items()},
     }
@@ -57,6 +62,9 @@ def save_artifact(compiled: CompiledProgram, path: str | Path) -> Path:
 
 
 def load_artifact(path: str | Path) -> CompiledProgram:
+    """Read a .rbln file. Anything wrong with it (truncated, corrupted, foreign, rewritten,
+    an old version) raises ArtifactError naming the problem; nothing else escapes, and nothing
+    in the file is executed: it is parsed as zip, JSON and safetensors only."""
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"no compiled model at {str(path)!r}")
@@ -65,23 +73,30 @@ def load_artifact(path: str | Path) -> CompiledProgram:
             names = set(z.namelist())
             if MANIFEST not in names:
                 raise ArtifactError(f"{path} is not an open-rbln artifact (no {MANIFEST})")
-            manifest = _json(z.read(MANIFEST), path, MANIFEST)
+            manifest = _json(_read_member(z, MANIFEST, path), path, MANIFEST)
             _check_manifest(manifest, path)
             wanted = [*(_program_file(i) for i in range(manifest.get("buckets", 1))), WEIGHTS]
             missing = set(wanted) - names
             if missing:
                 raise ArtifactError(f"{path} is incomplete: missing {', '.join(sorted(missing))}")
-            blobs = {name: z.read(name) for name in wanted}
+            blobs = {name: _read_member(z, name, path) for name in wanted}
+    except ArtifactError:
+        raise
     except zipfile.BadZipFile as e:
         raise ArtifactError(f"{path} is not a valid .rbln file (truncated or not a zip: {e})") from None
-    except (zipfile.LargeZipFile, OSError, EOFError) as e:
-        raise ArtifactError(f"cannot read {path}: {e}") from None
+    # zipfile raises NotImplementedError for an unknown compression method, RuntimeError for an
+    # encrypted member, zlib.error / ValueError / EOFError for a damaged stream.
+    except (zipfile.LargeZipFile, OSError, EOFError, NotImplementedError, RuntimeError, ValueError,
+            zlib.error) as e:
+        raise ArtifactError(f"cannot read {path} ({type(e).__name__}: {e})") from None
     for name, blob in blobs.items():
         if _sha256(blob) != manifest["files"].get(name):
             raise ArtifactError(f"{path} is corrupted: checksum of {name} does not match the manifest")
-    buckets = [Program.from_json(_json(blob, path, name))
+    buckets = [_program(blob, path, name, manifest["npu"])
                for name, blob in blobs.items() if name != WEIGHTS]
     meta = manifest.get("meta", False) is True
+    if meta and blobs[WEIGHTS]:  # the manifest is not checksummed: a flipped flag must not drop weights
+        raise ArtifactError(f"{path}: the manifest says meta (no weights) but the file holds weights")
     if meta:  # shapes only: meta tensors stand in for the weights the programs expect
         weights = {n: torch.empty(s.shape, dtype=to_torch_dtype(s.dtype), device="meta")
                    for p in buckets for n, s in p.weights.items()}
@@ -92,9 +107,49 @@ def load_artifact(path: str | Path) -> CompiledProgram:
     program = buckets[0]
     try:
         spec = spec_from_dict(manifest["spec"], where=f"{path} (manifest spec)")
-    except (KeyError, SpecError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError, SpecError) as e:
         raise ArtifactError(f"{path} has a malformed hardware spec in its manifest: {e}") from None
+    if spec.name != program.npu:
+        raise ArtifactError(f"{path}: the manifest spec is {spec.name!r} but the program is for "
+                            f"{program.npu!r}")
     return CompiledProgram(program, weights, spec, buckets, meta)
+
+
+def _portable_spec(spec) -> dict:
+    """The spec as saved: `source` keeps only the file name, so an artifact records no
+    absolute path of the machine that compiled it."""
+    table = spec_to_dict(spec)
+    if isinstance(table.get("source"), str):
+        table["source"] = Path(table["source"]).name
+    return table
+
+
+def _read_member(z: zipfile.ZipFile, name: str, path: Path) -> bytes:
+    """A member's bytes, refusing zip bombs before decompressing anything."""
+    info = z.getinfo(name)
+    if info.file_size > MAX_COMPRESSION_RATIO * info.compress_size + 2 ** 20:
+        raise ArtifactError(f"{path}: {name} claims {info.file_size} bytes from "
+                            f"{info.compress_size} stored (not an artifact this writer makes)")
+    return z.read(name)
+
+
+def _program(blob: bytes, path: Path, name: str, npu: str) -> Program:
+    """Parse and check one program member, so a rewritten one fails here, not in the runtime."""
+    d = _json(blob, path, name)
+    if not isinstance(d, dict):
+        raise ArtifactError(f"{path}: {name} is not a JSON object")
+    try:
+        program = Program.from_json(d)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError) as e:
+        raise ArtifactError(f"{path}: {name}: program is malformed: {type(e).__name__}: {e}"[:300]) \
+            from None
+    except ArtifactError as e:
+        raise ArtifactError(f"{path}: {name}: {e}") from None
+    try:
+        check_program(program, npu)
+    except ArtifactError as e:
+        raise ArtifactError(f"{path}: {name}: {e}") from None
+    return program
 
 
 def _zero_buffers(manifest: dict, buckets: list[Program], path: Path) -> dict[str, torch.Tensor]:
@@ -117,8 +172,14 @@ def _check_manifest(manifest: dict, path: Path) -> None:
     if version != FORMAT_VERSION:
         raise ArtifactError(f"{path} has artifact format version {version!r}; this open-rbln reads "
                             f"version {FORMAT_VERSION}. Recompile the model with this version.")
-    if not isinstance(manifest.get("files"), dict):
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
         raise ArtifactError(f"{path} has a malformed manifest (no file checksums)")
+    for key, kind in (("npu", str), ("spec", dict), ("meta", bool), ("zero_buffers", list)):
+        if key in manifest and not isinstance(manifest[key], kind) or key == "npu" and key not in manifest:
+            raise ArtifactError(f"{path} has a malformed manifest ({key}={manifest.get(key)!r})"[:300])
+    if not all(isinstance(n, str) for n in manifest.get("zero_buffers", [])):
+        raise ArtifactError(f"{path} has a malformed manifest (zero_buffers holds a non-name)")
     buckets = manifest.get("buckets", 1)
     if not isinstance(buckets, int) or isinstance(buckets, bool) or not 1 <= buckets <= 4096:
         raise ArtifactError(f"{path} has a malformed manifest (buckets={buckets!r})")
