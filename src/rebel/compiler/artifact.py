@@ -125,8 +125,13 @@ def _portable_spec(spec) -> dict:
 
 
 def _read_member(z: zipfile.ZipFile, name: str, path: Path) -> bytes:
-    """A member's bytes, refusing zip bombs before decompressing anything."""
+    """A member's bytes, refusing foreign compression methods and zip bombs before
+    decompressing anything."""
     info = z.getinfo(name)
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        # bzip2/lzma/unknown methods: our writer never makes them, and each fails in its own way
+        raise ArtifactError(f"{path}: {name} uses zip compression method {info.compress_type}, "
+                            "not one an artifact uses (stored or deflated)")
     if info.file_size > MAX_COMPRESSION_RATIO * info.compress_size + 2 ** 20:
         raise ArtifactError(f"{path}: {name} claims {info.file_size} bytes from "
                             f"{info.compress_size} stored (not an artifact this writer makes)")

@@ -35,11 +35,14 @@ def check_program(program: Program, npu: str) -> None:
     for what, table in (("value", program.values), ("weight", program.weights)):
         for name, spec in table.items():
             _check_spec(spec, f"{what} {name!r}", name)
+    # The runtime sizes every host<->device copy and every input from `values`.
+    _check_names([n for n, _ in program.inputs], set(program.values), "program inputs")
     defined = {n for n, _ in program.inputs} | set(program.weights)
     for segment in program.segments:
         where = f"segment {segment.name!r}"
         _check_str(segment.name, "segment name")
         _check_names(segment.copy_in, defined, f"{where} copy_in")
+        _check_names(segment.copy_in, set(program.values), f"{where} copy_in (values)")
         for kernel in segment.kernels:
             _check_str(kernel.name, f"{where} kernel name")
             if "_" not in kernel.name:
@@ -60,6 +63,9 @@ def check_program(program: Program, npu: str) -> None:
         for op in segment.ops:
             _check_op(op, defined)
         _check_names(segment.copy_out, defined, f"{where} copy_out")
+        _check_names(segment.copy_out, set(program.values), f"{where} copy_out (values)")
+    if not isinstance(program.outputs, list):
+        raise ArtifactError("program outputs is not a list")
     refs = [o.name for o in _flat(program.outputs) if isinstance(o, Ref)]
     _check_names(refs, defined, "program outputs")
     _check_out_spec(program)
