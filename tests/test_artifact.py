@@ -316,3 +316,26 @@ def test_program_referring_to_an_undefined_value(artifact):
     write_members(artifact, with_program(members, json.dumps(program).encode()))
     message = artifact_error(artifact)
     assert "copy_in" in message and "no_such_value" in message
+
+
+def test_loading_holds_the_weights_once(tmp_path):
+    """The loader reads the weights member into one buffer that the tensors view: its peak
+    Python allocation is about the weights' size, not twice it (safetensors.torch.load copies)."""
+    import tracemalloc
+
+    from rebel.compiler.artifact import load_artifact
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(2048, 1024), torch.nn.Linear(1024, 1024))
+    path = rebel.compile_from_torch(model, example_inputs=[torch.randn(2, 2048)]).save(tmp_path / "m.rbln")
+    tracemalloc.start()
+    try:
+        loaded = load_artifact(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    weight_bytes = sum(w.numel() * w.element_size() for w in loaded.weights.values())
+    assert weight_bytes > 5 * 2**20
+    assert peak < weight_bytes + 3 * 2**20, (peak, weight_bytes)  # the old loader: 2x weights
+    w = next(iter(loaded.weights.values()))
+    w.add_(0)  # writable: in-place buffer updates on loaded weights are defined behaviour

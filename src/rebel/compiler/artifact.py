@@ -31,6 +31,7 @@ FORMAT = "rbln-artifact"
 # A member may decompress to at most this many times its stored size (plus a slack): refusing zip
 # bombs keeps a hostile file from eating memory or hanging the loader. Our own writer stores.
 MAX_COMPRESSION_RATIO = 200
+CHUNK = 2 ** 20  # members are read in pieces this big, never as one extra whole-member copy
 FORMAT_VERSION = 2
 MANIFEST, PROGRAM, WEIGHTS = "manifest.json", "program.json", "weights.safetensors"
 
@@ -124,18 +125,34 @@ def _portable_spec(spec) -> dict:
     return table
 
 
-def _read_member(z: zipfile.ZipFile, name: str, path: Path) -> bytes:
+def _read_member(z: zipfile.ZipFile, name: str, path: Path) -> bytearray:
     """A member's bytes, refusing foreign compression methods and zip bombs before
-    decompressing anything."""
+    decompressing anything.
+
+    Read in chunks into one preallocated, writable buffer: the weights are then held once (the
+    tensors view this buffer), and writable, so in-place buffer updates are defined behaviour.
+    """
     info = z.getinfo(name)
     if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
         # bzip2/lzma/unknown methods: our writer never makes them, and each fails in its own way
         raise ArtifactError(f"{path}: {name} uses zip compression method {info.compress_type}, "
                             "not one an artifact uses (stored or deflated)")
-    if info.file_size > MAX_COMPRESSION_RATIO * info.compress_size + 2 ** 20:
+    limit = MAX_COMPRESSION_RATIO * min(info.compress_size, path.stat().st_size) + 2 ** 20
+    if info.file_size > limit:
         raise ArtifactError(f"{path}: {name} claims {info.file_size} bytes from "
                             f"{info.compress_size} stored (not an artifact this writer makes)")
-    return z.read(name)
+    buffer = bytearray(info.file_size)
+    filled = 0
+    with z.open(info) as member:
+        while filled < len(buffer):
+            chunk = member.read(min(CHUNK, len(buffer) - filled))
+            if not chunk:
+                break
+            buffer[filled:filled + len(chunk)] = chunk
+            filled += len(chunk)
+        if filled != len(buffer) or member.read(1):
+            raise ArtifactError(f"{path}: {name} is not the size the zip directory says")
+    return buffer
 
 
 def _program(blob: bytes, path: Path, name: str, npu: str) -> Program:
@@ -190,20 +207,72 @@ def _check_manifest(manifest: dict, path: Path) -> None:
         raise ArtifactError(f"{path} has a malformed manifest (buckets={buckets!r})")
 
 
-def _json(blob: bytes, path: Path, name: str):
+def _json(blob: bytes | bytearray, path: Path, name: str):
     try:
         return json.loads(blob)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ArtifactError(f"{path}: {name} is not valid JSON ({e})") from None
 
 
-def _load_weights(blob: bytes, path: Path) -> dict[str, torch.Tensor]:
+# safetensors dtype names -> torch dtypes (the subset a compiled model can hold)
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+def _load_weights(blob: bytearray, path: Path) -> dict[str, torch.Tensor]:
+    """Tensors viewing `blob` in place.
+
+    `safetensors.torch.load` copies every tensor's bytes out of the blob, so loading held the
+    weights twice at its peak. Reading the (small, JSON) safetensors header here and making each
+    tensor a `torch.frombuffer` view of the one blob keeps them once. The header is checked as
+    strictly as safetensors does: known dtypes, whole shapes, offsets inside the data, each
+    tensor's size matching its shape, tensors tiling the data without gaps or overlap.
+    """
     if not blob:
         return {}
+    bad = f"{path}: weights are not valid safetensors"
+    if len(blob) < 8:
+        raise ArtifactError(f"{bad} (truncated header)")
+    header_len = int.from_bytes(blob[:8], "little")
+    if header_len > min(len(blob) - 8, 100 * 2 ** 20):
+        raise ArtifactError(f"{bad} (header length {header_len} exceeds the data)")
     try:
-        return safetensors.torch.load(blob)
-    except Exception as e:  # safetensors raises its own error types
-        raise ArtifactError(f"{path}: weights are not valid safetensors ({e})") from None
+        header = json.loads(bytes(blob[8:8 + header_len]))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"{bad} (header is not JSON: {e})") from None
+    if not isinstance(header, dict):
+        raise ArtifactError(f"{bad} (header is not an object)")
+    header.pop("__metadata__", None)
+    start = 8 + header_len
+    data_len = len(blob) - start
+    spans, weights = [], {}
+    for name, entry in header.items():
+        try:
+            dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
+            shape = [int(d) for d in entry["shape"]]
+            begin, end = (int(o) for o in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ArtifactError(f"{bad} (entry {name!r}: {type(e).__name__}: {e})"[:300]) from None
+        nbytes = torch.empty((), dtype=dtype).element_size()
+        for d in shape:
+            nbytes *= d
+        if any(d < 0 for d in shape) or not 0 <= begin <= end <= data_len or end - begin != nbytes:
+            raise ArtifactError(f"{bad} (entry {name!r} has inconsistent shape and offsets)"[:300])
+        spans.append((begin, end))
+        count = nbytes // torch.empty((), dtype=dtype).element_size()
+        weights[name] = (torch.frombuffer(blob, dtype=dtype, count=count, offset=start + begin)
+                         if count else torch.empty(0, dtype=dtype)).reshape(shape)
+    covered = 0
+    for begin, end in sorted(spans):
+        if begin != covered:
+            raise ArtifactError(f"{bad} (tensor data overlaps or leaves gaps)")
+        covered = end
+    if covered != data_len:
+        raise ArtifactError(f"{bad} (trailing bytes after the tensors)")
+    return weights
 
 
 def _check_weights(buckets: list[Program], weights: dict, path: Path) -> None:
