@@ -24,7 +24,7 @@ import rebel
 
 from seed_models import Foo  # tests/seed_models.py
 
-CASES = 360
+CASES = 500
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,7 @@ def _mutate_json(value, rng: random.Random):
 
 def mutate(data: bytes, rng: random.Random) -> tuple[bytes, bool]:
     """A mutated copy of `data`, and whether its checksums were fixed up (resealed)."""
-    kind = rng.randrange(7)
+    kind = rng.randrange(8)
     if kind == 0:  # flip a few bits anywhere in the file
         blob = bytearray(data)
         for _ in range(rng.randint(1, 4)):
@@ -99,6 +99,12 @@ def mutate(data: bytes, rng: random.Random) -> tuple[bytes, bool]:
         if blob:
             blob[rng.randrange(len(blob))] ^= 1 << rng.randrange(8)
         members[name] = bytes(blob)
+        return _zip(_rechecksum(members)), True
+    if kind == 6:  # the safetensors header (JSON) with one node of a wrong kind, resealed
+        blob = members["weights.safetensors"]
+        n = int.from_bytes(blob[:8], "little")
+        header = json.dumps(_mutate_json(json.loads(blob[8:8 + n]), rng)).encode()
+        members["weights.safetensors"] = len(header).to_bytes(8, "little") + header + blob[8 + n:]
         return _zip(_rechecksum(members)), True
     if kind == 5:  # deflated instead of stored: still a valid artifact
         return _zip(members, compression=zipfile.ZIP_DEFLATED), False

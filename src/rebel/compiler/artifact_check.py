@@ -37,6 +37,10 @@ def check_program(program: Program, npu: str) -> None:
             _check_spec(spec, f"{what} {name!r}", name)
     # The runtime sizes every host<->device copy and every input from `values`.
     _check_names([n for n, _ in program.inputs], set(program.values), "program inputs")
+    for name, spec in program.inputs:
+        if program.values[name] != spec:
+            raise ArtifactError(f"program input {name!r} is {spec} but its value is "
+                                f"{program.values[name]}")
     defined = {n for n, _ in program.inputs} | set(program.weights)
     for segment in program.segments:
         where = f"segment {segment.name!r}"
@@ -48,7 +52,7 @@ def check_program(program: Program, npu: str) -> None:
             if "_" not in kernel.name:
                 raise ArtifactError(f"{where} has a malformed kernel name {kernel.name!r}")
             for op in kernel.ops:
-                _check_op(op, defined)
+                _check_op(op, defined, program.values)
             _check_names(kernel.outputs, defined, f"kernel {kernel.name!r} outputs")
             for transfer in (*kernel.plan.dma_in, *kernel.plan.dma_out):
                 _check_str(transfer.value, f"kernel {kernel.name!r} transfer")
@@ -61,7 +65,7 @@ def check_program(program: Program, npu: str) -> None:
         if segment.kind == "host" and segment.kernels or segment.kind == "device" and segment.ops:
             raise ArtifactError(f"{where} mixes host ops and device kernels")
         for op in segment.ops:
-            _check_op(op, defined)
+            _check_op(op, defined, program.values)
         _check_names(segment.copy_out, defined, f"{where} copy_out")
         _check_names(segment.copy_out, set(program.values), f"{where} copy_out (values)")
     if not isinstance(program.outputs, list):
@@ -80,15 +84,20 @@ def check_program(program: Program, npu: str) -> None:
         raise ArtifactError(f"program has a malformed tensor_parallel size {sharding.size!r}")
 
 
-def _check_op(op: Op, defined: set[str]) -> None:
+def _check_op(op: Op, defined: set[str], values: dict[str, TensorSpec]) -> None:
     _check_str(op.name, "op name")
     _check_str(op.target, f"op {op.name!r} target")
-    resolve_target(op.target)  # raises ArtifactError for anything but ATen/rbln ops
+    # ATen names resolve now (ArtifactError for anything else, e.g. builtins.eval); the device's
+    # own rbln ops register when the runtime imports them, so only their namespace is checked.
+    if not (op.target.startswith("rbln.") and op.target.count(".") == 2):
+        resolve_target(op.target)
     _check_names(op.refs, defined, f"op {op.name!r} arguments")
     outs = op.out if isinstance(op.out, tuple) else (op.out,)
     for out in outs:
         if out is not None:
             _check_spec(out, f"op {op.name!r} output", op.name)
+    if isinstance(op.out, TensorSpec) and op.name in values and values[op.name] != op.out:
+        raise ArtifactError(f"op {op.name!r} makes {op.out} but its value is {values[op.name]}")
     defined.add(op.name)
 
 
