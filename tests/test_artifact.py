@@ -282,3 +282,60 @@ def test_artifact_for_a_custom_spec_file_loads(tmp_path, monkeypatch):
     path = compiled.save(tmp_path / "lab.rbln")
     assert torch.equal(rebel.Runtime(path).run(x), expected)
     assert rebel.RBLNCompiledModel.load(path).compiled.spec.name == "LAB-1"
+
+
+def test_artifact_records_no_absolute_path(artifact):
+    """An artifact is shipped to other machines: it must not carry the compiling one's paths."""
+    for name, blob in read_members(artifact).items():
+        if name.endswith(".json"):
+            text = blob.decode()
+            assert str(SRC) not in text and str(Path.home()) not in text and "/work/" not in text, name
+    manifest = json.loads(read_members(artifact)["manifest.json"])
+    assert "/" not in manifest["spec"]["source"]
+
+
+def test_unknown_zip_compression_method(artifact):
+    """zipfile raises NotImplementedError for methods it lacks; the loader must say ArtifactError."""
+    raw = bytearray(artifact.read_bytes())
+    i = raw.index(b"PK\x01\x02")  # first central directory entry: method at offset 10
+    raw[i + 10:i + 12] = (99).to_bytes(2, "little")
+    artifact.write_bytes(bytes(raw))
+    assert "compression method 99" in artifact_error(artifact)
+
+
+def test_meta_flag_flipped_on_a_real_model(artifact):
+    write_members(artifact, with_manifest(read_members(artifact), meta=True))
+    assert "meta" in artifact_error(artifact)
+
+
+def test_program_referring_to_an_undefined_value(artifact):
+    members = read_members(artifact)
+    program = json.loads(members["program.json"])
+    device = next(s for s in program["segments"] if s["kind"] == "device")
+    device["copy_in"] = ["no_such_value"]
+    write_members(artifact, with_program(members, json.dumps(program).encode()))
+    message = artifact_error(artifact)
+    assert "copy_in" in message and "no_such_value" in message
+
+
+def test_loading_holds_the_weights_once(tmp_path):
+    """The loader reads the weights member into one buffer that the tensors view: its peak
+    Python allocation is about the weights' size, not twice it (safetensors.torch.load copies)."""
+    import tracemalloc
+
+    from rebel.compiler.artifact import load_artifact
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(2048, 1024), torch.nn.Linear(1024, 1024))
+    path = rebel.compile_from_torch(model, example_inputs=[torch.randn(2, 2048)]).save(tmp_path / "m.rbln")
+    tracemalloc.start()
+    try:
+        loaded = load_artifact(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    weight_bytes = sum(w.numel() * w.element_size() for w in loaded.weights.values())
+    assert weight_bytes > 5 * 2**20
+    assert peak < weight_bytes + 3 * 2**20, (peak, weight_bytes)  # the old loader: 2x weights
+    w = next(iter(loaded.weights.values()))
+    w.add_(0)  # writable: in-place buffer updates on loaded weights are defined behaviour

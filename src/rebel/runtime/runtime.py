@@ -28,7 +28,7 @@ from ..device.engine import EventEngine, Timeline
 from ..device.events import HDMA, Event
 from ..device.memory import device_memory
 from ..device.timing import hdma_seconds
-from ..errors import DeviceError, InputError, RBLNError
+from ..errors import ArtifactError, DeviceError, InputError, RBLNError
 from ..ir import TensorSpec, dtype_name, to_torch_dtype
 from ..npu import current_machine
 from ..profiler.trace_file import TraceFile
@@ -92,16 +92,25 @@ class Runtime:
                 memory.free(handle)
             raise
         self._finalizer = weakref.finalize(self, _free_all, held)
-        self._bind()
         if predictive_dma is None:
             predictive_dma = os.environ.get("RBLN_PREDICTIVE_DMA", "1").lower() not in ("0", "false", "off", "no")
         self.predictive_dma = bool(predictive_dma)
-        link = self.spec.links.die_to_die if len({current_machine().device(d).card for d in self.devices}) == 1 \
-            else self.spec.links.card_to_card
-        self._engine = EventEngine(self.spec, self.device, prefetch=self.predictive_dma,
-                                   group=self.devices, link=link)
-        for bucket in self._buckets:
-            bucket.timeline = self._engine.run(build_steps(bucket.program, self.spec))
+        try:
+            self._bind()
+            link = self.spec.links.die_to_die if len({current_machine().device(d).card for d in self.devices}) == 1 \
+                else self.spec.links.card_to_card
+            self._engine = EventEngine(self.spec, self.device, prefetch=self.predictive_dma,
+                                       group=self.devices, link=link)
+            for bucket in self._buckets:
+                bucket.timeline = self._engine.run(build_steps(bucket.program, self.spec))
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+            # The loader checks a program's structure; this is the net for what it cannot see.
+            # Only a file gets this treatment: in a model compiled in-process it would be our bug.
+            self._finalizer()
+            if not isinstance(compiled_model, (str, os.PathLike)):
+                raise
+            raise ArtifactError(f"{compiled_model}: the program is inconsistent "
+                                f"({type(e).__name__}: {e})"[:400]) from None
         self._timeline: Timeline = self._buckets[0].timeline
         self.last_report: RunReport | None = None
         self.runs = 0
