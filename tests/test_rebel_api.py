@@ -159,7 +159,7 @@ def test_compile_errors(model):
         rebel.compile_from_torch(model, input_info=[("input_ids", [1, 4], "float64")])
     with pytest.raises(rebel.CompileError, match="names repeat"):
         rebel.compile_from_torch(model, input_info=[("a", [1, 4], "int64"), ("a", [1, 4, 8], "float32")])
-    with pytest.raises(rebel.CompileError, match="needs example_inputs or input_info"):
+    with pytest.raises(rebel.CompileError, match="example_inputs must be a non-empty list of tensors .or give input_info"):
         rebel.compile_from_torch(model)
 
 

@@ -57,7 +57,8 @@ def compile_from_torch(module: torch.nn.Module, example_inputs: Sequence[torch.T
     if num_devices is not None and tensor_parallel_size is not None and num_devices != tensor_parallel_size:
         raise CompileError(f"num_devices={num_devices} and tensor_parallel_size={tensor_parallel_size} "
                            f"disagree; they are the same setting, pass one")
-    size = num_devices if num_devices is not None else (tensor_parallel_size or 1)
+    size = num_devices if num_devices is not None else (
+        1 if tensor_parallel_size is None else tensor_parallel_size)
     names = None
     if input_info is not None:
         buckets = _input_info_buckets(input_info)
@@ -68,7 +69,8 @@ def compile_from_torch(module: torch.nn.Module, example_inputs: Sequence[torch.T
             built = [[_example_from_info(n, shape, dtype) for n, shape, dtype in b] for b in buckets]
             example_inputs = built[0] if len(built) == 1 else built
     elif example_inputs is None:
-        raise CompileError("compile_from_torch needs example_inputs or input_info")
+        raise CompileError("example_inputs must be a non-empty list of tensors (or give input_info: "
+                           "[(name, shape, dtype), ...])")
     compiled = compile_module(module, example_inputs, npu=npu, device_dtype=device_dtype,
                               tensor_parallel_size=size, progress=progress)
     if names is not None:
