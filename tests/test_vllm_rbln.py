@@ -212,3 +212,29 @@ def test_sampling_rules():
     assert {sample(logits, SamplingParams(temperature=1.0, top_p=0.9), g) for _ in range(200)} == {1, 2}
     min_p = {sample(logits, SamplingParams(temperature=1.0, min_p=0.5), g) for _ in range(200)}
     assert min_p == {1, 2}  # 0.429 >= 0.5 * 0.474; 0.064 is not
+
+
+def test_plugin_steps_aside_for_a_real_accelerator(monkeypatch):
+    """Installing open-rbln must not take vLLM over on a GPU machine: the plugin activates when
+    asked for (RBLN_VLLM_PLATFORM=1, VLLM_PLUGINS=rbln) or when no accelerator platform is
+    found, and device='rbln' where vLLM chose another platform says how to ask for it."""
+    import vllm_rbln
+    from vllm import platforms
+    from vllm.engine.arg_utils import EngineArgs
+
+    for name in ("RBLN_VLLM_PLATFORM", "VLLM_PLUGINS"):
+        monkeypatch.delenv(name, raising=False)
+    assert vllm_rbln.register() == "vllm_rbln.platform.RblnPlatform"  # CPU only: we serve
+    monkeypatch.setitem(platforms.builtin_platform_plugins, "cuda",
+                        lambda: "vllm.platforms.cuda.CudaPlatform")
+    assert vllm_rbln.register() is None
+    with pytest.raises(ValueError, match="RBLN_VLLM_PLATFORM=1 or VLLM_PLUGINS=rbln"):
+        EngineArgs(model="m", device="rbln")
+    monkeypatch.setenv("VLLM_PLUGINS", "rbln")
+    assert vllm_rbln.register() == "vllm_rbln.platform.RblnPlatform"
+    monkeypatch.delenv("VLLM_PLUGINS")
+    monkeypatch.setenv("RBLN_VLLM_PLATFORM", "1")
+    assert vllm_rbln.register() == "vllm_rbln.platform.RblnPlatform"
+    EngineArgs(model="m", device="rbln")  # accepted again
+    monkeypatch.setenv("RBLN_VLLM_PLATFORM", "0")
+    assert vllm_rbln.register() is None

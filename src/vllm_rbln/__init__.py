@@ -2,8 +2,11 @@
 compiled by optimum.rbln, with vLLM's continuous batching, chunked prefill, prefix caching and
 structured outputs.
 
-vLLM finds the plugin through the `vllm.platform_plugins` entry point; `RBLN_VLLM_PLATFORM=0`
-turns it off (vLLM then falls back to its own platforms).
+vLLM finds the plugin through the `vllm.platform_plugins` entry point. Installing open-rbln must
+not take vLLM over on a machine that has a real accelerator, so the plugin activates when
+`RBLN_VLLM_PLATFORM=1` or `VLLM_PLUGINS` names `rbln`, or when none of vLLM's accelerator
+platforms (CUDA, ROCm, TPU, XPU) is found: on a CPU-only machine the virtual NPU is the
+accelerator. `RBLN_VLLM_PLATFORM=0` always turns it off.
 """
 from __future__ import annotations
 
@@ -14,14 +17,35 @@ import os
 import sys
 
 DEVICES = (None, "auto", "rbln")
+ACCELERATORS = ("cuda", "rocm", "tpu", "xpu")  # vLLM's built-in platforms that are real hardware
 
 
 def register() -> str | None:
-    """Entry point: the platform class vLLM should use. vLLM calls it in every process."""
-    if os.environ.get("RBLN_VLLM_PLATFORM", "1") == "0":
-        return None
+    """Entry point: the platform class vLLM should use, or None to leave vLLM its own. vLLM
+    calls it in every process."""
     _accept_device_argument()
-    return "vllm_rbln.platform.RblnPlatform"
+    return "vllm_rbln.platform.RblnPlatform" if wanted() else None
+
+
+def wanted() -> bool:
+    """Whether this process should serve on the virtual NPU (see the module docstring)."""
+    switch = os.environ.get("RBLN_VLLM_PLATFORM")
+    if switch in ("0", "1"):
+        return switch == "1"
+    named = os.environ.get("VLLM_PLUGINS")
+    if named is not None and "rbln" in [p.strip() for p in named.split(",")]:
+        return True
+    return not any(_detects(name) for name in ACCELERATORS)
+
+
+def _detects(name: str) -> bool:
+    from vllm import platforms
+
+    detect = platforms.builtin_platform_plugins.get(name)
+    try:
+        return detect is not None and detect() is not None
+    except Exception:  # a probe that fails (driver libraries half there) found nothing usable
+        return False
 
 
 def _accept_device_argument() -> None:
@@ -42,9 +66,16 @@ def _wrap_engine_args(module) -> None:
 
         @functools.wraps(cls.__init__)
         def __init__(self, *args, device=None, _init=cls.__init__, **kwargs):
-            if device not in DEVICES:
+            active = device is None or wanted()
+            if device == "rbln" and not active:
+                raise ValueError("device='rbln': vLLM chose another platform on this machine "
+                                 "(it has a real accelerator); set RBLN_VLLM_PLATFORM=1 or "
+                                 "VLLM_PLUGINS=rbln to serve on the virtual NPU")
+            if active and device not in DEVICES:
                 raise ValueError(f"device={device!r}: the vllm_rbln platform serves device='rbln' "
                                  f"(set RBLN_VLLM_PLATFORM=0 to use vLLM's own platforms)")
+            if not active and device not in DEVICES:  # not ours: vLLM's own error for it
+                kwargs["device"] = device
             _init(self, *args, **kwargs)
 
         __init__._rbln_device = True
