@@ -34,7 +34,8 @@ def compile_from_torch(module: torch.nn.Module, example_inputs: Sequence[torch.T
                        *, input_info: Sequence | None = None, npu: str | None = None,
                        tensor_parallel_size: int | None = None, num_devices: int | None = None,
                        device_dtype: str | torch.dtype = "float16",
-                       progress: bool | None = None, **unsupported) -> RBLNCompiledModel:
+                       progress: bool | None = None, fusion: bool = True,
+                       **unsupported) -> RBLNCompiledModel:
     """Compile `module` for the NPU at the shapes of `example_inputs` or `input_info`.
 
     example_inputs: a list of tensors, or a list of such lists to compile one shape bucket each
@@ -51,6 +52,9 @@ def compile_from_torch(module: torch.nn.Module, example_inputs: Sequence[torch.T
     "float16" (default) or "bfloat16", the 16-bit format FP32 tensors become on the device.
     tensor_parallel_size (alias num_devices, the vendor's name): shard linear layers and attention
     heads over that many dies (run the result with a Runtime on as many devices).
+    fusion: True (default) fuses element-wise ops into the kernel before them; False makes every
+    op its own kernel, as PyTorch eager runs, a baseline for what fusion saves (each kernel rounds
+    its own output to device_dtype, so results still match FP32 within 16-bit tolerance).
     """
     if unsupported:
         raise CompileError(f"compile_from_torch got unsupported argument(s): {sorted(unsupported)}")
@@ -72,7 +76,7 @@ def compile_from_torch(module: torch.nn.Module, example_inputs: Sequence[torch.T
         raise CompileError("example_inputs must be a non-empty list of tensors (or give input_info: "
                            "[(name, shape, dtype), ...])")
     compiled = compile_module(module, example_inputs, npu=npu, device_dtype=device_dtype,
-                              tensor_parallel_size=size, progress=progress)
+                              tensor_parallel_size=size, progress=progress, fusion=fusion)
     if names is not None:
         for program in compiled.buckets:
             if len(program.inputs) != len(names):

@@ -41,10 +41,15 @@ class CompiledProgram:
 
 def compile_module(module: torch.nn.Module, example_inputs: Sequence, npu: str | None = None,
                    device_dtype: str | torch.dtype = "float16",
-                   progress: bool | None = None, tensor_parallel_size: int = 1) -> CompiledProgram:
+                   progress: bool | None = None, tensor_parallel_size: int = 1,
+                   fusion: bool = True) -> CompiledProgram:
     """Compile `module` at the shapes of `example_inputs`: a list of tensors (one shape), or a
     list of such lists (one shape bucket each). Modules or inputs on the meta device compile for
-    prediction only (`CompiledProgram.meta`)."""
+    prediction only (`CompiledProgram.meta`).
+
+    fusion=False makes every op its own kernel (as PyTorch eager launches one kernel per op), so
+    every intermediate goes to DRAM and is rounded to the device dtype: a baseline for what fusion
+    buys. The kernels are stored in the program, so a saved artifact reloads as compiled."""
     spec = load_spec(npu) if npu else current_machine().spec
     dtype = dtype_name(device_dtype) if isinstance(device_dtype, torch.dtype) else str(device_dtype)
     if dtype not in DEVICE_DTYPES:
@@ -53,6 +58,8 @@ def compile_module(module: torch.nn.Module, example_inputs: Sequence, npu: str |
     if isinstance(tensor_parallel_size, bool) or not isinstance(tensor_parallel_size, int) \
             or tensor_parallel_size < 1:
         raise CompileError(f"tensor_parallel_size must be a positive int, got {tensor_parallel_size!r}")
+    if not isinstance(fusion, bool):
+        raise CompileError(f"fusion must be True or False, got {fusion!r}")
     bucket_inputs = split_buckets(example_inputs)
     shown = CompileProgress(wants_progress(module, progress) if isinstance(module, torch.nn.Module)
                             else False)
@@ -64,7 +71,7 @@ def compile_module(module: torch.nn.Module, example_inputs: Sequence, npu: str |
             fold_constants(graph)
             merge_weights(graph, weights, index)
             lowered = lower_graph(graph, spec, dtype, shown, convert_weights=False,
-                                  tensor_parallel_size=tensor_parallel_size)
+                                  tensor_parallel_size=tensor_parallel_size, fusion=fusion)
             for name, t in lowered.weights.items():  # per-layout copies tensor parallelism made
                 weights.setdefault(name, t)
             programs.append(lowered.program)
@@ -77,9 +84,11 @@ def compile_module(module: torch.nn.Module, example_inputs: Sequence, npu: str |
 
 
 def lower_graph(graph: Graph, spec: ProductSpec, dtype: str, shown: CompileProgress | None = None,
-                convert_weights: bool = True, tensor_parallel_size: int = 1) -> CompiledProgram:
+                convert_weights: bool = True, tensor_parallel_size: int = 1,
+                fusion: bool = True) -> CompiledProgram:
     """Lower a captured graph to a program. convert_weights=False leaves the returned weights in
-    their graph dtype (the caller converts them once, e.g. after merging shape buckets)."""
+    their graph dtype (the caller converts them once, e.g. after merging shape buckets).
+    fusion=False: one kernel per op (see compile_module)."""
     shown = shown or CompileProgress(False)
     shown.stage("fold and partition")
     fold_constants(graph)
@@ -101,7 +110,7 @@ def lower_graph(graph: Graph, spec: ProductSpec, dtype: str, shown: CompileProgr
         shown.advance(len(seg.ops))
         if seg.kind == "device":
             _build_kernels(seg, index, last_reader, users, outputs, values, dtype, scheduler,
-                           counter, graph)
+                           counter, graph, fusion)
     weights = {name: _to_device(t, dtype) if convert_weights else t
                for name, t in graph.weights.items()}
     program = Program(
@@ -114,7 +123,7 @@ def lower_graph(graph: Graph, spec: ProductSpec, dtype: str, shown: CompileProgr
 
 
 def _build_kernels(seg: Segment, index: int, last_reader: dict[str, int], users, outputs, values,
-                   dtype, scheduler: Scheduler, counter, graph: Graph) -> None:
+                   dtype, scheduler: Scheduler, counter, graph: Graph, fusion: bool = True) -> None:
     def name(label: str) -> str:
         return f"{next(counter)}_{label}"
 
@@ -127,7 +136,7 @@ def _build_kernels(seg: Segment, index: int, last_reader: dict[str, int], users,
             label = v if v.startswith("input_") else f"cast_{v}"
             kernels.append(Kernel(name(label), "cast_in", [], [v]))
             reads.append([v])
-    for group in fuse(seg.ops, users):
+    for group in fuse(seg.ops, users, enabled=fusion):
         inside = {o.name for o in group}
         made = [o.name for o in group if o.out is not None]
         kernels.append(Kernel(name(kernel_label(group)), kernel_kind(group), group,

@@ -6,6 +6,10 @@ rounded only where the kernel writes them out (linear+bias+relu is one kernel; a
 that later kernels also read becomes an extra output).
 A chain of element-wise ops may also feed a row reduction in the same kernel (x*x then mean in
 RMSNorm). Views (alias ops) are free and join whatever kernel is open.
+
+With fusion off (`fuse(..., enabled=False)`, the `fusion=False` compile option) every op that
+computes is its own kernel, as PyTorch eager launches one kernel per op; each kernel then rounds
+its own output to the device dtype. Views still join the open kernel: eager launches none for them.
 """
 from __future__ import annotations
 
@@ -15,7 +19,9 @@ EPILOGUE_KINDS = ("elementwise", "alias")
 PROLOGUE_TARGETS = ("reduction", "norm", "softmax")  # may consume an element-wise chain
 
 
-def fuse(ops: list[Op], users: dict[str, list[str]]) -> list[list[Op]]:
+def fuse(ops: list[Op], users: dict[str, list[str]], enabled: bool = True) -> list[list[Op]]:
+    if not enabled:
+        return _one_kernel_per_op(ops)
     kinds = {op.name: op.kind for op in ops}
     groups: list[list[Op]] = []
     for op in ops:
@@ -27,6 +33,22 @@ def fuse(ops: list[Op], users: dict[str, list[str]]) -> list[list[Op]]:
                 users.get(op.name) and all(kinds.get(u) in PROLOGUE_TARGETS for u in users[op.name]):
             alone = True
         if not alone and group is not None and (_only_alias(group) or _can_absorb(group, op, users)):
+            group.append(op)
+        else:
+            groups.append([op])
+    return groups
+
+
+def _one_kernel_per_op(ops: list[Op]) -> list[list[Op]]:
+    """Unfused grouping: a new kernel for every non-alias op. An alias op (a view, or a getitem
+    unpacking a multi-output op) joins the open kernel when it reads a value made there, and a
+    compute op may join a kernel holding only views, exactly as in the fused path."""
+    groups: list[list[Op]] = []
+    for op in ops:
+        group = groups[-1] if groups else None
+        if group is not None and op.kind != "collective" and group[-1].kind != "collective" and (
+                _only_alias(group) or (op.kind == "alias" and
+                                       {o.name for o in group}.intersection(op.refs))):
             group.append(op)
         else:
             groups.append([op])
