@@ -32,6 +32,9 @@ def check_program(program: Program, npu: str) -> None:
         _check_spec(spec, f"input {name!r}", name)
     if len({n for n, _ in program.inputs}) != len(program.inputs):
         raise ArtifactError("program has two inputs of the same name")
+    _check_input_names(program)
+    if not isinstance(program.flat_outputs, bool):
+        raise ArtifactError("program flat_outputs is not a bool")
     for what, table in (("value", program.values), ("weight", program.weights)):
         for name, spec in table.items():
             _check_spec(spec, f"{what} {name!r}", name)
@@ -128,6 +131,18 @@ def _check_out_spec(program: Program) -> None:
     if spec.num_leaves != len(program.outputs):
         raise ArtifactError(f"program out_spec has {spec.num_leaves} leaves for "
                             f"{len(program.outputs)} outputs")
+
+
+def _check_input_names(program: Program) -> None:
+    """input_info's names, by which callers pass keyword inputs: one distinct string per input."""
+    names = program.input_names
+    if names is None:
+        return
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ArtifactError("program input_names is not a list of strings")
+    if len(names) != len(program.inputs) or len(set(names)) != len(names):
+        raise ArtifactError(f"program input_names lists {len(names)} names for "
+                            f"{len(program.inputs)} inputs, or repeats one")
 
 
 def _check_str(value, what: str) -> None:

@@ -126,6 +126,6 @@ class Program:
                 [Segment.from_json(s) for s in d["segments"]],
                 dict(d["buffer_updates"]), list(d["mutable_buffers"]),
                 Sharding.from_json(d.get("tensor_parallel")),
-                input_names=d.get("input_names"), flat_outputs=bool(d.get("flat_outputs", False)))
+                input_names=d.get("input_names"), flat_outputs=d.get("flat_outputs", False))
         except (KeyError, TypeError, ValueError) as e:
             raise ArtifactError(f"program is malformed: {type(e).__name__}: {e}") from None
