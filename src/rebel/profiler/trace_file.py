@@ -54,6 +54,3 @@ class TraceFile:
         if first:
             print(f"rebel: profiler trace written to {self.path} (open it at https://ui.perfetto.dev)",
                   file=sys.stderr)
-
-    def flush(self) -> None:
-        """Nothing to do: every run is on disk when `add` returns. Kept for callers that ask."""
