@@ -108,6 +108,9 @@ class Graph:
     out_spec: str  # pytree TreeSpec as JSON (torch.utils._pytree.treespec_dumps)
     buffer_updates: dict[str, str] = field(default_factory=dict)  # value name -> buffer name
     mutable_buffers: set[str] = field(default_factory=set)
+    # Static-address buffers (inputs a compile context marked): mutable buffers whose storage a
+    # runtime's context registry owns and shares with the context's other graphs.
+    static_buffers: set[str] = field(default_factory=set)
 
     def specs(self) -> dict[str, TensorSpec]:
         out = {name: spec for name, spec in self.inputs}
