@@ -122,6 +122,7 @@ class Runtime:
                                 f"({type(e).__name__}: {e})"[:400]) from None
         self._timeline: Timeline = self._buckets[0].timeline
         self.last_report: RunReport | None = None
+        self._local = threading.local()  # each thread's own latest report (thread_last_report)
         self.runs = 0
         self._profile = _profiler_enabled(activate_profiler)
         self._trace: TraceFile | None = None
@@ -226,6 +227,12 @@ class Runtime:
     # --- running --------------------------------------------------------------------------------
 
     @property
+    def thread_last_report(self) -> RunReport | None:
+        """The report of the calling thread's latest run: `last_report` is whichever thread ran
+        last, so a caller that shares the runtime with other threads reads this one."""
+        return getattr(self._local, "report", None)
+
+    @property
     def _index_to_input_name(self) -> dict[int, str]:
         """Input position -> name: input_info's names when compiled with them, else the graph's."""
         return dict(enumerate(self._input_names(self.compiled.program)))
@@ -265,6 +272,7 @@ class Runtime:
                 self._timeline = self._engine.run(build_steps(self.program, self.spec), pinned=pinned)
             events = self._timeline.events
             self.last_report = RunReport.from_events(self.program.npu, self.device, events, wall)
+            self._local.report = self.last_report
             self.runs += 1
             if self._trace is not None:
                 self._trace.add(events, self._timeline.end_s)
