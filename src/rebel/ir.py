@@ -16,7 +16,8 @@ import torch
 from .errors import ArtifactError
 
 FLOAT_DTYPES = {"float16", "bfloat16", "float32", "float64"}
-OP_NAMESPACES = ("aten", "rbln")  # rbln: ops registered by rebel.device.ops
+# rbln: ops registered by rebel.device.ops; rbln_custom_ops: the vendor's (rebel.device.vendor_ops)
+OP_NAMESPACES = ("aten", "rbln", "rbln_custom_ops")
 GETITEM = "getitem"
 
 

@@ -133,7 +133,7 @@ def _check_op(op: Op, defined: set[str], values: dict[str, TensorSpec]) -> None:
     _check_str(op.target, f"op {op.name!r} target")
     # ATen names resolve now (ArtifactError for anything else, e.g. builtins.eval); the device's
     # own rbln ops register when the runtime imports them, so only their namespace is checked.
-    if not (op.target.startswith("rbln.") and op.target.count(".") == 2):
+    if not (op.target.startswith(("rbln.", "rbln_custom_ops.")) and op.target.count(".") == 2):
         resolve_target(op.target)
     _check_names(op.refs, defined, f"op {op.name!r} arguments")
     outs = op.out if isinstance(op.out, tuple) else (op.out,)

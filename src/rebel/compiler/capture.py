@@ -11,6 +11,7 @@ from torch.export.graph_signature import InputKind, OutputKind
 from ..errors import CompileError
 from ..ir import GETITEM, Graph, Op, Ref, TensorSpec, encode, target_name, to_torch_dtype
 from .support import classify, has_host_kernel
+from .vendor_lowering import FunctionalizedOps, VENDOR_DECOMPOSITIONS, is_functionalized
 
 # Ops the device implements as one kernel, so torch.export must not decompose them.
 KEEP_WHOLE = (torch.ops.aten.scaled_dot_product_attention.default,)
@@ -56,6 +57,7 @@ def _decompositions() -> dict:
     table = torch.export.default_decompositions()
     for op in KEEP_WHOLE:
         table.pop(op, None)
+    table.update(VENDOR_DECOMPOSITIONS())
     return table
 
 
@@ -113,8 +115,16 @@ def _lower(ep: torch.export.ExportedProgram, static: dict[int, str] | None = Non
 
     ops: list[Op] = []
     out_node = None
+    dropped = _dropped_nodes(ep.graph)
+    functionalized = FunctionalizedOps(names, ops)
     for node in ep.graph.nodes:
-        if node.op == "call_function" and node.target in _checks() and not node.users:
+        if node in dropped:
+            continue
+        if node.op == "call_function" and is_functionalized(node):
+            functionalized.lower(node)
+            continue
+        if node.op == "call_function" and functionalized.owns(node):
+            functionalized.lower_result(node)
             continue
         if node.op == "call_function":
             names[node] = node.name
@@ -155,6 +165,20 @@ def _static_buffer_input(node: torch.fx.Node, name: str, weights: dict[str, torc
     return name
 
 
+def _dropped_nodes(graph: torch.fx.Graph) -> set:
+    """Export-time checks and what only they read (the symbolic comparisons around a
+    data-dependent `.item()`): nothing a run needs."""
+    dropped: set = set()
+    for node in reversed(list(graph.nodes)):
+        if node.op != "call_function":
+            continue
+        if node.target in _checks() and not node.users:
+            dropped.add(node)
+        elif node.users and all(u in dropped for u in node.users) and not is_functionalized(node):
+            dropped.add(node)
+    return dropped
+
+
 @lru_cache(maxsize=1)
 def _checks() -> frozenset:
     """Export-time assertions (dtype/shape checks, scalar asserts) that compute nothing: shapes
@@ -192,11 +216,14 @@ def _lower_call(node: torch.fx.Node, names: dict) -> Op:
     if target != GETITEM and classify(target) is None and not has_host_kernel(target):
         raise CompileError(f"node {node.name}: op {target} has no device kernel and no host path "
                            "(PyTorch has no CPU kernel for it)")
-    if target == "aten._local_scalar_dense.default":
-        raise CompileError(f"node {node.name}: the model turns a tensor into a Python number "
-                           "(.item(), .tolist(), int(t)); compiled graphs are static, keep the value "
-                           "as a tensor")
     val = node.meta.get("val")
+    if target == "aten._local_scalar_dense.default":
+        # A data-dependent scalar (.item()): the device keeps it as a 0-d tensor that the ops
+        # reading it (select, index) take as their run-time index.
+        val = node.args[0].meta["val"].new_empty(())
+    elif isinstance(val, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        raise CompileError(f"node {node.name} ({target}): arithmetic on a data-dependent scalar "
+                           "(.item()) is not supported; index with the scalar directly")
     label = _label(node, target)
     try:
         args = _arg(tuple(node.args), names)
