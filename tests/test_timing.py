@@ -169,6 +169,26 @@ def test_tensor_parallel_timing_puts_collectives_on_the_link():
                                                            spec.links.die_to_die))
 
 
+def test_predicted_latency_of_a_tensor_parallel_model_includes_its_collectives():
+    """compiled.predicted_latency_s() times the same dies and link a Runtime uses, so a TP=2
+    model's prediction pays its all-reduces and equals what a run reports."""
+    compiled = rebel.compile_from_torch(Stack(512, 2), example_inputs=[torch.randn(4, 512)],
+                                        tensor_parallel_size=2)
+    spec = compiled.compiled.spec
+    steps = build_steps(compiled.program, spec)
+    alone = EventEngine(spec, 0).run(steps).latency_s  # one die, collectives cost nothing
+    collectives = [k for s in steps if hasattr(s, "kernels") for k in s.kernels if k.plan.comm]
+    assert any(k.plan.comm == "all_reduce" for k in collectives)
+    comm_s = sum(collective_seconds(k.plan.comm, k.plan.comm_bytes, 2, spec.links.die_to_die)
+                 for k in collectives)
+    assert comm_s > 0
+    predicted = compiled.predicted_latency_s()
+    assert predicted == pytest.approx(alone + comm_s, rel=1e-9)
+    runtime = rebel.Runtime(compiled)
+    runtime.run(torch.randn(4, 512))
+    assert runtime.last_report.latency_s == pytest.approx(predicted, rel=1e-9)
+
+
 @pytest.mark.slow
 def test_validate_timing_against_h100_measurements():
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "validate_timing.py")],
