@@ -37,6 +37,10 @@ class ComputeSpec:
     matmul_efficiency: float
     kernel_launch_us: float
     attention_efficiency: float | None = None  # fused attention's fraction of peak (default: matmul's)
+    # Convolutions keep NCHW tensors but the matrix units want channels last, so each one
+    # transposes its input before and its output after (two more passes over memory, each
+    # its own launch): cuDNN on tensor cores with PyTorch's default memory format.
+    conv_layout_transposes: bool = False
 
     def peak_flops(self, dtype: str) -> float:
         """Matrix-unit peak in operations per second for a device dtype."""
