@@ -49,7 +49,11 @@ def build_model(rec: dict):
         raise ValueError(f"model record {name!r}: dtype {dtype_name!r} is not one of {sorted(DTYPES)}")
     dtype = DTYPES[dtype_name]
     overrides = dict(rec.get("config", {}))
-    b = int(rec["B"])
+    needs = ("B",) if name == "resnet50" else ("B", "S")
+    missing = [k for k in needs if k not in rec]
+    if name in MODELS and missing:
+        raise ValueError(f"model record {name!r} lacks {', '.join(missing)}")
+    b = int(rec.get("B", 0))
     with torch.device("meta"):
         if name == "bert-large":
             config = BertConfig(**{**BERT_LARGE, **overrides}, attn_implementation="sdpa")

@@ -289,6 +289,9 @@ def test_validate_timing_data_files_are_checked(tmp_path, capsys):
         vt.read_records([bad])
     with pytest.raises(SystemExit, match="no such file"):
         vt.read_records([tmp_path / "missing.jsonl"])
+    with pytest.raises(ValueError, match="'bert-large' lacks S"):
+        vt.predict_ms({"kind": "model", "model": "bert-large", "B": 1, "dtype": "float16"},
+                      load_spec("NVIDIA-H100-SXM"))
     with pytest.raises(ValueError, match="unknown model 'gpt-9'"):
         vt.predict_ms({"kind": "model", "model": "gpt-9", "B": 1, "dtype": "float16"},
                       load_spec("NVIDIA-H100-SXM"))
