@@ -5,8 +5,14 @@ PyTorch module on the meta device, compiled by the real compiler for the H100 sp
 (`rebel/npu/specs/nvidia-h100-sxm.toml`) and timed by the same event engine that times the ATOM.
 The prediction compared is the device time of the op's kernels (Task DMA + compute), as the
 measurement replays only the kernels (CUDA graphs, data already in HBM); copies are predicted
-from the host link. Prints the error per op, per kind, and `MAPE <percent>` last. `--norm-fit`
+from the host link. Prints the error per op, per kind, and `MAPE <percent>`. `--norm-fit`
 also prints how close any latency + bandwidth model gets to the norm rows when fitted to them.
+
+Records of kind "model" (`h100-models.jsonl`: whole models, CUDA-graph replay of the eager PyTorch
+module) are predicted by the same method: the same module (`timing_models.py`) compiled with
+`fusion=False`, since eager PyTorch launches one kernel per op, and timed as one device run with
+its inputs resident. Prints the error per model and `e2e MAPE <percent>` on its own line. A model
+record without `ms_median` is predicted only (printed, not in the MAPE).
 """
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ import argparse
 import itertools
 import json
 import statistics
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -25,9 +32,11 @@ from rebel.device.events import HDMA
 from rebel.npu import load_spec
 from rebel.device.engine import EventEngine
 from rebel.runtime.timeline import build_steps
+from timing_models import build_model  # benchmarks/timing_models.py
 
 # A copy of shared/calibration/h100-ops.jsonl, so a clone checks itself without shared/ beside it.
-DEFAULT_DATA = Path(__file__).resolve().parent / "data" / "h100-ops.jsonl"
+DATA = Path(__file__).resolve().parent / "data"
+DEFAULT_DATA = [DATA / "h100-ops.jsonl", DATA / "h100-models.jsonl"]
 SPEC = "NVIDIA-H100-SXM"
 
 
@@ -82,12 +91,46 @@ def predict_ms(rec: dict, spec) -> float:
         # (a plain torch tensor), as the runtime assumes for inputs it is not told are pinned.
         return spec.host_link.transfer_s(rec["nbytes"], to_device=rec["kind"] == "h2d",
                                          pinned=bool(rec.get("pinned", False))) * 1e3
-    module, inputs = build(rec)
-    compiled = compile_module(module, inputs, npu=SPEC, device_dtype="bfloat16", progress=False)
+    if rec["kind"] == "model":
+        module, inputs, dtype = build_model(rec)
+        # eager PyTorch: one kernel per op, each writing its result to HBM
+        compiled = compile_module(module, inputs, npu=SPEC, device_dtype=dtype, progress=False,
+                                  fusion=False)
+    else:
+        module, inputs = build(rec)
+        compiled = compile_module(module, inputs, npu=SPEC, device_dtype="bfloat16", progress=False)
+    return device_span_ms(compiled.program, spec)
+
+
+def device_span_ms(program, spec) -> float:
+    """What a CUDA-graph replay times: the device work of one run, inputs already in HBM."""
     engine = EventEngine(spec, device=0, resident_inputs=True)
-    events = [e for e in engine.run(build_steps(compiled.program, spec)).events
+    events = [e for e in engine.run(build_steps(program, spec)).events
               if e.device is not None and e.track != HDMA]
     return (max(e.end_s for e in events) - min(e.start_s for e in events)) * 1e3
+
+
+def read_records(paths: list[Path]) -> list[dict]:
+    """Records of every file, in order; a line that is not a JSON object with a `kind` is an
+    error naming its file and line."""
+    records = []
+    for path in paths:
+        if not path.is_file():
+            raise SystemExit(f"--data {path}: no such file")
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"{path}:{number}: not JSON ({e.msg})") from None
+            if not isinstance(rec, dict) or "kind" not in rec:
+                raise SystemExit(f"{path}:{number}: a record must be a JSON object with a 'kind'")
+            if rec["kind"] not in ("device", "h2d", "d2h") and rec["kind"] != "model" \
+                    and "ms_median" not in rec:
+                raise SystemExit(f"{path}:{number}: op record of kind {rec['kind']!r} has no ms_median")
+            records.append(rec)
+    return records
 
 
 def norm_fit(records: list[dict]) -> None:
@@ -121,22 +164,16 @@ def describe(rec: dict) -> str:
     return text
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA,
-                        help="JSONL of measured op timings (same format as h100-ops.jsonl)")
-    parser.add_argument("--norm-fit", action="store_true",
-                        help="also print the best MAPE any latency + bandwidth model fitted to the "
-                             "norm rows themselves can reach (how far the data allows)")
-    args = parser.parse_args()
-    spec = load_spec(SPEC)
-    records = [json.loads(line) for line in args.data.read_text().splitlines() if line.strip()]
+def describe_model(rec: dict) -> str:
+    skip = {"kind", "model", "ms_median", "ms_min", "ms_max", "config"}
+    text = rec["model"] + " " + " ".join(f"{k}={v}" for k, v in rec.items() if k not in skip)
+    return text + (" (tiny config)" if rec.get("config") else "")
+
+
+def op_rows(records: list[dict], spec) -> float | None:
     errors: dict[str, list[float]] = defaultdict(list)
     print(f"{'kind':10s} {'op':58s} {'measured ms':>12s} {'predicted ms':>13s} {'error':>8s}")
     for rec in records:
-        if rec["kind"] == "device":
-            print(f"# {rec['name']}: {rec['method']}")
-            continue
         measured = rec["ms_median"]
         predicted = predict_ms(rec, spec)
         err = (predicted - measured) / measured
@@ -153,10 +190,54 @@ def main() -> None:
     copies = [r for r in records if r["kind"] in ("h2d", "d2h")]
     if copies and not any(r.get("pinned") for r in copies):
         print("# no pinned copy rows in the data: the pinned path's figures are unchecked here")
-    if args.norm_fit:
-        norm_fit(records)
     every = [e for errs in errors.values() for e in errs]
-    print(f"MAPE {statistics.mean(every) * 100:.1f}")
+    return statistics.mean(every) * 100 if every else None
+
+
+def model_rows(records: list[dict], spec) -> float | None:
+    print(f"{'model':58s} {'measured ms':>12s} {'predicted ms':>13s} {'error':>8s} {'compile s':>10s}")
+    errors = []
+    for rec in records:
+        start = time.perf_counter()
+        predicted = predict_ms(rec, spec)
+        compile_s = time.perf_counter() - start
+        measured = rec.get("ms_median")
+        if measured is None:  # predicted only: no measurement of this model is shared
+            print(f"{describe_model(rec)[:58]:58s} {'-':>12s} {predicted:13.4f} {'-':>8s} "
+                  f"{compile_s:10.1f}")
+            continue
+        err = (predicted - measured) / measured
+        errors.append(abs(err))
+        print(f"{describe_model(rec)[:58]:58s} {measured:12.4f} {predicted:13.4f} {err * 100:+7.1f}% "
+              f"{compile_s:10.1f}")
+    return statistics.mean(errors) * 100 if errors else None
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--data", type=Path, nargs="+", default=DEFAULT_DATA,
+                        help="JSONL files of measured op and/or model timings (the format of "
+                             "h100-ops.jsonl and h100-models.jsonl); default: both shared files")
+    parser.add_argument("--norm-fit", action="store_true",
+                        help="also print the best MAPE any latency + bandwidth model fitted to the "
+                             "norm rows themselves can reach (how far the data allows)")
+    args = parser.parse_args(argv)
+    spec = load_spec(SPEC)
+    records = read_records(args.data)
+    for name in dict.fromkeys(r["name"] + ": " + r["method"] for r in records if r["kind"] == "device"):
+        print(f"# {name}")
+    ops = [r for r in records if r["kind"] not in ("device", "model")]
+    models = [r for r in records if r["kind"] == "model"]
+    mape = op_rows(ops, spec) if ops else None
+    if args.norm_fit:
+        norm_fit(ops)
+    if mape is not None:
+        print(f"MAPE {mape:.1f}")
+    if models:
+        print()
+        e2e = model_rows(models, spec)
+        if e2e is not None:
+            print(f"e2e MAPE {e2e:.1f}")
 
 
 if __name__ == "__main__":

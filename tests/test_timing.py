@@ -169,10 +169,31 @@ def test_tensor_parallel_timing_puts_collectives_on_the_link():
                                                            spec.links.die_to_die))
 
 
+def test_predicted_latency_of_a_tensor_parallel_model_includes_its_collectives():
+    """compiled.predicted_latency_s() times the same dies and link a Runtime uses, so a TP=2
+    model's prediction pays its all-reduces and equals what a run reports."""
+    compiled = rebel.compile_from_torch(Stack(512, 2), example_inputs=[torch.randn(4, 512)],
+                                        tensor_parallel_size=2)
+    spec = compiled.compiled.spec
+    steps = build_steps(compiled.program, spec)
+    alone = EventEngine(spec, 0).run(steps).latency_s  # one die, collectives cost nothing
+    collectives = [k for s in steps if hasattr(s, "kernels") for k in s.kernels if k.plan.comm]
+    assert any(k.plan.comm == "all_reduce" for k in collectives)
+    comm_s = sum(collective_seconds(k.plan.comm, k.plan.comm_bytes, 2, spec.links.die_to_die)
+                 for k in collectives)
+    assert comm_s > 0
+    predicted = compiled.predicted_latency_s()
+    assert predicted == pytest.approx(alone + comm_s, rel=1e-9)
+    runtime = rebel.Runtime(compiled)
+    runtime.run(torch.randn(4, 512))
+    assert runtime.last_report.latency_s == pytest.approx(predicted, rel=1e-9)
+
+
 @pytest.mark.slow
 def test_validate_timing_against_h100_measurements():
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "validate_timing.py")],
-                         capture_output=True, text=True, timeout=600, check=True).stdout
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "validate_timing.py"), "--data",
+                          str(ROOT / "benchmarks" / "data" / "h100-ops.jsonl")],
+                         capture_output=True, text=True, timeout=1200, check=True).stdout
     last = out.strip().splitlines()[-1]
     assert last.startswith("MAPE ")
     mape = float(last.split()[1])
@@ -184,3 +205,132 @@ def test_validate_timing_against_h100_measurements():
     assert kinds["gemm"] < 15 and kinds["attention"] < 25
     # the calibration copies are all pageable (pinned=false); each is reported under its path
     assert kinds["h2d-pageable"] < 10 and kinds["d2h-pageable"] < 5
+
+
+# --- whole-model rows of benchmarks/validate_timing.py, and the GPU mechanisms ---------------
+
+def _validate_timing():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import validate_timing
+    finally:
+        sys.path.pop(0)
+    return validate_timing
+
+
+TINY_BERT = {"kind": "model", "model": "bert-large", "phase": "forward", "B": 2, "S": 16,
+             "dtype": "float16", "ms_median": 0.05,
+             "config": {"num_hidden_layers": 1, "hidden_size": 64, "num_attention_heads": 2,
+                        "intermediate_size": 128, "vocab_size": 100}}
+
+
+def test_model_rows_predict_the_eager_module_with_fusion_off(tmp_path, capsys):
+    """A model row is the same module compiled with fusion=False (one kernel per op) and timed
+    as one device run; its error and the `e2e MAPE` line follow from that prediction."""
+    import json
+    from transformers import BertConfig, BertModel
+
+    vt = _validate_timing()
+    data = tmp_path / "models.jsonl"
+    data.write_text(json.dumps(TINY_BERT) + "\n")
+    vt.main(["--data", str(data)])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-1].startswith("e2e MAPE ")
+    row = next(line for line in out if line.startswith("bert-large"))
+    predicted = float(row.split()[-3])
+
+    config = BertConfig(**{**vt_bert(), **TINY_BERT["config"]}, attn_implementation="sdpa")
+    with torch.device("meta"):
+        model = BertModel(config).to(torch.float16).eval()
+    ids = torch.empty(2, 16, dtype=torch.long, device="meta")
+    spec = load_spec("NVIDIA-H100-SXM")
+    eager = compile_module(model, [ids], npu="NVIDIA-H100-SXM", fusion=False, progress=False)
+    fused = compile_module(model, [ids], npu="NVIDIA-H100-SXM", fusion=True, progress=False)
+    assert len(eager.program.kernels) > len(fused.program.kernels)
+    expected = kernel_span_s(eager.program, spec) * 1e3
+    assert predicted == pytest.approx(expected, rel=1e-3)
+    assert expected > kernel_span_s(fused.program, spec) * 1e3  # one kernel per op costs more
+    err = abs(expected - TINY_BERT["ms_median"]) / TINY_BERT["ms_median"] * 100
+    assert float(out[-1].split()[-1]) == pytest.approx(err, abs=0.06)
+
+
+def vt_bert():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from timing_models import BERT_LARGE
+    finally:
+        sys.path.pop(0)
+    return BERT_LARGE
+
+
+def test_validate_timing_data_files_are_checked(tmp_path, capsys):
+    import json
+
+    vt = _validate_timing()
+    good = tmp_path / "a.jsonl"
+    good.write_text(json.dumps({"kind": "h2d", "nbytes": 1 << 20, "ms_median": 0.1}) + "\n\n")
+    other = tmp_path / "b.jsonl"
+    other.write_text(json.dumps({"kind": "d2h", "nbytes": 1 << 20, "ms_median": 0.1}) + "\n")
+    records = vt.read_records([good, other])
+    assert [r["kind"] for r in records] == ["h2d", "d2h"]  # both files, blank lines skipped
+    vt.main(["--data", str(good), str(other)])
+    out = capsys.readouterr().out
+    assert "h2d-pageable" in out and "d2h-pageable" in out and "e2e MAPE" not in out
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"kind": "h2d", "nbytes": 1, "ms_median": 1}) + "\n{not json\n")
+    with pytest.raises(SystemExit, match=r"bad.jsonl:2: not JSON"):
+        vt.read_records([bad])
+    bad.write_text(json.dumps([1, 2]) + "\n")
+    with pytest.raises(SystemExit, match=r"bad.jsonl:1: a record must be a JSON object"):
+        vt.read_records([bad])
+    bad.write_text(json.dumps({"kind": "gemm", "M": 1, "N": 1, "K": 1}) + "\n")
+    with pytest.raises(SystemExit, match="has no ms_median"):
+        vt.read_records([bad])
+    with pytest.raises(SystemExit, match="no such file"):
+        vt.read_records([tmp_path / "missing.jsonl"])
+    with pytest.raises(ValueError, match="'bert-large' lacks S"):
+        vt.predict_ms({"kind": "model", "model": "bert-large", "B": 1, "dtype": "float16"},
+                      load_spec("NVIDIA-H100-SXM"))
+    with pytest.raises(ValueError, match="unknown model 'gpt-9'"):
+        vt.predict_ms({"kind": "model", "model": "gpt-9", "B": 1, "dtype": "float16"},
+                      load_spec("NVIDIA-H100-SXM"))
+
+
+def test_gpu_kernels_run_in_stream_order_without_cross_kernel_prefetch():
+    """On the H100 spec a kernel's loads start only after the previous kernel completes (a GPU
+    has no DMA running ahead of the stream); on the ATOM the next weights prefetch meanwhile."""
+    x = torch.empty(2048, 1024, dtype=torch.float16, device="meta")
+    with torch.device("meta"):
+        model = ComputeThenWeights().half()
+    for npu, overlaps in (("RBLN-CA12", True), ("NVIDIA-H100-SXM", False)):
+        spec = load_spec(npu)
+        assert spec.die.dma.loads_in_stream_order is not overlaps
+        compiled = compile_module(model, [x], npu=npu, progress=False)
+        events = EventEngine(spec, 0, resident_inputs=True).run(
+            build_steps(compiled.program, spec)).events
+        kernels = [e for e in events if e.category == "kernel"]
+        loads = [e for e in events if e.track == TASK_DMA and e.category == "dma_in"]
+        early = any(k.start_s < w.start_s < k.end_s - 1e-12 for w in loads for k in kernels
+                    if not w.name.endswith(k.name))
+        assert early is overlaps, npu
+
+
+def test_nchw_convolutions_pay_two_layout_transposes_on_the_gpu():
+    from dataclasses import replace
+
+    from rebel.device.timing import kernel_time, task_dma_seconds
+
+    conv = torch.nn.Conv2d(64, 64, 3, padding=1).half().to("meta")
+    x = torch.empty(8, 64, 56, 56, dtype=torch.float16, device="meta")
+    compiled = compile_module(conv, [x], npu="NVIDIA-H100-SXM", progress=False)
+    kernel = next(k for k in compiled.program.kernels if k.kind == "conv")
+    spec = load_spec("NVIDIA-H100-SXM")
+    plain = replace(spec, die=replace(spec.die, compute=replace(spec.die.compute,
+                                                               conv_layout_transposes=False)))
+    with_t = kernel_time(kernel.plan, spec, "float16", "conv").compute_s
+    without = kernel_time(kernel.plan, plain, "float16", "conv").compute_s
+    act = 8 * 64 * 56 * 56 * 2  # the input activation, and the output has the same size
+    expected = (2 * spec.die.compute.kernel_launch_s + task_dma_seconds(2 * act, spec)
+                + task_dma_seconds(2 * act, spec))
+    assert with_t - without == pytest.approx(expected, rel=1e-6)

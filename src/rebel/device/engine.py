@@ -150,6 +150,11 @@ class EventEngine:
         weights = [x for x in k.plan.dma_in if x.weight]
         acts = [x for x in k.plan.dma_in if not x.weight]
         w_bytes = sum(x.nbytes for x in weights)
+        # Stream order (a GPU): the kernel starts once the previous one has completed (its
+        # results written) and issues its own loads; nothing runs ahead across kernels. Its
+        # launch cost overlaps its first loads, as for any kernel here.
+        stream = spec.die.dma.loads_in_stream_order
+        issued = max(q.ne, q.dma)
         prefetched = bool(weights) and self.prefetch and w_bytes <= spec.die.memory.shared_sram_bytes // 2
         # Prefetched weights load as soon as the queue is free; otherwise they stream in behind
         # the activations while the kernel runs.
@@ -163,9 +168,11 @@ class EventEngine:
             start = max([q.dma] + [q.in_dram.get(x.value, q.t0) for x in group if not x.weight])
             if label == "weights" and not prefetched:
                 start = max(start, q.ne)  # no SRAM to spare before the previous kernel ends
+            if stream:
+                start = max(start, issued)
             args = {"bytes": nbytes, "values": [x.value for x in group]}
             if label == "weights":
-                args["prefetch"] = prefetched
+                args["prefetch"] = prefetched and not stream
             last_load = q.emit(TASK_DMA, f"{label} {k.name}", start,
                                task_dma_seconds(nbytes, spec, k.kind), "dma_in", args)
             q.dma = last_load.end_s
@@ -173,8 +180,8 @@ class EventEngine:
         # Kernels run in order, so what they read from SRAM is ready; the launch (command issue)
         # overlaps the first tile's load.
         tiles = max(1, k.plan.tiles)
-        start = q.ne + k.time.launch_s
-        first_tile = q.ne
+        start = (issued if stream else q.ne) + k.time.launch_s
+        first_tile = issued if stream else q.ne
         if last_load is not None:
             first_tile = last_load.end_s if tiles == 1 else min(last_load.end_s,
                                                                  last_load.start_s + k.time.first_in_s)
@@ -184,7 +191,7 @@ class EventEngine:
             end = max(end, last_load.end_s + k.time.compute_s / tiles)
         # The slice shows the engine busy from its launch, but not before its first operands are
         # on chip.
-        start = max(q.ne, start - k.time.launch_s, first_tile)
+        start = max(issued if stream else q.ne, start - k.time.launch_s, first_tile)
         ne = q.emit(NEURAL_ENGINE, k.name, start, end - start, "kernel",
                     {"ops": list(k.ops), "kind": k.kind, "flops": k.plan.flops, "tiles": tiles})
         q.ne = ne.end_s

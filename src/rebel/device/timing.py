@@ -121,10 +121,20 @@ def kernel_time(plan: KernelPlan, spec: ProductSpec, dtype: str, kind: str = "")
     sram_s = plan.sram_bytes / m.shared_sram_bandwidth
     # An element-wise epilogue runs on the vector units while the next tile's GEMM runs.
     compute_s = max(matrix_s, vector_s) + sram_s
+    if kind == "conv" and c.conv_layout_transposes:
+        compute_s += layout_transposes_seconds(plan, spec)
     tiles = max(1, plan.tiles)
     return KernelTime(c.kernel_launch_s, compute_s,
                       task_dma_seconds(plan.bytes_in / tiles, spec, kind) if plan.dma_in else 0.0,
                       task_dma_seconds(plan.bytes_out / tiles, spec, kind) if plan.dma_out else 0.0)
+
+
+def layout_transposes_seconds(plan: KernelPlan, spec: ProductSpec) -> float:
+    """Input to channels-last and output back: each a launch plus a read and a write of the
+    activation (weights are transposed once, at load)."""
+    acts = sum(t.nbytes for t in plan.dma_in if not t.weight)
+    return (2 * spec.die.compute.kernel_launch_s + task_dma_seconds(2 * acts, spec)
+            + task_dma_seconds(2 * plan.bytes_out, spec))
 
 
 def task_dma_seconds(nbytes: float, spec: ProductSpec, kind: str = "") -> float:

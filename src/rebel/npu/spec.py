@@ -37,6 +37,10 @@ class ComputeSpec:
     matmul_efficiency: float
     kernel_launch_us: float
     attention_efficiency: float | None = None  # fused attention's fraction of peak (default: matmul's)
+    # Convolutions keep NCHW tensors but the matrix units want channels last, so each one
+    # transposes its input before and its output after (two more passes over memory, each
+    # its own launch): cuDNN on tensor cores with PyTorch's default memory format.
+    conv_layout_transposes: bool = False
 
     def peak_flops(self, dtype: str) -> float:
         """Matrix-unit peak in operations per second for a device dtype."""
@@ -101,6 +105,11 @@ class DmaSpec:
     # Fraction of the Task DMA bandwidth that row reductions (norms, softmax) achieve: they
     # alternate statistics and normalisation passes instead of streaming.
     reduction_efficiency: float = 1.0
+    # A GPU has no DMA engine running ahead of the kernel stream: each kernel issues its own
+    # loads once it is launched, and is launched only when the previous kernel has completed
+    # (stream order). So nothing is prefetched across kernels and the launch gap is paid in
+    # series with the loads. An NPU's Task DMA runs ahead (predictive DMA): false.
+    loads_in_stream_order: bool = False
 
     @property
     def task_dma_bandwidth(self) -> float:
@@ -354,6 +363,10 @@ def _convert(hint, value, key: str, where: str):
         if key.endswith("efficiency") and value > 1:
             raise SpecError(f"{key} in {where} is a fraction of peak and must be at most 1, got {value!r}")
         return float(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise SpecError(f"{key} in {where} must be true or false, got {value!r}")
+        return value
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise SpecError(f"{key} in {where} must be a positive integer, got {value!r}")

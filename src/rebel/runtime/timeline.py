@@ -104,5 +104,18 @@ def _scaled(plan: KernelPlan, fill: float, caches: set[str]) -> KernelPlan:
     return replace(plan, flops=plan.flops * fill, gemm=gemm, dma_in=dma_in)
 
 
+def die_group(program: Program, spec: ProductSpec, device: int = 0):
+    """The dies a run of `program` from `device` uses and the link their collectives take: as
+    many consecutive dies as it was compiled for (as `Runtime` places it), over the card's
+    die-to-die link when they share a card, else the card-to-card link. Devices are numbered
+    card by card, `spec.dies` to a card, as the machine shows them."""
+    group = tuple(range(device, device + program.tensor_parallel_size))
+    one_card = len({d // spec.dies for d in group}) == 1
+    return group, spec.links.die_to_die if one_card else spec.links.card_to_card
+
+
 def predict(program: Program, spec: ProductSpec, device: int = 0, prefetch: bool = True) -> Timeline:
-    return EventEngine(spec, device, prefetch).run(build_steps(program, spec))
+    """Predicted timeline of one run, tensor-parallel collectives included (without the group a
+    sharded program's collectives would cost nothing)."""
+    group, link = die_group(program, spec, device)
+    return EventEngine(spec, device, prefetch, group=group, link=link).run(build_steps(program, spec))
