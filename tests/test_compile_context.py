@@ -360,3 +360,36 @@ def test_bad_context_use_is_refused():
                                  compile_context=object())
     with pytest.raises(rebel.CompileError, match="use_weight_sharing"):
         CompileContext(use_weight_sharing="yes")
+
+
+def test_mutated_context_artifacts_load_and_run_or_raise_artifact_error(tmp_path):
+    """The artifact fuzzer's mutations applied to a model with a static buffer and a
+    weight-sharing context record: the new manifest and program fields are checked on load."""
+    from test_artifact_fuzz import mutate  # tests/ is on the path under pytest
+
+    import random
+    _, _, prefill, _ = compile_pair()
+    path = prefill.save(tmp_path / "prefill.rbln")
+    data = path.read_bytes()
+    with rebel.Runtime(prefill) as p:
+        expected = p(*chunk_inputs())
+    rng = random.Random(3)
+    escapes, refused = [], 0
+    for case in range(150):
+        blob, resealed = mutate(data, rng)
+        path.write_bytes(blob)
+        try:
+            with rebel.Runtime(path) as rt:
+                y = rt(*chunk_inputs())
+        except rebel.ArtifactError:
+            refused += 1
+        except rebel.DeviceMemoryError:
+            if not resealed:  # only a rewritten (resealed) buffer size may ask for too much
+                escapes.append(f"case {case}: DeviceMemoryError without a rewrite")
+        except Exception as e:  # noqa: BLE001 - what the test is looking for
+            escapes.append(f"case {case}: {type(e).__name__}: {e}"[:300])
+        else:
+            if not resealed and not torch.equal(y, expected):
+                escapes.append(f"case {case}: loaded but output differs")
+    assert not escapes, "\n".join(escapes)
+    assert refused > 50

@@ -123,6 +123,10 @@ class RBLNCompiledModel:
         return next(p.static_buffers[name][0] for p in self.buckets if name in p.static_buffers)
 
     def _set_first_dim(self, name: str, rows: int) -> None:
+        compiled = next(p.weights[name].shape[0] for p in self.buckets if name in p.static_buffers)
+        if rows < compiled:
+            raise CompileError(f"static buffer {name!r} cannot shrink to {rows} rows: it was "
+                               f"compiled with {compiled} and its kernels address all of them")
         for p in self.buckets:
             if name in p.static_buffers:
                 p.static_buffers[name] = [rows, *p.static_buffers[name][1:]]
