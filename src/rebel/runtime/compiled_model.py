@@ -166,4 +166,10 @@ class RBLNCompiledModel:
                  f"segments={len(p.segments)}, buckets={len(self.buckets)}"
                  f"{', meta (prediction only)' if self.is_meta else ''},",
                  f"  predicted latency={self.predicted_latency_s() * 1e6:.1f} us)"]
+        if self.compiled.context:
+            c = self.compiled.context
+            buffers = ", ".join(f"{n}: {p.static_buffer_spec(n)}" for n in p.static_buffers)
+            lines[-1] = lines[-1][:-1] + ","
+            lines.append(f"  compile context={c['id'][:8]} (weight sharing "
+                         f"{'on' if c['weight_sharing'] else 'off'}), static buffers=[{buffers}])")
         return "\n".join(lines)
