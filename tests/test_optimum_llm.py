@@ -272,3 +272,36 @@ def test_kv_cache_is_not_stored_in_the_artifact(llama, tmp_path):
     program = llama.compiled_models["model"].program
     cache_bytes = sum(program.weights[n].nbytes() for n in caches)
     assert weights < program.weight_bytes - cache_bytes + 4096  # header slack only
+
+
+def test_concurrent_generate_calls_equal_serial_ones(llama):
+    """Threads sharing one model: each generate() gets its own KV-cache slots (they used to all
+    take slots 0..b-1 and overwrite each other's caches, giving wrong tokens). Six calls of
+    batch 1 and 2 over rbln_batch_size=4 slots also make some of them wait for free slots."""
+    import threading
+    jobs = [[prompt(n, 40 + n)] for n in (7, 23, 11)] + [[prompt(5, 1), prompt(30, 2)]
+                                                          for _ in range(3)]
+    serial = [llama.generate(*left_padded(ps), max_new_tokens=10) for ps in jobs]
+    got = [None] * len(jobs)
+
+    def work(i):
+        ids, mask = left_padded(jobs[i])
+        got[i] = llama.generate(ids, attention_mask=mask, max_new_tokens=10)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(g is not None and torch.equal(a, g) for a, g in zip(serial, got))
+
+
+def test_open_sessions_hold_slots_and_too_many_is_a_clear_error(llama):
+    held = llama.start_session([prompt(4, 1), prompt(4, 2), prompt(4, 3)])
+    with pytest.raises(rebel.InputError, match="KV-cache slot"):
+        llama.start_session([prompt(4, 4), prompt(4, 5)])
+    with pytest.raises(rebel.InputError, match="KV-cache slot"):
+        llama.generate(*left_padded([prompt(4, 4), prompt(4, 5)]), max_new_tokens=2)
+    out = llama.generate(prompt(6, 7).unsqueeze(0), max_new_tokens=3)  # the one free slot
+    held.close()
+    assert torch.equal(out, llama.generate(prompt(6, 7).unsqueeze(0), max_new_tokens=3))

@@ -90,7 +90,8 @@ def check_program(program: Program, npu: str) -> None:
 
 def _check_static_buffers(program: Program) -> None:
     """Static buffers: names of mutable buffers, each with an allocated shape of the compiled
-    rank whose dims (after a resize, the first may differ) are positive ints."""
+    rank whose dims are positive ints; only the first may differ (a resize), never below the
+    compiled size (the kernels address every compiled row)."""
     table = program.static_buffers
     if not isinstance(table, dict):
         raise ArtifactError("program static_buffers is not an object")
@@ -100,7 +101,8 @@ def _check_static_buffers(program: Program) -> None:
         compiled = program.weights[name].shape
         if not isinstance(shape, list) or len(shape) != len(compiled) or any(
                 isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in shape) \
-                or list(shape[1:]) != list(compiled[1:]) or math.prod(shape) > MAX_NUMEL:
+                or list(shape[1:]) != list(compiled[1:]) or math.prod(shape) > MAX_NUMEL \
+                or (compiled and shape[0] < compiled[0]):
             raise ArtifactError(f"program static buffer {name!r} has a malformed allocated shape "
                                 f"{shape!r} (compiled {list(compiled)})"[:300])
 

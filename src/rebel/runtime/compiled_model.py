@@ -123,6 +123,10 @@ class RBLNCompiledModel:
         return next(p.static_buffers[name][0] for p in self.buckets if name in p.static_buffers)
 
     def _set_first_dim(self, name: str, rows: int) -> None:
+        compiled = next(p.weights[name].shape[0] for p in self.buckets if name in p.static_buffers)
+        if rows < compiled:
+            raise CompileError(f"static buffer {name!r} cannot shrink to {rows} rows: it was "
+                               f"compiled with {compiled} and its kernels address all of them")
         for p in self.buckets:
             if name in p.static_buffers:
                 p.static_buffers[name] = [rows, *p.static_buffers[name][1:]]
@@ -162,4 +166,10 @@ class RBLNCompiledModel:
                  f"segments={len(p.segments)}, buckets={len(self.buckets)}"
                  f"{', meta (prediction only)' if self.is_meta else ''},",
                  f"  predicted latency={self.predicted_latency_s() * 1e6:.1f} us)"]
+        if self.compiled.context:
+            c = self.compiled.context
+            buffers = ", ".join(f"{n}: {p.static_buffer_spec(n)}" for n in p.static_buffers)
+            lines[-1] = lines[-1][:-1] + ","
+            lines.append(f"  compile context={c['id'][:8]} (weight sharing "
+                         f"{'on' if c['weight_sharing'] else 'off'}), static buffers=[{buffers}])")
         return "\n".join(lines)
