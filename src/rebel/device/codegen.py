@@ -10,10 +10,13 @@ Rounding follows the interpreter's rule (each kernel rounds its outputs once, af
 but in place, in native code (`rounding.round_`), and only where it changes something:
   * a result computed fresh by the kernel is rounded in its own memory;
   * a view (permute, view, slice, ...) of a value the kernel received is skipped: every value a
-    kernel receives is already rounded (weights, earlier kernels' outputs, cast-in inputs);
+    kernel receives is already rounded (weights, earlier kernels' outputs, cast-in inputs); so
+    is a result that only moves or selects such values (clone, cat, embedding, gather, where,
+    relu, max, ...: `EXACT_OPS`), since rounding a 16-bit value changes nothing;
   * a view of a value the kernel computed rounds that value's memory, and with it the view;
   * anything else (a multi-result value, an op that may alias without being a view, a cast
-    kernel reading the caller's tensor) gets a rounded copy, as the interpreter makes.
+    kernel reading the caller's tensor) gets a rounded copy, as the interpreter makes;
+  * an output cast of a value this block computed (so rounded, in memory of its own) is skipped.
 Values no later code reads stay locals and are freed at their last use.
 """
 from __future__ import annotations
@@ -22,7 +25,7 @@ import math
 
 import torch
 
-from ..ir import GETITEM, Op, Ref, resolve_target, to_torch_dtype
+from ..ir import GETITEM, Op, Ref, TensorSpec, resolve_target, to_torch_dtype
 from .ops import DEVICE_IMPLS, INPLACE_RESULTS
 from .rounding import round_, rounded
 
@@ -30,6 +33,12 @@ from .rounding import round_, rounded
 VIEW_OPS = frozenset("""view _unsafe_view unsqueeze squeeze expand slice select alias t transpose
     permute detach as_strided diagonal unfold narrow split_with_sizes split unbind chunk view_as
     expand_as movedim swapaxes""".split())
+
+# Ops whose results are values of their inputs (moved, selected, sign-changed): on 16-bit inputs
+# they give 16-bit values, which rounding leaves unchanged.
+EXACT_OPS = frozenset("""clone cat flip roll repeat embedding index_select gather index.Tensor
+    slice_scatter select_scatter where.self relu neg abs maximum minimum amax amin max.dim
+    min.dim max.default min.default""".split())
 
 
 def _op_name(target: str) -> str:
@@ -95,12 +104,13 @@ class CompiledBlock:
 
     kernels: (ops, outputs) per kernel; a kernel without ops is a cast that rounds its outputs
     (the input cast reads the caller's tensor, so it always writes a copy). keep: the values code
-    outside the block reads (stored into the environment); everything else stays local."""
+    outside the block reads (stored into the environment); everything else stays local.
+    shared: values that stay on the device too (buffer updates), whose output cast must copy."""
 
     def __init__(self, kernels: list[tuple[list[Op], list[str]]], dtype: str, keep: set[str],
-                 name: str = "block"):
+                 name: str = "block", shared: frozenset = frozenset()):
         self.dtype = to_torch_dtype(dtype)
-        self.source, namespace = _generate(kernels, keep, name)
+        self.source, namespace = _generate(kernels, keep, name, shared)
         namespace.update(R=round_, C=rounded, D=self.dtype)
         code = compile(self.source, f"<rbln {name}>", "exec")
         exec(code, namespace)  # noqa: S102 - our own generated source, from the program's ops
@@ -110,12 +120,13 @@ class CompiledBlock:
         self.fn(env)
 
 
-def _generate(kernels, keep: set[str], name: str) -> tuple[str, dict]:
+def _generate(kernels, keep: set[str], name: str, shared: frozenset) -> tuple[str, dict]:
     em = _Emitter()
     body: list[str] = []
     produced: dict[str, Op] = {}
     loaded: set[str] = set()
     lines_of_use: dict[str, int] = {}
+    own: set[str] = set()  # rounded values in memory this block allocated
     stmts: list[tuple[str, list[str]]] = []  # (line, names it reads)
 
     def load(ref: str) -> None:
@@ -127,6 +138,8 @@ def _generate(kernels, keep: set[str], name: str) -> tuple[str, dict]:
         inside: dict[str, Op] = {}
         if not ops:  # a cast kernel: rounded copies, as the device's cast writes a new buffer
             for o in outputs:
+                if o in own and o not in shared:
+                    continue  # computed here, rounded already: the copy would change nothing
                 load(o)
                 stmts.append((f"{em.var(o)} = C({em.var(o)}, D)", [o]))
             continue
@@ -144,7 +157,7 @@ def _generate(kernels, keep: set[str], name: str) -> tuple[str, dict]:
             stmts.append((line, op.refs))
             inside[op.name] = op
             produced[op.name] = op
-        stmts.extend(_rounding(ops, outputs, inside, em))
+        stmts.extend(_rounding(ops, outputs, inside, em, own))
     # Stores and frees: a value read outside the block goes to env; locals die at last use.
     for i, (_, reads) in enumerate(stmts):
         for r in reads:
@@ -166,9 +179,28 @@ def _rebound(kernels) -> set[str]:
     return {o for ops, outputs in kernels if not ops for o in outputs}
 
 
-def _rounding(ops: list[Op], outputs: list[str], inside: dict[str, Op], em: _Emitter):
-    """Statements rounding one kernel's outputs (see the module docstring for the rule)."""
+def _exact(ops: list[Op]) -> set[str]:
+    """Values of the kernel that are 16-bit values already: views and EXACT_OPS results of
+    values the kernel received (all rounded) or of such values, and non-float results."""
+    exact: set[str] = set()
+    inside = {op.name for op in ops}
+    for op in ops:
+        name = _op_name(op.target)
+        key = op.target.removeprefix("aten.")
+        listed = key in EXACT_OPS or key.removesuffix(".default") in EXACT_OPS
+        if isinstance(op.out, TensorSpec) and not op.out.is_float:
+            exact.add(op.name)
+        elif op.target == GETITEM or name in VIEW_OPS or listed:
+            if all(r in exact or r not in inside for r in op.refs) and op.target not in DEVICE_IMPLS:
+                exact.add(op.name)
+    return exact
+
+
+def _rounding(ops: list[Op], outputs: list[str], inside: dict[str, Op], em: _Emitter, own: set):
+    """Statements rounding one kernel's outputs (see the module docstring for the rule); adds
+    to `own` the outputs that end up rounded in memory the block allocated."""
     in_place = {(op.name, i) for op in ops for i in INPLACE_RESULTS.get(op.target, ())}
+    exact = _exact(ops)
     flags: dict[str, str] = {}
     stmts = []
     for o in outputs:
@@ -177,15 +209,20 @@ def _rounding(ops: list[Op], outputs: list[str], inside: dict[str, Op], em: _Emi
             continue  # a cache the kernel updated in place: device values already
         if isinstance(op.out, tuple) or op.out is None:
             stmts.append((f"{em.var(o)} = C({em.var(o)}, D)", [o]))
+            own.add(o)
             continue
-        if not op.out.is_float:
-            continue  # integers and booleans: rounding leaves them as they are
         base = _view_base(op, inside)
+        if o in exact:  # 16-bit values already (views or moves of rounded values, integers)
+            if base is not None and base in inside and op.out.is_float:
+                own.add(o)
+            continue
         if base is None:
             stmts.append((f"{em.var(o)} = C({em.var(o)}, D)", [o]))
+            own.add(o)
             continue
         if base not in inside:
             continue  # a view of a value the kernel received: rounded already
+        own.add(o)
         if base not in flags:
             flags[base] = f"ok{len(em.names)}_{len(flags)}"
             stmts.append((f"{flags[base]} = R({em.var(base)}, D)", [base]))

@@ -90,14 +90,12 @@ def round_(t: torch.Tensor, dtype: torch.dtype = torch.float16) -> bool:
     do: not a float), False when `t` cannot be written in place (not float32, or elements
     that share memory, as after expand): the caller then rounds a copy."""
     global _NATIVE
-    if not t.is_floating_point():
-        return True
     if t.dtype is not torch.float32:
-        return False
+        return not t.is_floating_point()
     if _NATIVE is None:
         _NATIVE = _rounders()
     fn = _NATIVE.get(dtype)
-    if fn is not None and t.is_contiguous() and t.device.type == "cpu":
+    if fn is not None and t.is_contiguous() and not t.is_meta and t.device.type == "cpu":
         fn(t.data_ptr(), t.numel())
         return True
     if not _non_overlapping(t):

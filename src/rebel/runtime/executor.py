@@ -68,7 +68,8 @@ def _generated_blocks(program: Program, index: int) -> list:
             continue
         keep = outside | {r for j, reads in enumerate(reads_by_run) if j != i for r in reads}
         work.append(CompiledBlock([(k.ops, k.outputs) for k in run], program.device_dtype, keep,
-                                  name=re.sub(r"\W", "_", f"segment_{seg.name}_{i}")))
+                                  name=re.sub(r"\W", "_", f"segment_{seg.name}_{i}"),
+                                  shared=frozenset(program.buffer_updates)))
     return work
 
 
