@@ -102,6 +102,9 @@ def _llm(new_tokens: int) -> dict | None:
 
 
 def worker(args) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)  # one thread: less exposed to other load on the machine
     out = {"encoder block 4x64x256": _module_ratio(_encoder, args.repeats),
            "MLP 1024x4, batch 64": _module_ratio(_mlp, args.repeats)}
     if args.llm:
@@ -110,10 +113,10 @@ def worker(args) -> None:
 
 
 def _run_worker(src: str, args, interpret: bool) -> dict:
-    env = dict(os.environ, PYTHONPATH=src)
+    env = dict(os.environ, PYTHONPATH=src, TORCH_DEVICE_BACKEND_AUTOLOAD="0")  # rebel only
     if interpret:
         env["RBLN_EXECUTOR"] = "interpret"
-    cmd = [sys.executable, __file__, "--worker", "--repeats", str(args.repeats),
+    cmd = [sys.executable, __file__, "--worker", "--repeats", str(args.repeats), "--threads", str(args.threads),
            "--new-tokens", str(args.new_tokens)] + (["--llm"] if args.llm else [])
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
@@ -130,6 +133,7 @@ def main() -> None:
     parser.add_argument("--interpret", action="store_true", help="add this tree's interpreter")
     parser.add_argument("--llm", action="store_true", help="add SmolLM2 generate (slow)")
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads in each worker")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
