@@ -34,22 +34,97 @@ def kernel_ops(compiled) -> list[list[str]]:
 
 # --- constant folding ---------------------------------------------------------------------------
 
-def test_linear_weight_permute_is_folded():
+@pytest.mark.parametrize("shape", [(4, 16), (2, 3, 16)])
+def test_linear_is_one_op_reading_its_weight_as_stored(shape):
     torch.manual_seed(0)
     model = nn.Linear(16, 32)
-    compiled = rebel.compile_from_torch(model, example_inputs=[torch.randn(4, 16)])
+    x = torch.randn(*shape)
+    compiled = rebel.compile_from_torch(model, example_inputs=[x])
     program = compiled.program
     targets = [t for ops in kernel_ops(compiled) for t in ops]
-    assert targets == ["aten.addmm.default"]
-    assert not any("permute" in t or t.startswith("aten.t.") for t in targets)
+    assert targets == ["aten.linear.default"]
     assert program.host_ops == []
-    # The transposed weight is stored (in the device dtype); the original [32, 16] one is gone.
+    # The weight is stored as nn.Linear holds it ([out, in], device dtype): no transposed or
+    # broadcast copy, whatever the input's rank.
     shapes = sorted(tuple(s.shape) for s in program.weights.values())
-    assert shapes == [(16, 32), (32,)]
-    (wt,) = [w for w in compiled.compiled.weights.values() if w.dim() == 2]
-    assert wt.dtype == torch.float16 and wt.is_contiguous()
-    assert torch.equal(wt, model.weight.detach().t().to(torch.float16))
+    assert shapes == [(32,), (32, 16)]
+    (w,) = [w for w in compiled.compiled.weights.values() if w.dim() == 2]
+    assert w.dtype == torch.float16 and w.is_contiguous()
+    assert torch.equal(w, model.weight.detach().to(torch.float16))
     assert program.weight_bytes == (16 * 32 + 32) * 2
+    out = rebel.Runtime(compiled, tensor_type="pt").run(x)
+    ref = model(x).detach()
+    assert (out - ref).abs().max() < 1e-2 * ref.abs().max()
+
+
+def _parameter_bytes(model: nn.Module, dtype_bytes: int = 2) -> int:
+    return sum(p.numel() for p in model.parameters()) * dtype_bytes
+
+
+def test_encoder_stores_no_more_than_its_parameters():
+    """A 2-layer d=256 encoder (batch 2): its batched linears used to fold into dense
+    [batch, in, out] weights (about 8x the parameters); stored bytes now equal the parameters'."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(256, 4, 1024, batch_first=True, dropout=0.0)
+    model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    x = torch.randn(2, 16, 256)
+    compiled = rebel.compile_from_torch(model, example_inputs=[x])
+    assert compiled.program.weight_bytes <= _parameter_bytes(model)
+    assert compiled.program.weight_bytes >= 0.99 * _parameter_bytes(model)
+    out = rebel.Runtime(compiled, tensor_type="pt").run(x)
+    with torch.no_grad():
+        ref = model(x)
+    assert (out - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_tied_embedding_is_stored_once():
+    """A tiny Llama with tie_word_embeddings=True: embedding and LM head share one stored table
+    (no second, transposed copy of the largest weight)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=1024,
+                         max_position_embeddings=64, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 1024, (1, 12))
+
+    class Logits(nn.Module):
+        def __init__(self, lm):
+            super().__init__()
+            self.lm = lm
+
+        def forward(self, input_ids):
+            return self.lm(input_ids=input_ids, use_cache=False).logits
+
+    wrapped = Logits(model)
+    compiled = rebel.compile_from_torch(wrapped, example_inputs=[ids])
+    unique = {id(p): p for p in model.parameters()}.values()  # the tied table counted once
+    param_bytes = sum(p.numel() for p in unique) * 2
+    # rotary tables (buffers) are small; a second [1024, 64] table would add 128 KiB
+    assert compiled.program.weight_bytes <= param_bytes + 16 * 1024
+    out = rebel.Runtime(compiled, tensor_type="pt").run(ids)
+    with torch.no_grad():
+        ref = wrapped(ids)
+    assert (out - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_folding_never_stores_a_broadcast_weight():
+    class Broadcast(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(1, 64))
+
+        def forward(self, x):
+            return x * (self.w * 2).expand(32, 64)
+
+    model = Broadcast()
+    x = torch.randn(32, 64)
+    compiled = rebel.compile_from_torch(model, example_inputs=[x])
+    assert compiled.program.weight_bytes == 64 * 2  # w * 2 folded, the expand kept as an op
+    out = rebel.Runtime(compiled, tensor_type="pt").run(x)
+    ref = model(x).detach()
+    assert (out - ref).abs().max() < 1e-2 * ref.abs().max()
 
 
 # --- fusion -------------------------------------------------------------------------------------
@@ -76,7 +151,7 @@ def test_mlp_with_gelu():
     compiled, _ = run_and_compare(model, torch.randn(4, 32))
     compute = [k for k in compiled.program.kernels if k.kind not in ("cast_in", "cast_out")]
     assert [[op.target for op in k.ops] for k in compute] == [
-        ["aten.addmm.default", "aten.gelu.default"], ["aten.addmm.default"]]
+        ["aten.linear.default", "aten.gelu.default"], ["aten.linear.default"]]
     assert "linear" in compute[0].name and "gelu" in compute[0].name
     assert compiled.program.host_ops == []
 

@@ -71,8 +71,11 @@ def test_megatron_layout(block):
     compiled = rebel.compile_from_torch(block, example_inputs=inputs(), tensor_parallel_size=4)
     p = compiled.program
     split = p.sharding.weights
-    # q/k/v/gate/up column parallel (split output features), o/down row parallel
-    assert sorted(split.values()).count(1) == 5 and sorted(split.values()).count(0) >= 2
+    # Weights are stored as nn.Linear holds them, [out, in]: q/k/v/gate/up column parallel
+    # (split output features, dim 0, with the q bias), o/down row parallel (split inputs, dim 1)
+    assert {n: split.get(f"{n}.weight") for n in ("q", "k", "v", "gate", "up", "o", "down")} == {
+        "q": 0, "k": 0, "v": 0, "gate": 0, "up": 0, "o": 1, "down": 1}
+    assert split.get("q.bias") == 0 and "o.bias" not in split  # o's bias: bias/N on every die
     collectives = [k.ops[0].target for k in p.kernels if k.kind == "collective"]
     assert collectives.count(ALL_REDUCE) == 2  # after o_proj and after down_proj
     assert ALL_GATHER not in collectives  # the output is replicated already

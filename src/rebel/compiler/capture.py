@@ -13,8 +13,10 @@ from ..ir import GETITEM, Graph, Op, Ref, TensorSpec, encode, target_name, to_to
 from .support import classify, has_host_kernel
 from .vendor_lowering import FunctionalizedOps, VENDOR_DECOMPOSITIONS, is_functionalized
 
-# Ops the device implements as one kernel, so torch.export must not decompose them.
-KEEP_WHOLE = (torch.ops.aten.scaled_dot_product_attention.default,)
+# Ops the device implements as one kernel, so torch.export must not decompose them. `linear`
+# stays whole so its weight is read as stored: decomposed, a batched input turns it into
+# expand(permute(weight)) + bmm, which constant folding would store densely per batch row.
+KEEP_WHOLE = (torch.ops.aten.scaled_dot_product_attention.default, torch.ops.aten.linear.default)
 
 
 def capture(module: torch.nn.Module, example_inputs: Sequence,

@@ -320,6 +320,9 @@ def _gemm_shape(op: Op, values: dict[str, TensorSpec]) -> tuple[int, int, int, i
     shape = [values[r].shape for r in op.refs]
     out = values[op.name].shape if op.name in values else op.out_specs[0].shape
     name = op.target.split(".")[1]
+    if name == "linear":  # linear(x [..., K], weight [N, K], bias)
+        k = values[op.args[0].name].shape[-1]
+        return 1, math.prod(out[:-1]), out[-1], k
     if name in ("mm", "addmm"):
         a = shape[-2]
         return 1, out[0], out[1], a[-1]

@@ -36,11 +36,12 @@ def _table() -> dict[str, OpClass]:
         for name in names.split():
             t[name if "." in name else f"{name}.default"] = OpClass(kind, cost)
 
-    # Matrix units. nn.Linear is addmm/mm after decomposition; F.scaled_dot_product_attention
+    # Matrix units. nn.Linear stays one `linear` op (capture keeps it whole, weight [out, in] as
+    # stored); F.scaled_dot_product_attention
     # (causal, masked, GQA) stays one op, a flash-style kernel (were it decomposed, it would be
     # bmm -> softmax -> bmm, all listed here too); conv1d/2d/3d and transposed convs are one
     # `convolution` op costed as an implicit GEMM.
-    add("gemm", "mm addmm bmm baddbmm")
+    add("gemm", "linear mm addmm bmm baddbmm")
     add("attention", "scaled_dot_product_attention")  # kept whole by capture (KEEP_WHOLE)
     add("conv", "convolution")
     add("elementwise", """add.Tensor add.Scalar sub.Tensor sub.Scalar rsub.Scalar rsub.Tensor
@@ -155,10 +156,11 @@ def markdown() -> str:
              "HDMA copies around it); `rebel.explain(compiled)` lists each fallback and its reason. "
              "Ops with neither a device kernel nor a host (CPU) kernel are rejected at compile "
              "time with the op and graph node named.", "",
-             "Composite PyTorch calls appear as the ATen ops they decompose into: `nn.Linear` is "
-             "`addmm`/`mm`, `F.rms_norm` is `pow`+`mean`+`rsqrt`+`mul`, `torch.stack` is "
+             "Composite PyTorch calls appear as the ATen ops they decompose into: "
+             "`F.rms_norm` is `pow`+`mean`+`rsqrt`+`mul`, `torch.stack` is "
              "`unsqueeze`+`cat`, `F.interpolate` is `upsample_*`, dropout in eval mode disappears. "
-             "`F.scaled_dot_product_attention` (causal, masked, GQA) stays one op.", "",
+             "`F.scaled_dot_product_attention` (causal, masked, GQA) and `nn.Linear` (`aten.linear`, "
+             "its weight read as stored) stay one op each.", "",
              "| class | where / cost rule | ops |", "| --- | --- | --- |"]
     for kind in sorted(rows, key=lambda k: list(_KIND_NOTES).index(k) if k in _KIND_NOTES else 99):
         ops = " ".join(f"`{o}`" for o in rows[kind])

@@ -165,10 +165,10 @@ class _Pass:
         cls = classify(op.target)
         kind = cls.kind if cls else ("alias" if op.target == GETITEM else "host")
         states = {r: self.state(r) for r in op.refs}
-        if not any(st is not None for st in states.values()) and name not in ("mm", "addmm"):
+        if not any(st is not None for st in states.values()) and name not in ("mm", "addmm", "linear"):
             self.emit(op, None)
             return
-        handler = {"mm": self.linear, "addmm": self.linear, "scaled_dot_product_attention": self.attention,
+        handler = {"mm": self.linear, "addmm": self.linear, "linear": self.linear, "scaled_dot_product_attention": self.attention,
                    "view": self.view, "_unsafe_view": self.view, "reshape": self.view,
                    "permute": self.permute, "transpose": self.transpose, "unsqueeze": self.unsqueeze,
                    "expand": self.expand, "cat": self.cat, "bmm": self.batched,
@@ -187,7 +187,11 @@ class _Pass:
             self.all_replicated(op)
 
     def linear(self, op: Op) -> None:
-        bias, x, w = (None, *op.args) if op.target.split(".")[1] == "mm" else op.args
+        """mm(x, W[K, N]), addmm(bias, x, W[K, N]) or linear(x, W[N, K], bias)."""
+        name = op.target.split(".")[1]
+        if name == "linear":
+            return self._linear_whole(op)
+        bias, x, w = (None, *op.args) if name == "mm" else op.args
         x_name, w_name = x.name, getattr(w, "name", None)
         if w_name not in self.g.weights or self.spec(w_name) is None:
             return self.all_replicated(op)
@@ -211,6 +215,32 @@ class _Pass:
         if bias is not None:
             args = (Ref(self.split_copy(bias.name, 0)), *args)
         op.args = args
+        self.emit(op, len(op.out.shape) - 1)
+
+    def _linear_whole(self, op: Op) -> None:
+        """aten.linear(x, weight [N, K], bias): the weight split by rows (column parallel, each
+        die makes N/n outputs) or by columns (row parallel, partial sums) as x arrives."""
+        x, w = op.args[0], op.args[1]
+        bias = op.args[2] if len(op.args) > 2 else op.kwargs.get("bias")
+        w_name = getattr(w, "name", None)
+        if (not isinstance(x, Ref) or w_name not in self.g.weights or self.spec(w_name) is None
+                or len(self.spec(w_name).shape) != 2 or op.kwargs):
+            return self.all_replicated(op)
+        n, k = self.spec(w_name).shape
+        st = self.state(x.name)
+        if st is not None and st != PARTIAL and st == len(self.spec(x.name).shape) - 1 and k % self.n == 0:
+            args = [Ref(x.name), Ref(self._weight_copy(w_name, 1))]
+            if isinstance(bias, Ref):
+                args.append(Ref(self._scaled_bias(bias.name)))
+            op.args = tuple(args)
+            self.emit(op, PARTIAL)
+            return
+        if n % self.n != 0:
+            return self.all_replicated(op)
+        args = [Ref(self.replicated(x.name)), Ref(self._weight_copy(w_name, 0))]
+        if isinstance(bias, Ref):
+            args.append(Ref(self.split_copy(bias.name, 0)))
+        op.args = tuple(args)
         self.emit(op, len(op.out.shape) - 1)
 
     def _weight_copy(self, name: str, dim: int | None) -> str:

@@ -6,26 +6,77 @@ collectives. Host segments and outputs read die 0's copy (the compiler made them
 """
 from __future__ import annotations
 
+import os
+import re
+
 import torch
 import torch.utils._pytree as pytree
 
 from ..compiler.program import Program
 from ..compiler.tensor_parallel import ALL_GATHER, ALL_REDUCE, SHARD, shard_weight
+from ..device.codegen import CompiledBlock
 from ..device.kernels import BoundOp, FunctionalKernel, round_to_device, run_host_ops, to_device_storage
 from ..ir import Op, Ref, to_torch_dtype
 
 
-def bind_segments(program: Program) -> list:
+# "generated" (default): each run of device kernels is one generated function (device.codegen);
+# "interpret": the reference interpreter, one FunctionalKernel per kernel (kept for comparison).
+EXECUTOR_ENV = "RBLN_EXECUTOR"
+
+
+def bind_segments(program: Program, mode: str | None = None) -> list:
     """(segment, work) pairs: device kernels ready to run (collectives kept as ops), host ops."""
+    mode = mode or os.environ.get(EXECUTOR_ENV, "generated")
+    if mode not in ("generated", "interpret"):
+        raise ValueError(f"{EXECUTOR_ENV} must be 'generated' or 'interpret', got {mode!r}")
     segments = []
-    for seg in program.segments:
-        if seg.kind == "device":
+    for index, seg in enumerate(program.segments):
+        if seg.kind == "device" and mode == "generated":
+            work = _generated_blocks(program, index)
+        elif seg.kind == "device":
             work = [k.ops[0] if k.kind == "collective" else
                     FunctionalKernel(k.ops, k.outputs, program.device_dtype) for k in seg.kernels]
         else:
             work = [BoundOp.bind(op) for op in seg.ops]
         segments.append((seg, work))
     return segments
+
+
+def _generated_blocks(program: Program, index: int) -> list:
+    """Device segment `index` as generated blocks, split at the collectives (which run across
+    dies between blocks). Each block stores only the values code outside it reads."""
+    seg = program.segments[index]
+    runs: list[list] = [[]]
+    for k in seg.kernels:
+        if k.kind == "collective":
+            runs.append(k.ops[0])
+            runs.append([])
+        else:
+            runs[-1].append(k)
+    reads_by_run = [{r for k in run for o in k.ops for r in o.refs} if isinstance(run, list) else
+                    set(run.refs) for run in runs]
+    outside = {r for i, s in enumerate(program.segments) if i != index
+               for r in _segment_reads(s)}
+    outside |= set(seg.copy_out) | set(program.buffer_updates)
+    outside |= {o.name for o in program.outputs if isinstance(o, Ref)}
+    work = []
+    for i, run in enumerate(runs):
+        if not isinstance(run, list):
+            work.append(run)
+            continue
+        if not run:
+            continue
+        keep = outside | {r for j, reads in enumerate(reads_by_run) if j != i for r in reads}
+        work.append(CompiledBlock([(k.ops, k.outputs) for k in run], program.device_dtype, keep,
+                                  name=re.sub(r"\W", "_", f"segment_{seg.name}_{i}"),
+                                  shared=frozenset(program.buffer_updates)))
+    return work
+
+
+def _segment_reads(seg) -> set[str]:
+    if seg.kind == "device":
+        return {r for k in seg.kernels for o in k.ops for r in o.refs} | set(seg.copy_out)
+    return {r for o in seg.ops for r in o.refs}
 
 
 def place_weights(program: Program, weights: dict[str, torch.Tensor]) -> list[dict]:

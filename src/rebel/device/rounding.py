@@ -1,0 +1,129 @@
+"""Rounding to the device's 16-bit format, in place, in native code where it can be.
+
+Device tensors are FP32 tensors holding values the 16-bit dtype holds, so every kernel output
+is rounded. `t.to(float16).to(float32)` does it with two casts and two allocations; `round_`
+rounds the tensor's own memory instead: a few lines of C (csrc/round16.c: F16C for FP16, the
+round-to-nearest-even bias for BF16), bit-identical to torch's conversions, loaded with ctypes.
+Plain C needs no torch headers, so it builds in well under a second, once per machine, into the
+same cache torch's extensions use; without a C compiler (or off x86) `round_` falls back to
+`t.copy_(t.to(dtype))`, which gives the same values. Both the compiled-model executor and the
+eager device (torch_rbln) import it from here, the lowest layer that rounds.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).parent / "csrc" / "round16.c"
+_lock = threading.Lock()
+_lib = None
+_loaded = False
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "torch_extensions")
+    return Path(root)
+
+
+def _build() -> ctypes.CDLL | None:
+    """Compile round16.c to a shared library (cached by source hash); None when impossible."""
+    if os.environ.get("RBLN_NATIVE_ROUNDING", "1") == "0":
+        return None
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        return None
+    key = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
+    target = _cache_dir() / f"rbln_round16-{key}.so"
+    try:
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+                built = Path(tmp) / target.name
+                subprocess.run([compiler, "-O2", "-shared", "-fPIC", "-o", str(built), str(SOURCE)],
+                               check=True, capture_output=True, timeout=120)
+                os.replace(built, target)  # atomic: concurrent builders never load a half file
+        lib = ctypes.CDLL(str(target))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for name in ("rbln_round_half", "rbln_round_bfloat16"):
+        getattr(lib, name).argtypes = (ctypes.c_void_p, ctypes.c_int64)
+        getattr(lib, name).restype = None
+    lib.rbln_has_f16c.restype = ctypes.c_int
+    return lib
+
+
+def native():
+    """The loaded C library, or None when rounding runs through torch."""
+    global _lib, _loaded
+    if not _loaded:
+        with _lock:
+            if not _loaded:
+                _lib = _build()
+                _loaded = True
+    return _lib
+
+
+def _rounders() -> dict:
+    lib = native()
+    table = {}
+    if lib is not None:
+        if lib.rbln_has_f16c():
+            table[torch.float16] = lib.rbln_round_half
+        table[torch.bfloat16] = lib.rbln_round_bfloat16
+    return table
+
+
+_NATIVE: dict | None = None
+
+
+def round_(t: torch.Tensor, dtype: torch.dtype = torch.float16) -> bool:
+    """Round float32 tensor `t` in place to values `dtype` holds. True if done (or nothing to
+    do: not a float), False when `t` cannot be written in place (not float32, or elements
+    that share memory, as after expand): the caller then rounds a copy."""
+    global _NATIVE
+    if t.dtype is not torch.float32:
+        return not t.is_floating_point()
+    if _NATIVE is None:
+        _NATIVE = _rounders()
+    fn = _NATIVE.get(dtype)
+    if fn is not None and t.is_contiguous() and not t.is_meta and t.device.type == "cpu":
+        fn(t.data_ptr(), t.numel())
+        return True
+    if not _non_overlapping(t):
+        return False
+    t.copy_(t.to(dtype))
+    return True
+
+
+def _non_overlapping(t: torch.Tensor) -> bool:
+    """No two elements share memory (a sufficient test: strides sorted, each past the span of
+    the dims below it), so writing every element in place is well defined."""
+    if t.is_contiguous():
+        return True
+    span = 1
+    dims = sorted(((st, s) for s, st in zip(t.shape, t.stride()) if s > 1))
+    for stride, size in dims:
+        if stride < span:
+            return False
+        span = stride * size
+    return True
+
+
+def rounded(value, dtype: torch.dtype):
+    """A rounded copy (FP32 storage) of floats; other values pass through. The reference path."""
+    if isinstance(value, torch.Tensor):
+        if value.is_floating_point():
+            return value.to(dtype).to(torch.float32)
+        return value
+    if isinstance(value, (tuple, list)):
+        return type(value)(rounded(v, dtype) for v in value)
+    return value

@@ -1,0 +1,141 @@
+"""The generated-code executor against the reference interpreter: bit-identical outputs
+(torch.equal) on an MLP, a transformer encoder block, tensor parallelism and a tiny LLM's
+prefill and decode; the native in-place rounder against torch's casts; views of rounded values
+are not rounded again."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+import rebel
+from rebel.device import rounding
+from rebel.device.codegen import CompiledBlock
+from rebel.runtime.executor import EXECUTOR_ENV, bind_segments
+
+
+def _both(compiled, monkeypatch):
+    """Runtimes of one compiled model under the interpreter and the generated code."""
+    monkeypatch.setenv(EXECUTOR_ENV, "interpret")
+    old = rebel.Runtime(compiled, tensor_type="pt")
+    monkeypatch.setenv(EXECUTOR_ENV, "generated")
+    new = rebel.Runtime(compiled, tensor_type="pt")
+    assert isinstance(new._segments[0][1][0], CompiledBlock)
+    assert not isinstance(old._segments[0][1][0], CompiledBlock)
+    return old, new
+
+
+def _encoder():
+    return torch.nn.TransformerEncoderLayer(64, 4, 128, batch_first=True, activation="gelu",
+                                            dropout=0.0).eval()
+
+
+def _mlp():
+    return torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 64),
+                               torch.nn.SiLU(), torch.nn.LayerNorm(64), torch.nn.Linear(64, 8))
+
+
+@pytest.mark.parametrize("make, shape", [(_mlp, (4, 32)), (_encoder, (2, 12, 64))])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_generated_equals_interpreter(make, shape, dtype, monkeypatch):
+    torch.manual_seed(0)
+    model = make()
+    x = torch.randn(*shape)
+    compiled = rebel.compile_from_torch(model, example_inputs=[x], device_dtype=dtype)
+    old, new = _both(compiled, monkeypatch)
+    x_copy = x.clone()
+    for seed in range(3):
+        xi = torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * 3
+        a, b = old.run(xi), new.run(xi)
+        assert torch.equal(a, b)
+    with torch.no_grad():
+        ref = model(x)
+    out = new.run(x)
+    assert torch.equal(x, x_copy)  # the caller's tensor is never rounded in place
+    assert (out - ref).abs().max() < 0.02 * ref.abs().max() + 1e-2
+
+
+def test_tensor_parallel_generated_equals_interpreter(monkeypatch):
+    torch.manual_seed(1)
+    model = _encoder()
+    x = torch.randn(2, 8, 64)
+    compiled = rebel.compile_from_torch(model, example_inputs=[x], tensor_parallel_size=2)
+    old, new = _both(compiled, monkeypatch)
+    assert torch.equal(old.run(x), new.run(x))
+
+
+def test_tiny_llm_prefill_and_decode_bit_identical(tmp_path, monkeypatch):
+    from optimum.rbln import RBLNLlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+                         max_position_embeddings=256, tie_word_embeddings=True)
+    hf = AutoModelForCausalLM.from_config(config).eval()
+    hf.generation_config.eos_token_id = None
+    hf.save_pretrained(tmp_path / "hf")
+    options = dict(rbln_batch_size=2, rbln_max_seq_len=64, rbln_kvcache_partition_len=32,
+                   rbln_prefill_chunk_size=16, rbln_decoder_batch_sizes=[2])
+    monkeypatch.setenv(EXECUTOR_ENV, "interpret")
+    compiled = RBLNLlamaForCausalLM.from_pretrained(tmp_path / "hf", export=True, **options)
+    folder = compiled.save_pretrained(tmp_path / "rbln")
+    monkeypatch.setenv(EXECUTOR_ENV, "generated")
+    generated = RBLNLlamaForCausalLM.from_pretrained(folder, export=False)
+    tokens = torch.randint(1, 256, (30,), generator=torch.Generator().manual_seed(3))
+    logits = []
+    for model in (compiled, generated):
+        session = model.start_session([tokens[:20]])
+        steps = [session.prefill()[0]]
+        for t in tokens[20:26]:
+            steps.append(session.step(torch.tensor([t]), [0])[0])
+        logits.append(torch.stack(steps))
+    assert torch.equal(logits[0], logits[1])
+    ids = tokens[:18].view(1, -1).repeat(2, 1)
+    assert torch.equal(compiled.generate(ids, max_new_tokens=8), generated.generate(ids, max_new_tokens=8))
+    with torch.no_grad():
+        ref = hf(tokens[:26].unsqueeze(0)).logits[0, 19:26]
+    assert (logits[1] - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_native_rounding_matches_torch_casts(dtype):
+    x = torch.randn(10_007) * torch.logspace(-12, 12, 10_007)
+    x[::101] = float("inf")
+    x[::103] = -float("inf")
+    x[:6] = torch.tensor([0.0, -0.0, 65519.99, 65520.0, 5.96e-8, 2.98e-8])
+    expected = x.to(dtype).to(torch.float32)
+    y = x.clone()
+    assert rounding.round_(y, dtype)
+    assert torch.equal(y.view(torch.int32), expected.view(torch.int32))  # bit for bit, signed zeros too
+    z = x[:10_000].clone().view(100, 100).t()  # non-contiguous, no shared elements
+    assert rounding.round_(z, dtype) and torch.equal(z, expected[:10_000].view(100, 100).t())
+    assert not rounding.round_(torch.ones(3, 1).expand(3, 4), dtype)  # shared elements: a copy
+    assert not rounding.round_(torch.ones(3, dtype=torch.float16), dtype)
+    ints = torch.arange(5)
+    assert rounding.round_(ints, dtype) and torch.equal(ints, torch.arange(5))
+
+
+def test_views_of_rounded_values_are_not_rounded(monkeypatch):
+    """A kernel that only views what it receives (layout only) emits no rounding at all."""
+    class Layout(torch.nn.Module):
+        def forward(self, x):
+            y = torch.sigmoid(x)
+            return y, y.t().reshape(-1)  # the second output moves rounded values only
+
+    x = torch.randn(4, 6)
+    compiled = rebel.compile_from_torch(Layout(), example_inputs=[x], fusion=False)
+    monkeypatch.setenv(EXECUTOR_ENV, "generated")
+    blocks = [w for _, work in bind_segments(compiled.program) for w in work
+              if isinstance(w, CompiledBlock)]
+    source = "\n".join(b.source for b in blocks)
+    relu_lines = [line for line in source.splitlines() if "R(" in line]
+    assert len(relu_lines) == 1, source  # only sigmoid's fresh output is rounded (in place)
+    a, b = rebel.Runtime(compiled, tensor_type="pt").run(x)
+    assert torch.equal(b, a.t().reshape(-1))
+
+
+def test_unknown_executor_mode_is_refused(monkeypatch):
+    compiled = rebel.compile_from_torch(torch.nn.Linear(4, 4), example_inputs=[torch.randn(2, 4)])
+    monkeypatch.setenv(EXECUTOR_ENV, "fast")
+    with pytest.raises(ValueError, match="RBLN_EXECUTOR"):
+        rebel.Runtime(compiled)
