@@ -22,7 +22,6 @@ from vllm import SamplingParams  # noqa: E402
 
 from optimum.rbln import RBLNLlamaForCausalLM  # noqa: E402
 from optimum.rbln.offline import smollm2_folder  # noqa: E402
-from vllm_rbln.sampler import apply_bitmask, apply_penalties, apply_token_rules, sample  # noqa: E402
 
 SERVE = Path(__file__).with_name("vllm_serve.py")
 OPTIONS = dict(rbln_batch_size=4, rbln_max_seq_len=128, rbln_kvcache_partition_len=32,
@@ -170,48 +169,6 @@ def test_options_the_compiled_model_cannot_honour(folders, tmp_path):
     assert "device='cuda'" in errors[3]
     assert "run vLLM with tensor_parallel_size=1" in errors[4]
     assert "does not support prompt_logprobs" in errors[5]
-
-
-# --- the sampler, without an engine --------------------------------------------------------------
-
-def test_bitmask_allows_only_set_bits():
-    logits = torch.zeros(70)
-    words = np.zeros(3, dtype=np.int32)
-    words[0] = 1 << 3
-    words[2] = np.int32(-2**31)  # bit 31 of word 2: token 95, past the vocabulary
-    words[1] = 1 << 2            # token 34
-    masked = apply_bitmask(logits, words)
-    assert torch.isfinite(masked).nonzero().flatten().tolist() == [3, 34]
-
-
-def test_penalties_follow_vllm_definitions():
-    logits = torch.tensor([2.0, -2.0, 1.0, 1.0])
-    params = SamplingParams(repetition_penalty=2.0, presence_penalty=0.5, frequency_penalty=0.25)
-    out = apply_penalties(logits.clone(), params, prompt=[0], output=[1, 3, 3])
-    # token 0: prompt only -> 2/2; token 1: -2*2 - 0.25 - 0.5; token 3: 1/2 - 0.5 - 0.5
-    assert torch.allclose(out, torch.tensor([1.0, -4.75, 1.0, -0.5]))
-
-
-def test_allowed_tokens_and_logit_bias():
-    logits = torch.tensor([0.0, 1.0, 2.0, 3.0])
-    params = SamplingParams(allowed_token_ids=[0, 1, 2], logit_bias={0: 5.0})
-    out = apply_token_rules(logits.clone(), params)
-    assert out.tolist() == [5.0, 1.0, 2.0, float("-inf")]
-    assert sample(out, SamplingParams(temperature=0.0), None) == 0
-
-
-def test_sampling_rules():
-    logits = torch.tensor([0.0, 3.0, 2.9, -1.0, 1.0])
-    assert sample(logits, SamplingParams(temperature=0.0), None) == 1
-    g = torch.Generator().manual_seed(0)
-    top_k = {sample(logits, SamplingParams(temperature=1.0, top_k=2), g) for _ in range(200)}
-    assert top_k == {1, 2}
-    # probabilities 0.474, 0.429, 0.064, ...: the smallest set holding p keeps 1 token for
-    # p = 0.4 and 2 for p = 0.9
-    assert {sample(logits, SamplingParams(temperature=1.0, top_p=0.4), g) for _ in range(100)} == {1}
-    assert {sample(logits, SamplingParams(temperature=1.0, top_p=0.9), g) for _ in range(200)} == {1, 2}
-    min_p = {sample(logits, SamplingParams(temperature=1.0, min_p=0.5), g) for _ in range(200)}
-    assert min_p == {1, 2}  # 0.429 >= 0.5 * 0.474; 0.064 is not
 
 
 def test_plugin_steps_aside_for_a_real_accelerator(monkeypatch):

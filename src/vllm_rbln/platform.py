@@ -57,6 +57,12 @@ class RblnPlatform(Platform):
         return [torch.float32, torch.float16, torch.bfloat16]
 
     @classmethod
+    def import_kernels(cls) -> None:
+        """vLLM's C kernels (vllm._C) are not used: the compiled graphs run in our runtime and
+        vLLM's sampler has PyTorch paths. Importing them kills the process (SIGILL) on a host CPU
+        without the AVX-512 the CPU wheel was built for, before any Python error can be raised."""
+
+    @classmethod
     def get_device_name(cls, device_id: int = 0) -> str:
         import rebel
         return rebel.get_npu_name(device_id)

@@ -27,7 +27,8 @@ class RblnWorker(WorkerBase):
 
     def load_model(self, *, load_dummy_weights: bool = False) -> None:
         self.model = RBLNAutoModelForCausalLM.from_pretrained(self.model_config.model, export=False)
-        self.runner = RblnModelRunner(self.model.paged_graphs())
+        self.runner = RblnModelRunner(self.vllm_config, self.device)
+        self.runner.attach(self.model.paged_graphs())
         logger.info("loaded %r", self.model)
 
     def get_model(self):
@@ -59,12 +60,13 @@ class RblnWorker(WorkerBase):
 
     def initialize_from_config(self, kv_cache_config) -> None:
         self.cache_config.num_gpu_blocks = kv_cache_config.num_blocks
+        self.runner.initialize_kv_cache(kv_cache_config)
 
     def compile_or_warm_up_model(self) -> CompilationTimes:
         return CompilationTimes(language_model=0.0, encoder=0.0)  # compiled ahead of time
 
     def execute_model(self, scheduler_output):
-        output = self.runner.execute(scheduler_output)
+        output = self.runner.execute_model(scheduler_output)
         self._log_npu_time()
         return output
 
@@ -91,7 +93,7 @@ class RblnWorker(WorkerBase):
         self._npu_logged = (now, dataclasses.replace(stats))
 
     def sample_tokens(self, grammar_output):
-        return self.runner.sample(grammar_output)
+        return self.runner.sample_tokens(grammar_output)
 
     def rbln_stats(self) -> dict:
         """What the runner did and the NPU time predicted for it:
