@@ -160,3 +160,43 @@ def test_vllm_serve_answers_openai_requests(server, compiled):
         assert response.status == 200
     # the worker logs what the steps would cost on the NPU (the emulation's wall time does not)
     assert "vllm_rbln: predicted NPU time per step" in log.read_text()
+
+    # a JSON-schema response (vLLM's grammar bitmask on the logits): valid JSON of that schema
+    schema = {"type": "object", "properties": {"answer": {"type": "string", "enum": ["yes", "no"]},
+                                               "score": {"type": "integer"}},
+              "required": ["answer", "score"], "additionalProperties": False}
+    status, body = post(base + "/v1/chat/completions",
+                        {"model": model, "messages": [{"role": "user", "content": "Yes or no?"}],
+                         "max_tokens": 40, "temperature": 0.0,
+                         "response_format": {"type": "json_schema",
+                                             "json_schema": {"name": "a", "schema": schema}}})
+    assert status == 200, body
+    answer = json.loads(body["choices"][0]["message"]["content"])
+    assert set(answer) == {"answer", "score"} and answer["answer"] in ("yes", "no")
+    assert isinstance(answer["score"], int)
+
+    # the predicted NPU time on /metrics beside vLLM's own metrics
+    values = scrape(base)
+    assert sum(v for k, v in values.items() if k.startswith("vllm:request_success_total")) >= 10
+    steps = values["vllm_rbln:npu_step_seconds_count"]
+    assert steps > 0 and values["vllm_rbln:npu_step_seconds_sum"] > 0
+    assert values['vllm_rbln:npu_step_seconds_bucket{le="+Inf"}'] == steps
+    prefill = values['vllm_rbln:npu_seconds_total{phase="prefill"}']
+    decode = values['vllm_rbln:npu_seconds_total{phase="decode"}']
+    assert prefill > 0 and decode > 0
+    assert prefill + decode == pytest.approx(values["vllm_rbln:npu_step_seconds_sum"])
+    # one more request adds its steps
+    post(base + "/v1/completions", {"model": model, "prompt": prompt, **GREEDY})
+    assert scrape(base)["vllm_rbln:npu_step_seconds_count"] >= steps + 10
+
+
+def scrape(base: str) -> dict[str, float]:
+    """`/metrics` as {sample name with labels: value} (Prometheus text format)."""
+    with urllib.request.urlopen(base + "/metrics", timeout=30) as response:
+        text = response.read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    return values

@@ -53,7 +53,7 @@ class RblnModelRunner(CPUModelRunner):
         self.graphs = graphs
         self.options = graphs.options
         self.stats = RunnerStats()
-        self.step_seconds: list[float] = []  # predicted NPU time of each step not yet reported
+        self.last_step: tuple[float, float] | None = None  # predicted (prefill, decode) seconds
 
     # --- what vLLM's runner would allocate or load: the compiled model has it already ----------
 
@@ -81,13 +81,14 @@ class RblnModelRunner(CPUModelRunner):
         self._update_states(scheduler_output)
         self.stats.cached_prompt_tokens += sum(new.num_computed_tokens
                                                for new in scheduler_output.scheduled_new_reqs)
+        self.last_step = None
         if not scheduler_output.total_num_scheduled_tokens:
             return EMPTY_MODEL_RUNNER_OUTPUT
         batch = self.input_batch
         n = batch.num_reqs
         counts = np.array([scheduler_output.num_scheduled_tokens[r] for r in batch.req_ids])
         logits = torch.zeros(n, batch.vocab_size, dtype=torch.float32)
-        before = self.stats.prefill_s + self.stats.decode_s
+        before = self.stats.prefill_s, self.stats.decode_s
         singles = [i for i in range(n) if counts[i] == 1]
         for i in range(n):
             if counts[i] > 1:
@@ -96,7 +97,7 @@ class RblnModelRunner(CPUModelRunner):
         for start in range(0, len(singles), biggest):
             self._decode(singles[start:start + biggest], logits)
         self.stats.steps += 1
-        self.step_seconds.append(self.stats.prefill_s + self.stats.decode_s - before)
+        self.last_step = self.stats.prefill_s - before[0], self.stats.decode_s - before[1]
         # a chunk that does not end its prompt: vLLM samples the row and drops the token
         self.discard_request_mask.np[:n] = \
             batch.num_computed_tokens_cpu[:n] + counts < batch.num_tokens_no_spec[:n]

@@ -17,6 +17,8 @@ from vllm.exceptions import VLLMValidationError
 from vllm.logger import init_logger
 from vllm.platforms.interface import Platform, PlatformEnum
 
+from . import metrics
+
 logger = init_logger("vllm.rbln.platform")  # under "vllm" so vLLM's handlers print it
 
 WORKER = "vllm_rbln.worker.RblnWorker"
@@ -138,6 +140,7 @@ class RblnPlatform(Platform):
         compilation.mode = CompilationMode.NONE
         compilation.cudagraph_mode = CUDAGraphMode.NONE
         compilation.cudagraph_capture_sizes = []
+        metrics.install_collector()  # the predicted NPU time on /metrics (see metrics.py)
         if model is None:
             return
         o = compiled_options(model.model)
