@@ -22,6 +22,7 @@ from vllm import SamplingParams  # noqa: E402
 
 from optimum.rbln import RBLNLlamaForCausalLM  # noqa: E402
 from optimum.rbln.offline import smollm2_folder  # noqa: E402
+from vllm_serve import stand_in_logits  # noqa: E402
 
 SERVE = Path(__file__).with_name("vllm_serve.py")
 OPTIONS = dict(rbln_batch_size=4, rbln_max_seq_len=128, rbln_kvcache_partition_len=32,
@@ -169,6 +170,94 @@ def test_options_the_compiled_model_cannot_honour(folders, tmp_path):
     assert "device='cuda'" in errors[3]
     assert "run vLLM with tensor_parallel_size=1" in errors[4]
     assert "does not support prompt_logprobs" in errors[5]
+
+
+def stock_sampler_tokens(prompt: list[int], seed: int, steps: int, vocab: int,
+                         mode: str) -> tuple[list[int], list[float]]:
+    """vLLM's v1 Sampler called directly, step by step, on the stand-in logits (temperature 0.8,
+    top_p 0.9, its own generator seeded as vLLM seeds a request's): the tokens and the sampled
+    tokens' logprobs in `mode`."""
+    from vllm.v1.sample.logits_processor import LogitsProcessors
+    from vllm.v1.sample.metadata import SamplingMetadata
+    from vllm.v1.sample.sampler import Sampler
+
+    sampler, generator = Sampler(logprobs_mode=mode), torch.Generator().manual_seed(seed)
+    tokens, logprobs = [], []
+    for _ in range(steps):
+        position = len(prompt) + len(tokens) - 1
+        logits = stand_in_logits((prompt + tokens)[-1], position, vocab)[None]
+        meta = SamplingMetadata(
+            temperature=torch.tensor([0.8]), all_greedy=False, all_random=True,
+            top_p=torch.tensor([0.9]), top_k=None, generators={0: generator}, max_num_logprobs=1,
+            no_penalties=True, prompt_token_ids=None, frequency_penalties=torch.zeros(1),
+            presence_penalties=torch.zeros(1), repetition_penalties=torch.ones(1),
+            output_token_ids=[tokens], allowed_token_ids_mask=None, bad_words_token_ids={},
+            logitsprocs=LogitsProcessors())
+        out = sampler(logits, meta)
+        tokens.append(int(out.sampled_token_ids[0, 0]))
+        logprobs.append(float(out.logprobs_tensors.logprobs[0, 0]))
+    return tokens, logprobs
+
+
+@pytest.mark.slow
+def test_vllm_sampler_on_fixed_logits(folders, tmp_path):
+    """vLLM's own sampling on the runner's logits (a fixed-logits stand-in for the graphs, so a
+    direct call of vLLM's Sampler can replay it): seeded samples and their processed logprobs
+    equal the direct call's; min_tokens holds back a stop token; logit_bias counts."""
+    vocab, prompt = 49152, prompts(2)[1]
+    first = int(stand_in_logits(prompt[-1], len(prompt) - 1, vocab).argmax())
+    seeded = dict(temperature=0.8, top_p=0.9, max_tokens=12, ignore_eos=True, logprobs=1)
+    greedy = dict(temperature=0.0, max_tokens=6, stop_token_ids=[first])
+    [case] = serve(tmp_path, {"llm": {"model": str(folders[1]), **ENGINE,
+                                      "logprobs_mode": "processed_logprobs"},
+                              "stand_in": {}, "prompts": [prompt] * 5,
+                              "sampling": [{**seeded, "seed": 7}, {**seeded, "seed": 8},
+                                           {**greedy, "min_tokens": 4}, greedy,
+                                           {**GREEDY, "max_tokens": 3, "logit_bias": {123: 1000}}]})
+    assert "error" not in case, case
+    seven, eight, held, stopped, biased = case["outputs"]
+    for out, seed in ((seven, 7), (eight, 8)):
+        tokens, logprobs = stock_sampler_tokens(prompt, seed, 12, vocab, "processed_logprobs")
+        assert out["tokens"] == tokens
+        assert [position[str(t)][0] for position, t in zip(out["logprobs"], tokens)] == \
+            pytest.approx(logprobs, abs=1e-5)
+    assert seven["tokens"] != eight["tokens"]
+    assert stopped["tokens"] == [first]  # the stop token ends it at once...
+    masked = stand_in_logits(prompt[-1], len(prompt) - 1, vocab)
+    masked[first] = float("-inf")
+    assert held["tokens"][0] == int(masked.argmax())  # ...but not before min_tokens
+    assert len(held["tokens"]) >= 4 and first not in held["tokens"][:4]
+    assert biased["tokens"] == [123] * 3
+
+
+def test_npu_time_metrics_sum_workers_files(tmp_path):
+    """Each worker's cumulative file, summed by the collector into Prometheus text: the step
+    histogram (cumulative buckets, count, sum) and the seconds by phase."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from vllm_rbln.metrics import BUCKETS, NpuTimeCollector, StepMetrics
+
+    one, two = StepMetrics(), StepMetrics()
+    one.observe(2e-4, 0.0)       # a prefill-only step
+    one.observe(0.0, 3e-5)
+    two.observe(1e-3, 5e-3)      # a mixed step of 6 ms
+    one.write(tmp_path)
+    (tmp_path / "worker-2.json").write_text((tmp_path / f"worker-{os.getpid()}.json").read_text())
+    (tmp_path / f"worker-{os.getpid()}.json").unlink()
+    two.write(tmp_path)
+    registry = CollectorRegistry()
+    registry.register(NpuTimeCollector(tmp_path))
+    text = generate_latest(registry).decode()
+    values = dict(line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
+    values = {k: float(v) for k, v in values.items()}
+    assert values["vllm_rbln:npu_step_seconds_count"] == 3
+    assert values["vllm_rbln:npu_step_seconds_sum"] == pytest.approx(2e-4 + 3e-5 + 6e-3)
+    assert values['vllm_rbln:npu_seconds_total{phase="prefill"}'] == pytest.approx(1.2e-3)
+    assert values['vllm_rbln:npu_seconds_total{phase="decode"}'] == pytest.approx(5.03e-3)
+    below = {b: sum(s <= b for s in (2e-4, 3e-5, 6e-3)) for b in BUCKETS}
+    for bound, count in below.items():
+        assert values[f'vllm_rbln:npu_step_seconds_bucket{{le="{bound!r}"}}'] == count
+    assert values['vllm_rbln:npu_step_seconds_bucket{le="+Inf"}'] == 3
 
 
 def test_plugin_steps_aside_for_a_real_accelerator(monkeypatch):

@@ -4,20 +4,58 @@ Run as a script (vLLM engines want a fresh process and `if __name__ == "__main__
     python vllm_serve.py REQUEST.json
 where REQUEST.json holds a list of cases, each {"llm": {LLM kwargs}, "prompts": [str or token
 ids], "sampling": {SamplingParams kwargs, "choice": [...] for structured output} or a list of
-them, "after": optional prompts for a second generate call on the same engine}. A case that raises prints its error instead; it prints `RESULT <json list>` at the end.
+them, "after": optional prompts for a second generate call on the same engine, "stand_in":
+optional {"boost": {token id: logit}} to replace the compiled graphs' logits by
+`stand_in_logits`}. A case that raises prints its error instead; it prints `RESULT <json list>`
+at the end.
 """
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 
+def stand_in_logits(token: int, position: int, vocab: int, boost: dict | None = None):
+    """Fixed logits for (last token, position): what a test's direct call of vLLM's Sampler can
+    reproduce without the model. `boost` adds to some tokens' logits."""
+    import torch
+    g = torch.Generator().manual_seed(token * 4096 + position)
+    logits = torch.randn(vocab, generator=g) * 4
+    for t, value in (boost or {}).items():
+        logits[int(t)] += value
+    return logits
+
+
+def install_stand_in(spec: dict, vocab: int) -> None:
+    """Patch the paged graphs of this process (the engine runs in it: see main)."""
+    from types import SimpleNamespace
+
+    import torch
+    from optimum.rbln.decoder_only.session import PagedGraphs
+
+    report = SimpleNamespace(latency_s=1e-4)
+    boost = spec.get("boost")
+
+    def prefill_chunk(self, tokens, start, table):
+        return stand_in_logits(int(tokens[-1]), start + len(tokens) - 1, vocab, boost), report
+
+    def decode(self, tokens, positions, tables):
+        return torch.stack([stand_in_logits(int(t), int(p), vocab, boost)
+                            for t, p in zip(tokens, positions)]), report
+
+    PagedGraphs.prefill_chunk, PagedGraphs.decode = prefill_chunk, decode
+
+
 def main(path: str) -> None:
+    cases = json.loads(open(path).read())
+    if any("stand_in" in case for case in cases):  # the engine core in this process
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from vllm import LLM, SamplingParams
     from vllm.sampling_params import StructuredOutputsParams
 
     results = []
-    for case in json.loads(open(path).read()):
+    for case in cases:
         try:
             results.append(run(LLM, SamplingParams, StructuredOutputsParams, case))
         except Exception as error:  # noqa: BLE001  (the test reads the message)
@@ -26,6 +64,9 @@ def main(path: str) -> None:
 
 
 def run(LLM, SamplingParams, StructuredOutputsParams, request: dict) -> dict:
+    if "stand_in" in request:
+        from transformers import AutoConfig
+        install_stand_in(request["stand_in"], AutoConfig.from_pretrained(request["llm"]["model"]).vocab_size)
     llm = LLM(**request["llm"])
     sampling = request.get("sampling", {})
     if isinstance(sampling, dict):

@@ -32,7 +32,8 @@ ENV = "VLLM_RBLN_METRICS_DIR"
 STEP = "vllm_rbln:npu_step_seconds"
 PHASES = "vllm_rbln:npu_seconds"
 # Histogram bucket bounds in seconds (a 1-2.5-5 ladder over a step's plausible range)
-BUCKETS = tuple(m * 10.0 ** e for e in range(-5, 1) for m in (1.0, 2.5, 5.0)) + (10.0,)
+BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1,
+           0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 @dataclass
