@@ -74,6 +74,8 @@ def run(LLM, SamplingParams, StructuredOutputsParams, request: dict) -> dict:
     params = []
     for kwargs in sampling:
         kwargs = dict(kwargs)
+        if "logit_bias" in kwargs:  # JSON object keys are strings
+            kwargs["logit_bias"] = {int(t): v for t, v in kwargs["logit_bias"].items()}
         if "choice" in kwargs:
             kwargs["structured_outputs"] = StructuredOutputsParams(choice=kwargs.pop("choice"))
         params.append(SamplingParams(**kwargs))
