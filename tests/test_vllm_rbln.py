@@ -11,14 +11,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 pytest.importorskip("vllm", reason="vllm_rbln needs vLLM: pip install 'open-rbln[vllm]'")
 
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig  # noqa: E402
-from vllm import SamplingParams  # noqa: E402
 
 from optimum.rbln import RBLNLlamaForCausalLM  # noqa: E402
 from optimum.rbln.offline import smollm2_folder  # noqa: E402

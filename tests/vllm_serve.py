@@ -66,7 +66,8 @@ def main(path: str) -> None:
 def run(LLM, SamplingParams, StructuredOutputsParams, request: dict) -> dict:
     if "stand_in" in request:
         from transformers import AutoConfig
-        install_stand_in(request["stand_in"], AutoConfig.from_pretrained(request["llm"]["model"]).vocab_size)
+        vocab = AutoConfig.from_pretrained(request["llm"]["model"]).vocab_size
+        install_stand_in(request["stand_in"], vocab)
     llm = LLM(**request["llm"])
     sampling = request.get("sampling", {})
     if isinstance(sampling, dict):

@@ -107,8 +107,8 @@ class RblnModelRunner(CPUModelRunner):
         return None
 
     def _tokens(self, i: int) -> torch.Tensor:
-        return torch.from_numpy(self.input_batch.token_ids_cpu[i, :self.input_batch.num_tokens_no_spec[i]]
-                                .astype(np.int64))
+        batch = self.input_batch
+        return torch.from_numpy(batch.token_ids_cpu[i, :batch.num_tokens_no_spec[i]].astype(np.int64))
 
     def _table(self, i: int) -> torch.Tensor:
         blocks = self.requests[self.input_batch.req_ids[i]].block_ids[0]
