@@ -16,6 +16,9 @@ import os
 import sys
 
 
+STAND_IN = "RBLN_TEST_STAND_IN"
+
+
 def stand_in_logits(token: int, position: int, vocab: int, boost: dict | None = None):
     """Fixed logits for (last token, position): what a test's direct call of vLLM's Sampler can
     reproduce without the model. `boost` adds to some tokens' logits."""
@@ -28,7 +31,7 @@ def stand_in_logits(token: int, position: int, vocab: int, boost: dict | None = 
 
 
 def install_stand_in(spec: dict, vocab: int) -> None:
-    """Patch the paged graphs of this process (the engine runs in it: see main)."""
+    """Patch the paged graphs of this process (vLLM's engine core)."""
     from types import SimpleNamespace
 
     import torch
@@ -49,8 +52,6 @@ def install_stand_in(spec: dict, vocab: int) -> None:
 
 def main(path: str) -> None:
     cases = json.loads(open(path).read())
-    if any("stand_in" in case for case in cases):  # the engine core in this process
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from vllm import LLM, SamplingParams
     from vllm.sampling_params import StructuredOutputsParams
 
@@ -64,10 +65,10 @@ def main(path: str) -> None:
 
 
 def run(LLM, SamplingParams, StructuredOutputsParams, request: dict) -> dict:
-    if "stand_in" in request:
+    if "stand_in" in request:  # the engine core re-imports this script: see the module's end
         from transformers import AutoConfig
         vocab = AutoConfig.from_pretrained(request["llm"]["model"]).vocab_size
-        install_stand_in(request["stand_in"], vocab)
+        os.environ[STAND_IN] = json.dumps({**request["stand_in"], "vocab": vocab})
     llm = LLM(**request["llm"])
     sampling = request.get("sampling", {})
     if isinstance(sampling, dict):
@@ -94,3 +95,7 @@ def run(LLM, SamplingParams, StructuredOutputsParams, request: dict) -> dict:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+elif __name__ == "__mp_main__" and os.environ.get(STAND_IN):
+    # vLLM's engine core, a spawned process, imports the main script under this name first
+    _spec = json.loads(os.environ[STAND_IN])
+    install_stand_in(_spec, _spec["vocab"])
