@@ -87,7 +87,7 @@ def server(folders, tmp_path_factory):
                                 str(port), "--max-num-seqs", "4", "--max-model-len", "128",
                                 "--block-size", "32",
                                 # a random model left to itself fills JSON with whitespace
-                                "--structured-outputs-config", '{"disable_any_whitespace": true}']
+                                "--structured-outputs-config", '{"backend": "xgrammar", "disable_any_whitespace": true}']
     with open(log, "w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
