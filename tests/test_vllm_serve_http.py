@@ -2,7 +2,8 @@
 
 One server start serves every check (an engine start costs ~40 s on these cores): completions
 and chat completions whose greedy tokens equal optimum.rbln's `generate`, streaming, a request the
-plugin refuses (HTTP 400 with a message, not 500) and concurrent requests that all come back.
+plugin refuses (HTTP 400 with a message, not 500), concurrent requests that all come back, a
+JSON-schema answer (vLLM's grammar bitmask) and the predicted NPU time on `/metrics`.
 The compiled folder and the reference tokens come from test_vllm_rbln's fixtures and helpers.
 """
 from __future__ import annotations
