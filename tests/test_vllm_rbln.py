@@ -11,18 +11,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 pytest.importorskip("vllm", reason="vllm_rbln needs vLLM: pip install 'open-rbln[vllm]'")
 
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig  # noqa: E402
-from vllm import SamplingParams  # noqa: E402
 
 from optimum.rbln import RBLNLlamaForCausalLM  # noqa: E402
 from optimum.rbln.offline import smollm2_folder  # noqa: E402
-from vllm_rbln.sampler import apply_bitmask, apply_penalties, apply_token_rules, sample  # noqa: E402
+from vllm_serve import stand_in_logits  # noqa: E402
 
 SERVE = Path(__file__).with_name("vllm_serve.py")
 OPTIONS = dict(rbln_batch_size=4, rbln_max_seq_len=128, rbln_kvcache_partition_len=32,
@@ -172,46 +170,92 @@ def test_options_the_compiled_model_cannot_honour(folders, tmp_path):
     assert "does not support prompt_logprobs" in errors[5]
 
 
-# --- the sampler, without an engine --------------------------------------------------------------
+def stock_sampler_tokens(prompt: list[int], seed: int, steps: int, vocab: int,
+                         mode: str) -> tuple[list[int], list[float]]:
+    """vLLM's v1 Sampler called directly, step by step, on the stand-in logits (temperature 0.8,
+    top_p 0.9, its own generator seeded as vLLM seeds a request's): the tokens and the sampled
+    tokens' logprobs in `mode`."""
+    from vllm.v1.sample.logits_processor import LogitsProcessors
+    from vllm.v1.sample.metadata import SamplingMetadata
+    from vllm.v1.sample.sampler import Sampler
 
-def test_bitmask_allows_only_set_bits():
-    logits = torch.zeros(70)
-    words = np.zeros(3, dtype=np.int32)
-    words[0] = 1 << 3
-    words[2] = np.int32(-2**31)  # bit 31 of word 2: token 95, past the vocabulary
-    words[1] = 1 << 2            # token 34
-    masked = apply_bitmask(logits, words)
-    assert torch.isfinite(masked).nonzero().flatten().tolist() == [3, 34]
+    sampler, generator = Sampler(logprobs_mode=mode), torch.Generator().manual_seed(seed)
+    tokens, logprobs = [], []
+    for _ in range(steps):
+        position = len(prompt) + len(tokens) - 1
+        logits = stand_in_logits((prompt + tokens)[-1], position, vocab)[None]
+        meta = SamplingMetadata(
+            temperature=torch.tensor([0.8]), all_greedy=False, all_random=True,
+            top_p=torch.tensor([0.9]), top_k=None, generators={0: generator}, max_num_logprobs=1,
+            no_penalties=True, prompt_token_ids=None, frequency_penalties=torch.zeros(1),
+            presence_penalties=torch.zeros(1), repetition_penalties=torch.ones(1),
+            output_token_ids=[tokens], allowed_token_ids_mask=None, bad_words_token_ids={},
+            logitsprocs=LogitsProcessors())
+        out = sampler(logits, meta)
+        tokens.append(int(out.sampled_token_ids[0, 0]))
+        logprobs.append(float(out.logprobs_tensors.logprobs[0, 0]))
+    return tokens, logprobs
 
 
-def test_penalties_follow_vllm_definitions():
-    logits = torch.tensor([2.0, -2.0, 1.0, 1.0])
-    params = SamplingParams(repetition_penalty=2.0, presence_penalty=0.5, frequency_penalty=0.25)
-    out = apply_penalties(logits.clone(), params, prompt=[0], output=[1, 3, 3])
-    # token 0: prompt only -> 2/2; token 1: -2*2 - 0.25 - 0.5; token 3: 1/2 - 0.5 - 0.5
-    assert torch.allclose(out, torch.tensor([1.0, -4.75, 1.0, -0.5]))
+@pytest.mark.slow
+def test_vllm_sampler_on_fixed_logits(folders, tmp_path):
+    """vLLM's own sampling on the runner's logits (a fixed-logits stand-in for the graphs, so a
+    direct call of vLLM's Sampler can replay it): seeded samples and their processed logprobs
+    equal the direct call's; min_tokens holds back a stop token; logit_bias counts."""
+    vocab, prompt = 49152, prompts(2)[1]
+    first = int(stand_in_logits(prompt[-1], len(prompt) - 1, vocab).argmax())
+    seeded = dict(temperature=0.8, top_p=0.9, max_tokens=12, ignore_eos=True, logprobs=1)
+    greedy = dict(temperature=0.0, max_tokens=6, stop_token_ids=[first])
+    [case] = serve(tmp_path, {"llm": {"model": str(folders[1]), **ENGINE,
+                                      "logprobs_mode": "processed_logprobs"},
+                              "stand_in": {}, "prompts": [prompt] * 5,
+                              "sampling": [{**seeded, "seed": 7}, {**seeded, "seed": 8},
+                                           {**greedy, "min_tokens": 4}, greedy,
+                                           {**GREEDY, "max_tokens": 3, "logit_bias": {123: 1000}}]})
+    assert "error" not in case, case
+    seven, eight, held, stopped, biased = case["outputs"]
+    for out, seed in ((seven, 7), (eight, 8)):
+        tokens, logprobs = stock_sampler_tokens(prompt, seed, 12, vocab, "processed_logprobs")
+        assert out["tokens"] == tokens
+        assert [position[str(t)][0] for position, t in zip(out["logprobs"], tokens)] == \
+            pytest.approx(logprobs, abs=1e-5)
+    assert seven["tokens"] != eight["tokens"]
+    assert stopped["tokens"] == [first]  # the stop token ends it at once...
+    masked = stand_in_logits(prompt[-1], len(prompt) - 1, vocab)
+    masked[first] = float("-inf")
+    assert held["tokens"][0] == int(masked.argmax())  # ...but not before min_tokens
+    assert len(held["tokens"]) >= 4 and first not in held["tokens"][:4]
+    assert biased["tokens"] == [123] * 3
 
 
-def test_allowed_tokens_and_logit_bias():
-    logits = torch.tensor([0.0, 1.0, 2.0, 3.0])
-    params = SamplingParams(allowed_token_ids=[0, 1, 2], logit_bias={0: 5.0})
-    out = apply_token_rules(logits.clone(), params)
-    assert out.tolist() == [5.0, 1.0, 2.0, float("-inf")]
-    assert sample(out, SamplingParams(temperature=0.0), None) == 0
+def test_npu_time_metrics_sum_workers_files(tmp_path):
+    """Each worker's cumulative file, summed by the collector into Prometheus text: the step
+    histogram (cumulative buckets, count, sum) and the seconds by phase."""
+    from prometheus_client import CollectorRegistry, generate_latest
 
+    from vllm_rbln.metrics import BUCKETS, NpuTimeCollector, StepMetrics
 
-def test_sampling_rules():
-    logits = torch.tensor([0.0, 3.0, 2.9, -1.0, 1.0])
-    assert sample(logits, SamplingParams(temperature=0.0), None) == 1
-    g = torch.Generator().manual_seed(0)
-    top_k = {sample(logits, SamplingParams(temperature=1.0, top_k=2), g) for _ in range(200)}
-    assert top_k == {1, 2}
-    # probabilities 0.474, 0.429, 0.064, ...: the smallest set holding p keeps 1 token for
-    # p = 0.4 and 2 for p = 0.9
-    assert {sample(logits, SamplingParams(temperature=1.0, top_p=0.4), g) for _ in range(100)} == {1}
-    assert {sample(logits, SamplingParams(temperature=1.0, top_p=0.9), g) for _ in range(200)} == {1, 2}
-    min_p = {sample(logits, SamplingParams(temperature=1.0, min_p=0.5), g) for _ in range(200)}
-    assert min_p == {1, 2}  # 0.429 >= 0.5 * 0.474; 0.064 is not
+    one, two = StepMetrics(), StepMetrics()
+    one.observe(2e-4, 0.0)       # a prefill-only step
+    one.observe(0.0, 3e-5)
+    two.observe(1e-3, 5e-3)      # a mixed step of 6 ms
+    one.write(tmp_path)
+    (tmp_path / "worker-2.json").write_text((tmp_path / f"worker-{os.getpid()}.json").read_text())
+    (tmp_path / f"worker-{os.getpid()}.json").unlink()
+    two.write(tmp_path)
+    registry = CollectorRegistry()
+    registry.register(NpuTimeCollector(tmp_path))
+    text = generate_latest(registry).decode()
+    values = dict(line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
+    values = {k: float(v) for k, v in values.items()}
+    assert values["vllm_rbln:npu_step_seconds_count"] == 3
+    assert values["vllm_rbln:npu_step_seconds_sum"] == pytest.approx(2e-4 + 3e-5 + 6e-3)
+    assert values['vllm_rbln:npu_seconds_total{phase="prefill"}'] == pytest.approx(1.2e-3)
+    assert values['vllm_rbln:npu_seconds_total{phase="decode"}'] == pytest.approx(5.03e-3)
+    below = {b: sum(s <= b for s in (2e-4, 3e-5, 6e-3)) for b in BUCKETS}
+    for bound, count in below.items():
+        assert values[f'vllm_rbln:npu_step_seconds_bucket{{le="{bound!r}"}}'] == count
+    assert values['vllm_rbln:npu_step_seconds_bucket{le="+Inf"}'] == 3
 
 
 def test_plugin_steps_aside_for_a_real_accelerator(monkeypatch):

@@ -2,7 +2,8 @@
 
 One server start serves every check (an engine start costs ~40 s on these cores): completions
 and chat completions whose greedy tokens equal optimum.rbln's `generate`, streaming, a request the
-plugin refuses (HTTP 400 with a message, not 500) and concurrent requests that all come back.
+plugin refuses (HTTP 400 with a message, not 500), concurrent requests that all come back, a
+JSON-schema answer (vLLM's grammar bitmask) and the predicted NPU time on `/metrics`.
 The compiled folder and the reference tokens come from test_vllm_rbln's fixtures and helpers.
 """
 from __future__ import annotations
@@ -85,7 +86,9 @@ def server(folders, tmp_path_factory):
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "VLLM_LOGGING_LEVEL": "INFO"}
     command = vllm_command() + ["serve", str(folders[1]), "--host", "127.0.0.1", "--port",
                                 str(port), "--max-num-seqs", "4", "--max-model-len", "128",
-                                "--block-size", "32"]
+                                "--block-size", "32",
+                                # a random model left to itself fills JSON with whitespace
+                                "--structured-outputs-config", '{"backend": "xgrammar", "disable_any_whitespace": true}']
     with open(log, "w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
@@ -160,3 +163,43 @@ def test_vllm_serve_answers_openai_requests(server, compiled):
         assert response.status == 200
     # the worker logs what the steps would cost on the NPU (the emulation's wall time does not)
     assert "vllm_rbln: predicted NPU time per step" in log.read_text()
+
+    # a JSON-schema response (vLLM's grammar bitmask on the logits): valid JSON of that schema
+    schema = {"type": "object", "properties": {"answer": {"type": "string", "enum": ["yes", "no"]},
+                                               "sure": {"type": "boolean"}},
+              "required": ["answer", "sure"], "additionalProperties": False}
+    status, body = post(base + "/v1/chat/completions",
+                        {"model": model, "messages": [{"role": "user", "content": "Yes or no?"}],
+                         "max_tokens": 60, "temperature": 0.0,
+                         "response_format": {"type": "json_schema",
+                                             "json_schema": {"name": "a", "schema": schema}}})
+    assert status == 200, body
+    answer = json.loads(body["choices"][0]["message"]["content"])
+    assert set(answer) == {"answer", "sure"} and answer["answer"] in ("yes", "no")
+    assert isinstance(answer["sure"], bool)
+
+    # the predicted NPU time on /metrics beside vLLM's own metrics
+    values = scrape(base)
+    assert sum(v for k, v in values.items() if k.startswith("vllm:request_success_total")) >= 10
+    steps = values["vllm_rbln:npu_step_seconds_count"]
+    assert steps > 0 and values["vllm_rbln:npu_step_seconds_sum"] > 0
+    assert values['vllm_rbln:npu_step_seconds_bucket{le="+Inf"}'] == steps
+    prefill = values['vllm_rbln:npu_seconds_total{phase="prefill"}']
+    decode = values['vllm_rbln:npu_seconds_total{phase="decode"}']
+    assert prefill > 0 and decode > 0
+    assert prefill + decode == pytest.approx(values["vllm_rbln:npu_step_seconds_sum"])
+    # one more request adds its steps
+    post(base + "/v1/completions", {"model": model, "prompt": prompt, **GREEDY})
+    assert scrape(base)["vllm_rbln:npu_step_seconds_count"] >= steps + 10
+
+
+def scrape(base: str) -> dict[str, float]:
+    """`/metrics` as {sample name with labels: value} (Prometheus text format)."""
+    with urllib.request.urlopen(base + "/metrics", timeout=30) as response:
+        text = response.read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    return values

@@ -1,40 +1,28 @@
-"""One vLLM engine step on the compiled LLM: keep each request's tokens and KV-cache blocks, run
-the scheduled tokens through the prefill graph (one chunk of one request at a time) or the decode
-graph (every single-token request at once), then sample.
+"""One vLLM engine step on the compiled LLM: vLLM's own model runner keeps the requests (its
+persistent `InputBatch`: tokens, block tables, sampling parameters, seeded generators, logits
+processors) and samples (its v1 `Sampler`, grammar bitmask, logprobs and logprobs_mode); this
+subclass only replaces the forward pass with the compiled prefill graph (one chunk of one request
+at a time) and decode graph (every single-token request at once).
 
-vLLM's scheduler owns the KV cache: it hands each request its block ids and may split a prompt
-over several steps (chunked prefill), share blocks between requests (prefix caching) or preempt
-and resume a request. The compiled graphs take block tables as inputs, so they follow it as is.
-Block 0 is vLLM's null block (never given to a request), so block id b is cache block b - 1.
+It subclasses vLLM's CPU model runner, as the CPU platform does with the GPU one: the tensors on
+the vLLM side are host tensors, and the compiled model's runtime owns the device and its KV cache.
+vLLM's scheduler hands each request its block ids and may split a prompt over several steps
+(chunked prefill), share blocks between requests (prefix caching) or preempt and resume a
+request; the compiled graphs take block tables as inputs, so they follow it as is. Block 0 is
+vLLM's null block (never given to a request), so block id b is cache block b - 1.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-from vllm import SamplingParams
 from vllm.v1.core.sched.output import GrammarOutput, SchedulerOutput
-from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, LogprobsLists, ModelRunnerOutput
-from vllm.v1.sample.ops.bad_words import apply_bad_words
+from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
+from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+from vllm.v1.worker.gpu_model_runner import ExecuteModelState
 
 from optimum.rbln.decoder_only.session import PagedGraphs
-
-from .sampler import apply_bitmask, apply_penalties, apply_token_rules, sample
-
-
-@dataclass
-class RequestState:
-    prompt: list[int]
-    params: SamplingParams
-    blocks: list[int]                 # vLLM block ids, in sequence order
-    computed: int = 0                 # tokens already in the KV cache
-    output: list[int] = field(default_factory=list)
-    generator: torch.Generator | None = None
-
-    @property
-    def tokens(self) -> list[int]:
-        return self.prompt + self.output
 
 
 @dataclass
@@ -55,136 +43,112 @@ class RunnerStats:
                 f"{self.decode_s * 1e3:.2f} ms decode")
 
 
-class RblnModelRunner:
-    def __init__(self, graphs: PagedGraphs):
+class RblnModelRunner(CPUModelRunner):
+    """vLLM's CPU model runner with the compiled graphs as its model (`attach` them after
+    construction: the worker loads the compiled folder)."""
+
+    graphs: PagedGraphs
+
+    def attach(self, graphs: PagedGraphs) -> None:
         self.graphs = graphs
         self.options = graphs.options
-        self.requests: dict[str, RequestState] = {}
         self.stats = RunnerStats()
-        self._pending: tuple[list[str], dict[str, torch.Tensor]] | None = None
+        self.last_step: tuple[float, float] | None = None  # predicted (prefill, decode) seconds
 
-    # --- bookkeeping ----------------------------------------------------------------------------
+    # --- what vLLM's runner would allocate or load: the compiled model has it already ----------
 
-    def update_states(self, out: SchedulerOutput) -> None:
-        for req_id in out.finished_req_ids:
-            self.requests.pop(req_id, None)
-        for new in out.scheduled_new_reqs:
-            params = new.sampling_params
-            generator = None
-            if params.seed is not None:
-                generator = torch.Generator().manual_seed(params.seed)
-            self.stats.cached_prompt_tokens += new.num_computed_tokens
-            self.requests[new.req_id] = RequestState(list(new.prompt_token_ids), params,
-                                                     list(new.block_ids[0]), new.num_computed_tokens,
-                                                     generator=generator)
-        cached = out.scheduled_cached_reqs
-        for i, req_id in enumerate(cached.req_ids):
-            state = self.requests[req_id]
-            new_blocks = cached.new_block_ids[i]
-            if req_id in cached.resumed_req_ids:
-                state.blocks = list(new_blocks[0]) if new_blocks else []
-            elif new_blocks:
-                state.blocks.extend(new_blocks[0])
-            if req_id in cached.all_token_ids:  # resumed: vLLM sends what it has
-                state.output = cached.all_token_ids[req_id][len(state.prompt):]
-            state.computed = cached.num_computed_tokens[i]
+    def load_model(self, load_dummy_weights: bool = False) -> None:
+        raise RuntimeError("RblnModelRunner runs a compiled folder: RblnWorker loads it")
 
-    def _table(self, state: RequestState) -> torch.Tensor:
-        table = torch.zeros(self.options.blocks_per_sequence, dtype=torch.long)
-        table[:len(state.blocks)] = torch.tensor(state.blocks, dtype=torch.long) - 1
-        return table
+    def initialize_kv_cache(self, kv_cache_config, is_profiling: bool = False,
+                            kv_cache_allocation_context=None) -> None:
+        """The KV cache lives in the compiled model's device memory; vLLM's runner only needs the
+        layout (its batch reordering reads the cache groups)."""
+        self.kv_cache_config = kv_cache_config
 
-    # --- running --------------------------------------------------------------------------------
+    def _zero_block_ids(self, block_ids: list[int]) -> None:
+        """vLLM zeroes fresh blocks of its own host cache; the device cache is the runtime's, and
+        the graphs never read a position past a sequence's length."""
 
-    def execute(self, out: SchedulerOutput) -> ModelRunnerOutput | None:
-        """Run the step's tokens; None means `sample` follows (vLLM's two-phase step, which lets
-        structured outputs mask the logits first)."""
-        self.update_states(out)
-        if out.total_num_scheduled_tokens == 0:
+    # --- the forward pass ----------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def execute_model(self, scheduler_output: SchedulerOutput, intermediate_tensors=None):
+        """Run the step's tokens through the graphs; None means `sample_tokens` follows (vLLM's
+        two-phase step, which lets structured outputs mask the logits first)."""
+        if self.execute_model_state is not None:
+            raise RuntimeError("execute_model called twice without sample_tokens in between")
+        self._update_states(scheduler_output)
+        self.stats.cached_prompt_tokens += sum(new.num_computed_tokens
+                                               for new in scheduler_output.scheduled_new_reqs)
+        self.last_step = None
+        if not scheduler_output.total_num_scheduled_tokens:
             return EMPTY_MODEL_RUNNER_OUTPUT
-        order = list(out.num_scheduled_tokens)
-        logits: dict[str, torch.Tensor] = {}
-        single = [r for r in order if out.num_scheduled_tokens[r] == 1]
-        for req_id in order:
-            if out.num_scheduled_tokens[req_id] > 1:
-                self._prefill(req_id, out.num_scheduled_tokens[req_id], logits)
+        batch = self.input_batch
+        n = batch.num_reqs
+        counts = np.array([scheduler_output.num_scheduled_tokens[r] for r in batch.req_ids])
+        logits = torch.zeros(n, batch.vocab_size, dtype=torch.float32)
+        before = self.stats.prefill_s, self.stats.decode_s
+        singles = [i for i in range(n) if counts[i] == 1]
+        for i in range(n):
+            if counts[i] > 1:
+                self._prefill(i, int(counts[i]), logits)
         biggest = max(self.options.decoder_batch_sizes)
-        for start in range(0, len(single), biggest):
-            self._decode(single[start:start + biggest], logits)
+        for start in range(0, len(singles), biggest):
+            self._decode(singles[start:start + biggest], logits)
         self.stats.steps += 1
-        self._pending = (order, logits)
+        self.last_step = self.stats.prefill_s - before[0], self.stats.decode_s - before[1]
+        # a chunk that does not end its prompt: vLLM samples the row and drops the token
+        self.discard_request_mask.np[:n] = \
+            batch.num_computed_tokens_cpu[:n] + counts < batch.num_tokens_no_spec[:n]
+        nothing = logits.new_empty(0, 0)
+        self.execute_model_state = ExecuteModelState(
+            scheduler_output, logits, None, None, nothing, nothing, None, None, None, None)
         return None
 
-    def _prefill(self, req_id: str, count: int, logits: dict[str, torch.Tensor]) -> None:
-        state = self.requests[req_id]
-        table, tokens = self._table(state), torch.tensor(state.tokens)
+    def _tokens(self, i: int) -> torch.Tensor:
+        batch = self.input_batch
+        return torch.from_numpy(batch.token_ids_cpu[i, :batch.num_tokens_no_spec[i]].astype(np.int64))
+
+    def _table(self, i: int) -> torch.Tensor:
+        blocks = self.requests[self.input_batch.req_ids[i]].block_ids[0]
+        table = torch.zeros(self.options.blocks_per_sequence, dtype=torch.long)
+        table[:len(blocks)] = torch.tensor(blocks, dtype=torch.long) - 1
+        return table
+
+    def _prefill(self, i: int, count: int, logits: torch.Tensor) -> None:
+        table, tokens = self._table(i), self._tokens(i)
         chunk = self.options.prefill_chunk_size
-        end = state.computed + count
-        for start in range(state.computed, end, chunk):
-            last, report = self.graphs.prefill_chunk(tokens[start:min(start + chunk, end)], start, table)
+        begin = int(self.input_batch.num_computed_tokens_cpu[i])
+        end = begin + count
+        for start in range(begin, end, chunk):
+            last, report = self.graphs.prefill_chunk(tokens[start:min(start + chunk, end)], start,
+                                                     table)
             self.stats.prefill_s += report.latency_s
             self.stats.prefill_chunks += 1
-        if end == len(state.tokens):  # the whole prompt is cached: sample its next token
-            logits[req_id] = last
+        logits[i] = last.float()
 
-    def _decode(self, req_ids: list[str], logits: dict[str, torch.Tensor]) -> None:
-        states = [self.requests[r] for r in req_ids]
-        tokens = torch.tensor([s.tokens[s.computed] for s in states])
-        positions = torch.tensor([s.computed for s in states])
-        tables = torch.stack([self._table(s) for s in states])
-        rows, report = self.graphs.decode(tokens, positions, tables)
+    def _decode(self, rows: list[int], logits: torch.Tensor) -> None:
+        batch = self.input_batch
+        positions = torch.tensor([int(batch.num_computed_tokens_cpu[i]) for i in rows])
+        tokens = torch.tensor([int(batch.token_ids_cpu[i, p]) for i, p in zip(rows, positions)])
+        tables = torch.stack([self._table(i) for i in rows])
+        out, report = self.graphs.decode(tokens, positions, tables)
         self.stats.decode_s += report.latency_s
         self.stats.decode_batches += 1
-        for req_id, state, row in zip(req_ids, states, rows):
-            if state.computed + 1 == len(state.tokens):
-                logits[req_id] = row
+        logits[rows] = out.float()
 
-    def sample(self, grammar: GrammarOutput | None) -> ModelRunnerOutput:
-        if self._pending is None:
-            raise RuntimeError("sample_tokens called without a preceding execute_model")
-        order, logits = self._pending
-        self._pending = None
-        masks = {}
-        if grammar is not None:
-            masks = dict(zip(grammar.structured_output_request_ids, grammar.grammar_bitmask))
-        sampled: list[list[int]] = []
-        logprobs: dict[int, tuple[torch.Tensor, int]] = {}
-        for index, req_id in enumerate(order):
-            if req_id not in logits:  # a prompt chunk that does not end the prompt
-                sampled.append([])
-                continue
-            state = self.requests[req_id]
-            scores = logits[req_id].float().clone()
-            if req_id in masks:
-                scores = apply_bitmask(scores, masks[req_id])
-            scores = apply_token_rules(scores, state.params)
-            if state.params.bad_words_token_ids:
-                apply_bad_words(scores.view(1, -1), {0: state.params.bad_words_token_ids},
-                                [state.output])
-            scores = apply_penalties(scores, state.params, state.prompt, state.output)
-            token = sample(scores, state.params, state.generator)
-            state.output.append(token)
-            sampled.append([token])
-            if state.params.logprobs is not None:
-                logprobs[index] = (logits[req_id], token)
-        return ModelRunnerOutput(req_ids=order, req_id_to_index={r: i for i, r in enumerate(order)},
-                                 sampled_token_ids=sampled,
-                                 logprobs=self._logprobs(order, logprobs) if logprobs else None)
-
-    def _logprobs(self, order: list[str], chosen: dict[int, tuple[torch.Tensor, int]]) -> LogprobsLists:
-        """vLLM's default (raw) logprobs: log-softmax of the model's logits; per request a row of
-        the sampled token then the top `logprobs` tokens, and the sampled token's rank."""
-        vocab = next(iter(chosen.values()))[0].shape[-1]
-        top = {i: self.requests[order[i]].params.logprobs for i in chosen}
-        width = 1 + max(vocab if k == -1 else k for k in top.values())
-        ids = np.zeros((len(order), width), dtype=np.int64)
-        values = np.zeros((len(order), width), dtype=np.float32)
-        ranks = np.zeros(len(order), dtype=np.int64)
-        for i, (raw, token) in chosen.items():
-            lp = torch.log_softmax(raw.float(), -1)
-            k = vocab if top[i] == -1 else top[i]
-            best = torch.topk(lp, k)
-            ids[i, 0], values[i, 0] = token, float(lp[token])
-            ids[i, 1:1 + k], values[i, 1:1 + k] = best.indices.numpy(), best.values.numpy()
-            ranks[i] = int((lp > lp[token]).sum()) + 1
-        return LogprobsLists(ids, values, ranks)
+    @torch.inference_mode()
+    def sample_tokens(self, grammar_output: GrammarOutput | None) -> ModelRunnerOutput:
+        """vLLM's sampling step. A row whose token is dropped (a prompt chunk that does not end
+        the prompt) must not draw from its request's seeded generator: vLLM's GPU runner winds a
+        CUDA generator's offset back afterwards, which a CPU generator cannot do (it has no
+        offset), so those generators sit out the step instead."""
+        n = self.input_batch.num_reqs
+        generators = self.input_batch.generators  # the dict the sampling metadata holds
+        dropped = [int(i) for i in np.nonzero(self.discard_request_mask.np[:n])[0]]
+        held = {i: generators.pop(i) for i in dropped if i in generators}
+        try:
+            return super().sample_tokens(grammar_output)
+        finally:
+            generators.update(held)

@@ -17,6 +17,8 @@ from vllm.exceptions import VLLMValidationError
 from vllm.logger import init_logger
 from vllm.platforms.interface import Platform, PlatformEnum
 
+from . import metrics
+
 logger = init_logger("vllm.rbln.platform")  # under "vllm" so vLLM's handlers print it
 
 WORKER = "vllm_rbln.worker.RblnWorker"
@@ -55,6 +57,12 @@ class RblnPlatform(Platform):
         # float32 first: with dtype="auto" vLLM keeps an FP32 checkpoint's dtype for host tensors;
         # the device computes in its own 16-bit format whatever vLLM's dtype says.
         return [torch.float32, torch.float16, torch.bfloat16]
+
+    @classmethod
+    def import_kernels(cls) -> None:
+        """vLLM's C kernels (vllm._C) are not used: the compiled graphs run in our runtime and
+        vLLM's sampler has PyTorch paths. Importing them kills the process (SIGILL) on a host CPU
+        without the AVX-512 the CPU wheel was built for, before any Python error can be raised."""
 
     @classmethod
     def get_device_name(cls, device_id: int = 0) -> str:
@@ -132,6 +140,7 @@ class RblnPlatform(Platform):
         compilation.mode = CompilationMode.NONE
         compilation.cudagraph_mode = CUDAGraphMode.NONE
         compilation.cudagraph_capture_sizes = []
+        metrics.install_collector()  # the predicted NPU time on /metrics (see metrics.py)
         if model is None:
             return
         o = compiled_options(model.model)

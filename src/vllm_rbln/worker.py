@@ -3,6 +3,7 @@ layout the graphs were compiled with, and hands each scheduled step to `RblnMode
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 
 import torch
@@ -13,6 +14,7 @@ from vllm.v1.worker.worker_base import CompilationTimes, WorkerBase
 from optimum.rbln.auto import RBLNAutoModelForCausalLM
 from optimum.rbln.decoder_only.paged_model import kv_heads_and_dim
 
+from . import metrics
 from .model_runner import RblnModelRunner
 
 logger = init_logger("vllm.rbln.worker")
@@ -23,11 +25,16 @@ class RblnWorker(WorkerBase):
         # torch_rbln (normally autoloaded with torch) makes "rbln" torch's accelerator; vLLM's
         # shutdown calls torch.accelerator.empty_cache() on it.
         import torch_rbln  # noqa: F401
+        from vllm.v1.worker.gpu_worker import init_worker_distributed_environment
         self.device = torch.device("cpu")
+        # vLLM's model runner asks for its (single-rank) process groups, as on the CPU platform
+        init_worker_distributed_environment(self.vllm_config, self.rank,
+                                            self.distributed_init_method, self.local_rank, "gloo")
 
     def load_model(self, *, load_dummy_weights: bool = False) -> None:
         self.model = RBLNAutoModelForCausalLM.from_pretrained(self.model_config.model, export=False)
-        self.runner = RblnModelRunner(self.model.paged_graphs())
+        self.runner = RblnModelRunner(self.vllm_config, self.device)
+        self.runner.attach(self.model.paged_graphs())
         logger.info("loaded %r", self.model)
 
     def get_model(self):
@@ -59,14 +66,29 @@ class RblnWorker(WorkerBase):
 
     def initialize_from_config(self, kv_cache_config) -> None:
         self.cache_config.num_gpu_blocks = kv_cache_config.num_blocks
+        self.runner.initialize_kv_cache(kv_cache_config)
 
     def compile_or_warm_up_model(self) -> CompilationTimes:
         return CompilationTimes(language_model=0.0, encoder=0.0)  # compiled ahead of time
 
     def execute_model(self, scheduler_output):
-        output = self.runner.execute(scheduler_output)
+        output = self.runner.execute_model(scheduler_output)
         self._log_npu_time()
+        self._export_npu_time()
         return output
+
+    def _export_npu_time(self) -> None:
+        """This step's predicted NPU time into the file the API server's /metrics reads."""
+        folder = os.environ.get(metrics.ENV)
+        if folder is None or self.runner.last_step is None:
+            return
+        if not hasattr(self, "_metrics"):
+            self._metrics = metrics.StepMetrics()
+        self._metrics.observe(*self.runner.last_step)
+        try:
+            self._metrics.write(folder)
+        except OSError as error:  # the server removed it (shutting down): serving goes on
+            logger.warning("vllm_rbln: cannot write NPU-time metrics to %s: %s", folder, error)
 
     def _log_npu_time(self) -> None:
         """Put the predicted NPU time per step in the server's log: at the first step, then at
@@ -91,7 +113,7 @@ class RblnWorker(WorkerBase):
         self._npu_logged = (now, dataclasses.replace(stats))
 
     def sample_tokens(self, grammar_output):
-        return self.runner.sample(grammar_output)
+        return self.runner.sample_tokens(grammar_output)
 
     def rbln_stats(self) -> dict:
         """What the runner did and the NPU time predicted for it:
