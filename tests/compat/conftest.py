@@ -61,17 +61,21 @@ class Reloader:
         self.proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("reload_worker.py"))],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
 
-    def run(self, cls: str, folder: Path, *args, call: str = "forward", load_kwargs=None,
-            **kwargs) -> dict[str, torch.Tensor]:
-        """Reload `folder` as `cls` in the worker, call it on the inputs, return its output tensors
-        by key path (e.g. "logits", "last_hidden_state", "0")."""
+    def run(self, cls: str, folder: Path, *args, method: str = "__call__", pick=None,
+            load_kwargs=None, generator_seed: int | None = None, **kwargs) -> dict[str, torch.Tensor]:
+        """Reload `folder` as `cls` in the worker, call it (or its `method`) on the inputs, return
+        its output tensors by key path (e.g. "logits", "last_hidden_state", "0"), or the
+        attributes named in `pick`. generator_seed: pass `generator=torch.Generator()` seeded so."""
         if self.proc is None or self.proc.poll() is not None:
             self._start()
         self.count += 1
         inputs, outputs = self.tmp / f"in{self.count}.pt", self.tmp / f"out{self.count}.pt"
-        torch.save({"args": list(args), "kwargs": kwargs}, inputs)
+        payload = {"args": list(args), "kwargs": kwargs}
+        if generator_seed is not None:
+            payload["generator_seed"] = generator_seed
+        torch.save(payload, inputs)
         request = {"cls": cls, "folder": str(folder), "inputs": str(inputs), "outputs": str(outputs),
-                   "call": call, "load_kwargs": load_kwargs or {}}
+                   "method": method, "pick": pick or [], "load_kwargs": load_kwargs or {}}
         self.proc.stdin.write(json.dumps(request) + "\n")
         self.proc.stdin.flush()
         line = self.proc.stdout.readline()

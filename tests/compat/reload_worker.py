@@ -8,7 +8,8 @@ costs seconds on 2 cores); each request loads its model anew and frees it afterw
 
 Protocol: one JSON request per line on stdin,
     {"cls": "RBLNBertModel", "folder": ..., "inputs": file.pt, "outputs": file.pt,
-     "call": "forward" | "generate", "load_kwargs": {...}}
+     "method": "__call__" | "generate" | "decode" | ..., "pick": ["latent_dist.mean", ...],
+     "load_kwargs": {...}}
 and one JSON reply per line on the original stdout ({"ok": true} or {"ok": false, "error": ...});
 everything the libraries print goes to stderr, so it cannot corrupt the replies.
 """
@@ -42,6 +43,12 @@ def tensors_of(value, prefix: str = "") -> dict[str, torch.Tensor]:
     return out
 
 
+def _attr(value, path: str):
+    for name in path.split("."):
+        value = getattr(value, name)
+    return value
+
+
 def handle(request: dict) -> dict:
     import optimum.rbln
     from rebel.device.memory import reset_memory
@@ -50,11 +57,13 @@ def handle(request: dict) -> dict:
     model = cls.from_pretrained(request["folder"], export=False, **request.get("load_kwargs", {}))
     try:
         inputs = torch.load(request["inputs"], weights_only=False)
+        call = getattr(model, request.get("method", "__call__"))
+        if "generator_seed" in inputs:  # pipelines draw their noise from a generator
+            inputs["kwargs"]["generator"] = torch.Generator().manual_seed(inputs.pop("generator_seed"))
         with torch.no_grad():
-            if request.get("call", "forward") == "generate":
-                result = model.generate(*inputs.get("args", ()), **inputs.get("kwargs", {}))
-            else:
-                result = model(*inputs.get("args", ()), **inputs.get("kwargs", {}))
+            result = call(*inputs.get("args", ()), **inputs.get("kwargs", {}))
+        if request.get("pick"):  # attributes that are not plain tensors (a latent distribution)
+            result = {path: _attr(result, path) for path in request["pick"]}
         outputs = tensors_of(result)
         torch.save(outputs, request["outputs"])
         return {"keys": sorted(outputs)}
