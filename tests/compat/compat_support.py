@@ -53,3 +53,59 @@ def assert_host_fallbacks(folder: Path, expected: dict[str, int] | None = None,
     want = {name: expected.get(name, 0) for name in counts}
     assert counts == want, f"host fallbacks per graph {counts}, expected {want}"
     return counts
+
+
+# --- generative models: greedy tokens against the FP32 model ---------------------------------
+
+MARGIN_MAX = 0.1  # a disagreement is accepted only where FP32's top-2 logits are this close
+
+
+def left_padded_prompts(lengths, vocab: int, pad_id: int = 0, seed: int = 0):
+    """A batch of random prompts of the given lengths, left-padded with `pad_id`: (ids, mask)."""
+    g = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.full((len(lengths), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        ids[row, width - n:] = torch.randint(3, vocab, (n,), generator=g)
+        mask[row, width - n:] = 1
+    return ids, mask
+
+
+def decoder_only_logits(model, prompt_mask: torch.Tensor):
+    """FP32 logits of a decoder-only model teacher-forced on whole sequences (prompt + generated),
+    positions counted from each row's first real token as HF generate counts them."""
+    def logits(seq: torch.Tensor) -> torch.Tensor:
+        extra = seq.shape[1] - prompt_mask.shape[1]
+        mask = torch.cat([prompt_mask, torch.ones(seq.shape[0], extra, dtype=prompt_mask.dtype)], 1)
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+        with torch.no_grad():
+            return model(input_ids=seq, attention_mask=mask, position_ids=positions).logits.float()
+    return logits
+
+
+def assert_greedy_matches(got: torch.Tensor, want: torch.Tensor, prompt_len: int, logits_fn,
+                          what: str, margin_max: float = MARGIN_MAX) -> dict:
+    """The vendor model's greedy tokens `got` equal FP32 `want`, or every token that differs from
+    what FP32 picks after the same prefix is FP32's second choice at a top-2 margin below
+    `margin_max`. `logits_fn(seq)` gives FP32 logits [B, L, V] teacher-forced on `seq`, so every
+    step of `got` is judged, also after a first (accepted) divergence. Returns counts."""
+    got, want = torch.as_tensor(got).long(), torch.as_tensor(want).long()
+    assert got.shape == want.shape, f"{what}: generated {list(got.shape)} tokens, FP32 {list(want.shape)}"
+    assert torch.equal(got[:, :prompt_len], want[:, :prompt_len]), f"{what}: the prompt came back changed"
+    logits = logits_fn(got)[:, prompt_len - 1:-1]  # the step that chose each generated token
+    top2 = logits.topk(2, dim=-1)
+    margin = top2.values[..., 0] - top2.values[..., 1]
+    tokens = got[:, prompt_len:]
+    # a test that cannot fail proves nothing: most FP32 steps must be decisive
+    decisive = (margin >= margin_max).float().mean().item()
+    assert decisive >= 0.5, (f"{what}: only {decisive:.0%} of FP32 steps have a top-2 margin >= "
+                             f"{margin_max}: make the random model's logits sharper")
+    differs = tokens != top2.indices[..., 0]
+    for b, t in differs.nonzero().tolist():
+        assert tokens[b, t] == top2.indices[b, t, 1] and margin[b, t] < margin_max, (
+            f"{what}: row {b} step {t}: got token {tokens[b, t].item()}, FP32 picks "
+            f"{top2.indices[b, t, 0].item()} with a top-2 margin {margin[b, t].item():.3g} "
+            f"(accepted below {margin_max}); got {got[b, prompt_len:].tolist()}, "
+            f"FP32 {want[b, prompt_len:].tolist()}")
+    return {"equal": bool(torch.equal(got, want)), "disagreements": int(differs.sum())}
