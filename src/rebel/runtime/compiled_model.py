@@ -125,7 +125,7 @@ class RBLNCompiledModel:
     def _set_first_dim(self, name: str, rows: int) -> None:
         for p in self.buckets:
             if name in p.static_buffers:
-                p.static_buffers[name] = [rows, *p.static_buffers[name][1:]]
+                p.resize_static_buffer(name, rows)
 
     @property
     def npu(self) -> str:
