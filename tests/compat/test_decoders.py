@@ -121,31 +121,71 @@ def _tiny_llama():
     return _m("LlamaForCausalLM")(_m("LlamaConfig")(**_llm())).eval()
 
 
+def _unique_bytes(tensors) -> int:
+    """16-bit bytes of the distinct tensors (equal contents stored once: weight sharing is by
+    content, so the all-ones RMSNorm weights of every layer are one copy)."""
+    seen = {}
+    for t in tensors:
+        h = t.detach().half().contiguous()
+        seen.setdefault((tuple(h.shape), h.numpy().tobytes()), h.numel() * 2)
+    return sum(seen.values())
+
+
 def test_decoder_dram_is_one_weight_copy_plus_kv_cache(tmp_path):
     """Prefill and decode are two graphs and two runtimes of one compile context with weight
-    sharing: the die holds the weights once and the KV cache once, nothing per runtime."""
+    sharing: the die holds the weights once and the KV cache once; per runtime only its own
+    activation area."""
     from rebel.device.memory import device_memory, reset_memory
     from rebel.runtime import device_state
 
     model = _tiny_llama()
     model.save_pretrained(tmp_path / "hf")
     reset_memory()
-    before = device_memory(0).used
     compiled = optimum.rbln.RBLNLlamaForCausalLM.from_pretrained(
         tmp_path / "hf", export=True, rbln_batch_size=2, rbln_max_seq_len=128)
     try:
-        cfg = compiled.rbln_config
-        used = device_memory(0).used - before
-        # weights as the device stores them: 16-bit floats, each tensor once (no tied copies)
-        weight_bytes = sum(p.numel() * 2 for p in model.parameters())
-        c = model.config
-        kv_bytes = (2 * c.num_hidden_layers * cfg.kvcache_num_blocks * c.num_key_value_heads
+        cfg, c = compiled.rbln_config, model.config
+        used = device_memory(0).used
+        # the weights once, plus the constants the vendor's wrapper adds to the graph: the
+        # rotary cos/sin tables (max_seq_len x head_dim each) and the attention scale
+        weights = (_unique_bytes(model.parameters()) + 2 * cfg.max_seq_len * c.head_dim * 2 + 2)
+        kv_cache = (2 * c.num_hidden_layers * cfg.kvcache_num_blocks * c.num_key_value_heads
                     * cfg.kvcache_block_size * c.head_dim * 2)
+        activations = sum(m.get_alloc_per_chiplet_by_key()["Activation"][0][0]
+                          for m in compiled.compiled_models)
         states = [s for s in device_state.states() if s.devices == (0,)]
         assert len(states) == 1 and states[0].runtimes == 2, [(s.context_id, s.runtimes) for s in states]
-        assert sum(states[0].static_bytes.values()) == kv_bytes, states[0].static_bytes
-        assert used == weight_bytes + kv_bytes + _constant_bytes(tmp_path), (
-            f"device DRAM {used} B != weights {weight_bytes} + KV cache {kv_bytes} + graph constants")
+        assert sum(states[0].static_bytes.values()) == kv_cache, states[0].static_bytes
+        assert used == weights + kv_cache + activations, (
+            f"device DRAM {used} B != weights {weights} + KV cache {kv_cache} + activations "
+            f"{activations} (two runtimes)")
     finally:
         del compiled
+        reset_memory()
+
+
+def test_decoder_too_large_for_device_dram(tmp_path, monkeypatch):
+    """A model whose weights, KV cache and activations exceed the die's DRAM: the vendor layer's
+    runtime creation gets our DeviceMemoryError naming what did not fit and how much was free
+    (not a crash, not a silent success). The die here is an RBLN-CA12 whose DRAM a spec file
+    shrinks to 256 KiB; the tiny Llama needs about 540 KiB."""
+    import rebel
+    from rebel.device.memory import reset_memory
+    from rebel.npu.machine import reset_machine
+
+    spec = tmp_path / "small-dram.toml"
+    spec.write_text('base = "RBLN-CA12"\n\n[die.memory]\ndram_gib = 0.000244140625\n'
+                    'dram_reserved_mib = 0.0\n')
+    model = _tiny_llama()
+    model.save_pretrained(tmp_path / "hf")
+    monkeypatch.setenv("RBLN_VIRTUAL_NPU", str(spec))
+    reset_machine()
+    reset_memory()
+    try:
+        with pytest.raises(rebel.DeviceMemoryError, match=r"needs .* of device DRAM but rbln:0 has"):
+            optimum.rbln.RBLNLlamaForCausalLM.from_pretrained(
+                tmp_path / "hf", export=True, rbln_batch_size=2, rbln_max_seq_len=128)
+    finally:
+        monkeypatch.delenv("RBLN_VIRTUAL_NPU")
+        reset_machine()
         reset_memory()
