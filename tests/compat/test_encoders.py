@@ -195,10 +195,7 @@ CASES = [
     pytest.param(
         Case("RBLNT5EncoderModel", lambda: _m("T5EncoderModel")(_t5_cfg()),
              lambda: {"input_ids": _ids(), "attention_mask": _mask()},
-             {"last_hidden_state": _get("last_hidden_state")}, {"rbln_max_seq_len": 16}),
-        marks=pytest.mark.xfail(strict=True, raises=ModuleNotFoundError,
-                                reason="the vendor's t5 module imports rebel.compile_context at "
-                                       "import time (CompileContext: issue 10 item 2)")),
+             {"last_hidden_state": _get("last_hidden_state")}, {"rbln_max_seq_len": 16})),
     Case("RBLNASTForAudioClassification",
          lambda: _m("ASTForAudioClassification")(_ast_cfg()),
          lambda: {"input_values": _rand(1, 64, 32)}, {"logits": _get("logits")},
