@@ -4,8 +4,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 VLLM_STAMP := $(VENV)/.installed-vllm
+# The vendor's environment: its optimum-rbln over our rebel (see packaging/vendor-compat)
+VVENV := .venv-vendor
+VPY := $(VVENV)/bin/python
+COMPAT_STAMP := $(VVENV)/.installed
 
-.PHONY: demo serve-demo test test-fast bench clean
+.PHONY: demo serve-demo test test-fast test-compat compat bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,11 +30,30 @@ $(VLLM_STAMP): $(STAMP) packaging/vllm-alias/pyproject.toml
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation ./packaging/vllm-alias
 	touch $(VLLM_STAMP)
 
+# optimum-rbln 0.12.0 --no-deps (its torchvision/torchaudio/torchcodec +cpu pins are not on PyPI
+# and break beside our torch), its other requirements pinned by hand, our pyproject's runtime
+# dependencies, and our rebel + torch_rbln linked in without our optimum namespace.
+$(COMPAT_STAMP): pyproject.toml packaging/vendor-compat/requirements.txt packaging/vendor-compat/link_ours.py
+	$(PYTHON) -m venv $(VVENV)
+	$(VPY) -m pip install --quiet --upgrade pip
+	$(VPY) -m pip install --quiet -r packaging/vendor-compat/requirements.txt \
+		$$($(VPY) packaging/vendor-compat/link_ours.py --deps)
+	$(VPY) -m pip install --quiet --no-deps optimum-rbln==0.12.0
+	$(VPY) packaging/vendor-compat/link_ours.py
+	touch $(COMPAT_STAMP)
+
+compat: $(COMPAT_STAMP)
+
+# The compatibility suite alone (tests/compat, in the vendor's environment)
+test-compat: $(COMPAT_STAMP)
+	$(VPY) -m pytest -q tests/compat
+
 demo: $(STAMP)
 	$(PY) examples/demo.py
 
-test: $(VLLM_STAMP)
+test: $(VLLM_STAMP) $(COMPAT_STAMP)
 	$(PY) -m pytest -q -m "slow or not slow"
+	$(VPY) -m pytest -q tests/compat
 
 serve-demo: $(VLLM_STAMP)
 	$(PY) examples/vllm_serve.py
@@ -43,4 +66,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/llm_decode.py
 
 clean:
-	rm -rf $(VENV) rbln_traces build src/*.egg-info
+	rm -rf $(VENV) $(VVENV) rbln_traces build src/*.egg-info

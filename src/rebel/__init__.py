@@ -97,7 +97,7 @@ def compile_from_torch(module: torch.nn.Module, example_inputs: Sequence[torch.T
             program.input_names = caller_names
             program.flat_outputs = True
     if compile_context is not None:
-        compiled.context = compile_context.record(compiled.weights)
+        compiled.context = compile_context.record(compiled.weights, compiled.program.sharding.weights)
     return RBLNCompiledModel(compiled)
 
 

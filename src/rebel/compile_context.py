@@ -77,14 +77,17 @@ class CompileContext:
     def static_buffers(self) -> dict[str, TensorSpec]:
         return dict(self._specs)
 
-    def record(self, weights: dict[str, torch.Tensor]) -> dict:
+    def record(self, weights: dict[str, torch.Tensor], splits: dict[str, int] | None = None) -> dict:
         """The context record one compiled model carries (and its artifact's manifest): the
         id, weight sharing, and with sharing each weight's content key and the weights this
-        model is the first of the context to hold (counted in its memory queries)."""
+        model is the first of the context to hold (counted in its memory queries). `splits`:
+        the tensor-parallel split dim of each split weight; a die holds only its slice, so a
+        slice and the whole tensor (or another split of it) are different device contents."""
         self.compiled += 1
         record = {"id": self.id, "weight_sharing": self.use_weight_sharing}
         if self.use_weight_sharing:
-            keys = {name: weight_key(t, name) for name, t in weights.items()}
+            splits = splits or {}
+            keys = {name: weight_key(t, name, splits.get(name)) for name, t in weights.items()}
             owned = sorted(n for n, k in keys.items() if k not in self._weight_keys)
             self._weight_keys |= set(keys.values())
             record.update(weight_keys=keys, owned_weights=owned)
@@ -96,10 +99,13 @@ class CompileContext:
                 f"static_buffers=[{buffers}], compiled_graphs={self.compiled})")
 
 
-def weight_key(t: torch.Tensor, name: str = "") -> str:
-    """A content key: equal keys mean the same bytes of the same spec. A meta tensor has no
-    bytes, so its name stands in for them (graphs of one model name a weight alike)."""
-    h = hashlib.sha256(f"{tuple(t.shape)}:{dtype_name(t.dtype)}".encode())
+def weight_key(t: torch.Tensor, name: str = "", split: int | None = None) -> str:
+    """A content key: equal keys mean the same bytes of the same spec laid out alike over the
+    dies (`split`: the tensor-parallel split dim, None when every die holds it whole). Why the
+    layout counts: two equal tensors, one split and one whole (RMSNorm weights are all ones at
+    init), put different bytes on each die. A meta tensor has no bytes, so its name stands in
+    for them (graphs of one model name a weight alike)."""
+    h = hashlib.sha256(f"{tuple(t.shape)}:{dtype_name(t.dtype)}:split={split}".encode())
     if t.is_meta:
         h.update(f"meta:{name}".encode())
     else:

@@ -13,6 +13,9 @@ from ..errors import ArtifactError
 from ..ir import Op, TensorSpec, decode, encode
 from .tensor_parallel import Sharding
 
+# shape-only ops that keep a static buffer's block axis first (resize_static_buffer)
+_VIEW_TARGETS = {"aten.view.default", "aten._unsafe_view.default", "aten.reshape.default"}
+
 PROGRAM_VERSION = 1
 
 
@@ -108,6 +111,54 @@ class Program:
     def static_buffer_spec(self, name: str) -> TensorSpec:
         """A static buffer's spec as allocated (resized shape, device dtype), whole."""
         return TensorSpec(tuple(self.static_buffers[name]), self.weights[name].dtype)
+
+    def resize_static_buffer(self, name: str, rows: int) -> None:
+        """Give static buffer `name` `rows` along its first dim (a paged KV cache's blocks) and
+        carry the new extent into the ops that see the buffer whole: the capture wrote the
+        compile-time block count into their shapes (a view of the cache to the 5-d layout the
+        attention op takes, the op's updated-cache outputs, the view back). Without this a
+        cache grown after compiling (the vendor's automatic KV-block sizing) reaches a view
+        whose fixed shape no longer matches and the run fails."""
+        old = self.static_buffers[name][0]
+        self.static_buffers[name] = [rows, *self.static_buffers[name][1:]]
+        if rows == old:
+            return
+        scaled = {name}          # values whose first dim is the buffer's block axis
+        scaled_items: set = set()  # (multi-output op, index) likewise
+
+        def grow(spec: TensorSpec) -> TensorSpec:
+            return TensorSpec((rows, *spec.shape[1:]), spec.dtype)
+
+        for op in self.all_ops():
+            first = op.args[0] if op.args else None
+            src = getattr(first, "name", None)
+            if op.target in _VIEW_TARGETS and src in scaled and isinstance(op.out, TensorSpec) \
+                    and op.out.shape and op.out.shape[0] == old and list(op.args[1])[:1] == [old]:
+                op.args = (first, [rows, *list(op.args[1])[1:]], *op.args[2:])
+                op.out = grow(op.out)
+            elif op.target == "getitem" and (src, op.args[1]) in scaled_items:
+                op.out = grow(op.out)
+            elif isinstance(op.out, tuple) and scaled & set(op.refs):
+                # an in-place op, functionalised: its extra outputs are the updated buffers
+                shapes = {(old, *self.values[r].shape[1:]) for r in op.refs
+                          if r in scaled and r in self.values}
+                outs = list(op.out)
+                for i, spec in enumerate(outs):
+                    if isinstance(spec, TensorSpec) and spec.shape in shapes:
+                        outs[i] = grow(spec)
+                        scaled_items.add((op.name, i))
+                op.out = tuple(outs)
+                continue
+            else:
+                continue
+            scaled.add(op.name)
+            if op.name in self.values:
+                self.values[op.name] = op.out
+
+    def all_ops(self) -> list[Op]:
+        """Every op in program order (device kernels and host segments)."""
+        return [o for s in self.segments
+                for o in ([o for k in s.kernels for o in k.ops] if s.kind == "device" else s.ops)]
 
     def static_local_bytes(self, name: str) -> int:
         """Bytes one die holds of static buffer `name` at its allocated shape."""

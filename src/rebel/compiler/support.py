@@ -64,6 +64,9 @@ def _table() -> dict[str, OpClass]:
         max.default min.default argmax argmin any.dim any.dims any.default all.dim all.dims
         all.default prod.dim_int prod.default cumsum cumprod logsumexp var.correction
         var_mean.correction std.correction linalg_vector_norm""")
+    # top-k along a dim (MoE routing picks 2..8 experts of a few dozen): a selection pass per
+    # k on the vector units, costed as four operations per input element
+    add("reduction", "topk", 4.0)
     add("norm", """native_layer_norm _native_batch_norm_legit_no_training native_group_norm
         _fused_rms_norm""", 5.0)
     add("softmax", "_softmax _log_softmax _safe_softmax", 5.0)

@@ -173,7 +173,9 @@ class _Pass:
                    "permute": self.permute, "transpose": self.transpose, "unsqueeze": self.unsqueeze,
                    "expand": self.expand, "cat": self.cat, "bmm": self.batched,
                    "slice": self.slice_like, "select": self.slice_like,
-                   "paged_attention": self.paged_attention}.get(name)
+                   "paged_attention": self.paged_attention,
+                   # its args are (x, k, dim), not a reduction's dims: keep it whole
+                   "topk": self.all_replicated}.get(name)
         if handler is not None:
             handler(op)
         elif op.target == GETITEM:

@@ -75,7 +75,7 @@ class AttentionSpec:
         defaults = {"is_bidirectional": "=False"}
         optional = {"mask", "attn_mask", "s_aux"} if self.family != "masked" else {"s_aux"}
         if self.family == "additive":
-            optional = set()
+            optional = {"s_aux"}  # the mask is the op's point; T5 calls it without a sink
         args = []
         for p in self.params:
             if p in types:

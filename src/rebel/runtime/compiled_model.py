@@ -129,7 +129,7 @@ class RBLNCompiledModel:
                                f"compiled with {compiled} and its kernels address all of them")
         for p in self.buckets:
             if name in p.static_buffers:
-                p.static_buffers[name] = [rows, *p.static_buffers[name][1:]]
+                p.resize_static_buffer(name, rows)
 
     @property
     def npu(self) -> str:

@@ -1,0 +1,115 @@
+"""Vendor diffusers classes and the Stable Diffusion pipeline: compile, save, reload in a fresh
+process, run, and match the FP32 diffusers model (tiny random-weight components, no downloads)."""
+from __future__ import annotations
+
+import json
+import string
+
+import pytest
+import torch
+
+import optimum.rbln
+from compat_support import assert_close, assert_host_fallbacks
+
+
+def _rand(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _vae():
+    from diffusers import AutoencoderKL
+    torch.manual_seed(0)
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
+                         block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
+                         down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, sample_size=16).eval()
+
+
+def _unet(sample_size=8):
+    from diffusers import UNet2DConditionModel
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+        attention_head_dim=8, norm_num_groups=8).eval()
+
+
+def _compile(cls, src, out, **rbln):
+    compiled = getattr(optimum.rbln, cls).from_pretrained(src, export=True, **rbln)
+    compiled.save_pretrained(out)
+    del compiled
+
+
+def test_autoencoder_kl(tmp_path, reloader):
+    vae = _vae()
+    vae.save_pretrained(tmp_path / "hf")
+    _compile("RBLNAutoencoderKL", tmp_path / "hf", tmp_path / "rbln", rbln_create_runtimes=False,
+             rbln_sample_size=(16, 16), rbln_uses_encoder=True)
+    assert_host_fallbacks(tmp_path / "rbln", graphs=2)  # encoder.rbln and decoder.rbln
+    z, x = _rand(1, 4, 8, 8), _rand(1, 3, 16, 16, seed=1)
+    got = reloader.run("RBLNAutoencoderKL", tmp_path / "rbln", z, method="decode")
+    got_enc = reloader.run("RBLNAutoencoderKL", tmp_path / "rbln", x, method="encode",
+                           pick=["latent_dist.mean", "latent_dist.std"])
+    with torch.no_grad():
+        want = vae.decode(z).sample
+        posterior = vae.encode(x).latent_dist
+    assert_close(got["sample"], want, "vae.decode sample")
+    assert_close(got_enc["latent_dist.mean"], posterior.mean, "vae.encode mean")
+    assert_close(got_enc["latent_dist.std"], posterior.std, "vae.encode std")
+
+
+def test_unet_2d_condition(tmp_path, reloader):
+    unet = _unet()
+    unet.save_pretrained(tmp_path / "hf")
+    _compile("RBLNUNet2DConditionModel", tmp_path / "hf", tmp_path / "rbln",
+             rbln_create_runtimes=False, rbln_max_seq_len=16, rbln_batch_size=2)
+    assert_host_fallbacks(tmp_path / "rbln", graphs=1)
+    sample, text = _rand(2, 4, 8, 8), _rand(2, 16, 32, seed=1)
+    t = torch.tensor(10.0)
+    got = reloader.run("RBLNUNet2DConditionModel", tmp_path / "rbln", sample, t, text)
+    with torch.no_grad():
+        want = unet(sample, t, text).sample
+    assert_close(got["sample"], want, "unet sample")
+
+
+def _tiny_clip_tokenizer(folder):
+    """A CLIP BPE tokenizer over single letters (ids < 60), written as vocab.json/merges.txt."""
+    from transformers import CLIPTokenizer
+    folder.mkdir(parents=True)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for suffix in ("", "</w>"):
+        for c in string.ascii_lowercase:
+            vocab[c + suffix] = len(vocab)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(vocab_file=str(folder / "vocab.json"), merges_file=str(folder / "merges.txt"),
+                         model_max_length=16)
+
+
+def test_stable_diffusion_pipeline(tmp_path, reloader):
+    """A whole text-to-image pipeline: CLIP text encoder, UNet (batch 2 for classifier-free
+    guidance) and VAE decoder, two DDIM steps from fixed latents, against diffusers FP32."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=16, projection_dim=32)).eval()
+    pipe = StableDiffusionPipeline(
+        vae=_vae(), text_encoder=text_encoder, tokenizer=_tiny_clip_tokenizer(tmp_path / "tok"),
+        unet=_unet(sample_size=8), scheduler=DDIMScheduler(num_train_timesteps=100),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(tmp_path / "hf")
+    _compile("RBLNStableDiffusionPipeline", tmp_path / "hf", tmp_path / "rbln",
+             rbln_create_runtimes=False, rbln_img_height=16, rbln_img_width=16,
+             rbln_guidance_scale=5.0)
+    counts = assert_host_fallbacks(tmp_path / "rbln")
+    assert {name.split("/")[0] for name in counts} >= {"text_encoder", "unet", "vae"}, counts
+
+    call = dict(prompt="a cat", num_inference_steps=2, guidance_scale=5.0, height=16, width=16,
+                output_type="pt", latents=_rand(1, 4, 8, 8, seed=3))
+    got = reloader.run("RBLNStableDiffusionPipeline", tmp_path / "rbln", **call)
+    with torch.no_grad():
+        want = pipe(**call).images
+    assert_close(got["images"], want, "pipeline images")
