@@ -203,3 +203,153 @@ def test_mistral_sliding_window_matches_hf(compiled):
     tol = 3e-2 if compiled else 1e-4
     for ours, ref in pairs:
         torch.testing.assert_close(ours, ref, atol=tol, rtol=tol)
+
+
+def test_tensor_parallel_vendor_attention_matches_hf():
+    hf = _llama()
+    model = VendorLM(copy.deepcopy(hf), "causal")
+    prefill, decode = _inputs(PROMPT, 0, CHUNK), _inputs([1], len(PROMPT), 1)
+    compiled = rebel.compile_from_torch(model, example_inputs=[prefill, decode], tensor_parallel_size=2)
+    runtime = rebel.Runtime(compiled)
+    pairs = _run_session(lambda inputs: runtime(*inputs), hf)
+    for ours, ref in pairs:
+        torch.testing.assert_close(ours, ref, atol=3e-2, rtol=3e-2)
+
+
+# --- T5's additive-mask decode attention, fed a position bias picked with .item() -------------
+
+class T5LikeSelfAttention(torch.nn.Module):
+    """The T5 decoder's self attention as the vendor compiles it (t5_architecture.py): the
+    position bias row of each sequence is selected with `cache_position[i][0].item()` (a
+    data-dependent index), added to the padding mask, and fed to paged_add_softmax_attn_decode
+    with caches [B, H, L, D] viewed as one block of L slots per sequence."""
+
+    def __init__(self, batch=2, heads=2, length=8, dim=4):
+        super().__init__()
+        torch.manual_seed(1)
+        self.b, self.h, self.length, self.d = batch, heads, length, dim
+        self.register_buffer("position_bias", torch.randn(1, heads, length, length))
+        self.register_buffer("kc", torch.zeros(batch, heads, length, dim))
+        self.register_buffer("vc", torch.zeros(batch, heads, length, dim))
+
+    def forward(self, q, k, v, pad_mask, cache_position, block_tables):
+        rows = []
+        for i in range(self.b):
+            if torch.compiler.is_exporting():
+                pos = cache_position[i][0].item()
+                torch._check_is_size(pos)
+                torch._check(pos < self.length)
+            else:
+                pos = cache_position[i][0]
+            rows.append(torch.select(self.position_bias, dim=2, index=pos).unsqueeze(2))
+        mask = torch.cat(rows, 0) + pad_mask                                   # [B, H, 1, L]
+        return OPS.paged_add_softmax_attn_decode(
+            q, k, v, mask.unsqueeze(2), self.kc.view(self.b, self.h, 1, -1, self.d),
+            self.vc.view(self.b, self.h, 1, -1, self.d), cache_position,
+            torch.tensor(1.0), block_tables, self.length)
+
+
+def _t5_steps(model, run, steps=4):
+    """Decode `steps` tokens per sequence (sequence 1 starts 2 tokens later); returns (ours,
+    dense FP32 reference) per step."""
+    torch.manual_seed(2)
+    b, h, length, d = model.b, model.h, model.length, model.d
+    keys, values, out = [[] for _ in range(b)], [[] for _ in range(b)], []
+    start = [0, 2]
+    for row in range(b):  # sequence 1's first two tokens were cached by an earlier step
+        for p in range(start[row]):
+            kk, vv = torch.randn(h, d), torch.randn(h, d)
+            model.kc[row, :, p], model.vc[row, :, p] = kk, vv
+            keys[row].append(kk)
+            values[row].append(vv)
+    pad = torch.zeros(b, 1, 1, length)
+    pad[1, ..., 0] = -1e9  # sequence 1's first token is padding
+    for step in range(steps):
+        q, k, v = (torch.randn(b, h, 1, 1, d) for _ in range(3))
+        pos = torch.tensor([[start[0] + step], [start[1] + step]], dtype=torch.int32)
+        tables = torch.tensor([[0], [1]], dtype=torch.int16)
+        ours = run([q, k, v, pad, pos, tables])
+        ref = []
+        for row in range(b):
+            keys[row].append(k[row, :, 0, 0])
+            values[row].append(v[row, :, 0, 0])
+            kk, vv = torch.stack(keys[row], 1), torch.stack(values[row], 1)      # [H, n, D]
+            n = kk.shape[1]
+            bias = model.position_bias[0, :, int(pos[row, 0]), :n] + pad[row, 0, 0, :n]
+            w = torch.softmax(torch.einsum("hd,hnd->hn", q[row, :, 0, 0], kk) + bias, -1)
+            ref.append(torch.einsum("hn,hnd->hd", w, vv))
+        out.append((ours[:, :, 0, 0].float(), torch.stack(ref)))
+    return out
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_t5_additive_attention_with_item_index(compiled):
+    model = T5LikeSelfAttention()
+    if compiled:
+        example = [torch.zeros(2, 2, 1, 1, 4) for _ in range(3)] + [torch.zeros(2, 1, 1, 8),
+                                                     torch.zeros(2, 1, dtype=torch.int32),
+                                                     torch.zeros(2, 1, dtype=torch.int16)]
+        c = rebel.compile_from_torch(model, example_inputs=example)
+        assert not c.program.host_ops
+        assert any(o.target == "aten._local_scalar_dense.default" for k in c.program.kernels for o in k.ops)
+        runtime = rebel.Runtime(c)
+        state = runtime._die_weights[0]
+
+        def run(inputs):  # the test seeds the cache; the runtime's persistent copy must see it
+            for name in ("kc", "vc"):
+                state[name].copy_(getattr(model, name))
+            out = runtime(*inputs)
+            for name in ("kc", "vc"):
+                getattr(model, name).copy_(state[name])
+            return out
+        tol = 1e-2
+    else:
+        run, tol = (lambda inputs: model(*inputs)), 1e-5
+    for ours, ref in _t5_steps(model, run):
+        torch.testing.assert_close(ours, ref, atol=tol, rtol=tol)
+
+
+def test_item_index_compiles_and_follows_the_runtime_value():
+    class Pick(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("table", torch.randn(6, 5))
+
+        def forward(self, x, index):
+            i = index[0].item()
+            torch._check_is_size(i)
+            torch._check(i < 6)
+            return torch.select(self.table, 0, i) * x
+
+    m = Pick()
+    c = rebel.compile_from_torch(m, example_inputs=[torch.randn(5), torch.tensor([0])])
+    runtime = rebel.Runtime(c)
+    x = torch.randn(5)
+    for i in (0, 3, 5):
+        torch.testing.assert_close(runtime(x, torch.tensor([i])), m(x, torch.tensor([i])),
+                                   atol=5e-3, rtol=5e-3)
+    assert not c.program.host_ops
+
+
+def test_item_arithmetic_runs_and_other_uses_are_refused_clearly():
+    class Shift(torch.nn.Module):
+        def forward(self, x, index):
+            i = index[0].item()
+            torch._check_is_size(i)
+            torch._check(i < 3)
+            return torch.select(x, 0, i * 2 - i + 1)
+
+    c = rebel.compile_from_torch(Shift(), example_inputs=[torch.randn(4, 2), torch.tensor([0])])
+    x = torch.randn(4, 2)
+    for i in (0, 2):
+        torch.testing.assert_close(rebel.Runtime(c)(x, torch.tensor([i])), x[i + 1], atol=2e-3, rtol=2e-3)
+
+    class Halve(torch.nn.Module):
+        def forward(self, x, index):
+            i = index[0].item()
+            torch._check_is_size(i)
+            torch._check(i < 3)
+            return torch.select(x, 0, i // 2)
+
+    with pytest.raises(CompileError, match="data-dependent scalar"):
+        rebel.compile_from_torch(Halve(), example_inputs=[torch.randn(4, 2), torch.tensor([0])])

@@ -1,6 +1,7 @@
 """Capture: torch.export a module, decompose to core ATen, and lower the FX graph to our IR."""
 from __future__ import annotations
 
+import operator
 import warnings
 from collections.abc import Sequence
 from functools import lru_cache
@@ -165,7 +166,21 @@ def _contiguous(op: Op) -> Op:
               spec, "contiguous")
 
 
+# Arithmetic on data-dependent scalars (`.item()` results), as 0-d tensor ops on the device.
+_SCALAR_ARITHMETIC = {operator.add: "aten.add.Tensor", operator.sub: "aten.sub.Tensor",
+                      operator.mul: "aten.mul.Tensor"}
+_SYM = (torch.SymInt, torch.SymFloat, torch.SymBool)
+
+
 def _lower_call(node: torch.fx.Node, names: dict) -> Op:
+    if isinstance(node.meta.get("val"), _SYM) and not isinstance(node.target, torch._ops.OpOverload):
+        target = _SCALAR_ARITHMETIC.get(node.target)
+        if target is None or not isinstance(node.meta["val"], torch.SymInt):
+            raise CompileError(f"node {node.name}: {getattr(node.target, '__name__', node.target)} "
+                               "on a data-dependent scalar (.item()) is not supported; only +, -, * "
+                               "of integers and indexing with the result")
+        return Op(node.name, target, _arg(tuple(node.args), names), {}, TensorSpec((), "int64"),
+                  node.target.__name__)
     try:
         target = target_name(node.target)
     except TypeError:
