@@ -1,6 +1,7 @@
 """Capture: torch.export a module, decompose to core ATen, and lower the FX graph to our IR."""
 from __future__ import annotations
 
+import operator
 import warnings
 from collections.abc import Sequence
 from functools import lru_cache
@@ -206,7 +207,43 @@ def _contiguous(op: Op) -> Op:
               spec, "contiguous")
 
 
+# Arithmetic on data-dependent scalars (`.item()` results), as 0-d tensor ops on the device.
+_SCALAR_ARITHMETIC = {operator.add: "aten.add.Tensor", operator.sub: "aten.sub.Tensor",
+                      operator.mul: "aten.mul.Tensor"}
+_SYM = (torch.SymInt, torch.SymFloat, torch.SymBool)
+
+
+_INDEX_READERS = frozenset({torch.ops.aten.select.int, torch.ops.aten.slice.Tensor,
+                            *_SCALAR_ARITHMETIC})
+_COMPARISONS = frozenset({operator.ge, operator.gt, operator.le, operator.lt, operator.eq, operator.ne})
+
+
+def _target_or_fn(node: torch.fx.Node):
+    return node.target
+
+
+def _scalar_readers(node: torch.fx.Node) -> list:
+    """The nodes that read a data-dependent scalar as a value (not the export-time checks),
+    following it through +, -, *."""
+    out = []
+    for user in node.users:
+        if user.target in _COMPARISONS or user.target in _checks():
+            continue
+        if user.target in _SCALAR_ARITHMETIC:
+            out += [r for r in _scalar_readers(user) if r.target not in _INDEX_READERS]
+        out.append(user)
+    return out
+
+
 def _lower_call(node: torch.fx.Node, names: dict) -> Op:
+    if isinstance(node.meta.get("val"), _SYM) and not isinstance(node.target, torch._ops.OpOverload):
+        target = _SCALAR_ARITHMETIC.get(node.target)
+        if target is None or not isinstance(node.meta["val"], torch.SymInt):
+            raise CompileError(f"node {node.name}: {getattr(node.target, '__name__', node.target)} "
+                               "on a data-dependent scalar (.item()) is not supported; only +, -, * "
+                               "of integers and indexing with the result")
+        return Op(node.name, target, _arg(tuple(node.args), names), {}, TensorSpec((), "int64"),
+                  node.target.__name__)
     try:
         target = target_name(node.target)
     except TypeError:
@@ -221,7 +258,13 @@ def _lower_call(node: torch.fx.Node, names: dict) -> Op:
     val = node.meta.get("val")
     if target == "aten._local_scalar_dense.default":
         # A data-dependent scalar (.item()): the device keeps it as a 0-d tensor that the ops
-        # reading it (select, index) take as their run-time index.
+        # reading it (select, slice, +-*) take as their run-time index.
+        readers = [u for u in _scalar_readers(node) if _target_or_fn(u) not in _INDEX_READERS]
+        if readers:
+            raise CompileError(f"node {node.name}: the model turns a tensor into a Python number "
+                               f"(.item(), .tolist(), int(t)) that {readers[0].name} uses as a value; "
+                               "compiled graphs keep such numbers only as indices (select, slice), "
+                               "keep the value as a tensor")
         val = node.args[0].meta["val"].new_empty(())
     elif isinstance(val, (torch.SymInt, torch.SymFloat, torch.SymBool)):
         raise CompileError(f"node {node.name} ({target}): arithmetic on a data-dependent scalar "

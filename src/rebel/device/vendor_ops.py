@@ -73,9 +73,8 @@ class AttentionSpec:
         types = {"kcache": "Tensor(a!)", "vcache": "Tensor(b!)", "block_size": "int",
                  "partition": "int", "is_bidirectional": "bool"}
         defaults = {"is_bidirectional": "=False"}
-        optional = {"mask", "attn_mask", "s_aux"} if self.family != "masked" else {"s_aux"}
-        if self.family == "additive":
-            optional = {"s_aux"}  # the mask is the op's point; T5 calls it without a sink
+        # masked and additive ops take their mask positionally (seq2seq callers) and require it
+        optional = {"s_aux"} if self.family in ("masked", "additive") else {"mask", "attn_mask", "s_aux"}
         args = []
         for p in self.params:
             if p in types:
