@@ -11,7 +11,9 @@ from collections.abc import Sequence
 
 import torch
 
+from .compile_context import CompileContext
 from .compiler import compile_module
+from .compiler.buckets import split_buckets
 from .errors import (ArtifactError, CompileError, DeviceError, DeviceMemoryError, InputError,
                      RBLNError, SpecError)
 from .npu import device_count, npu_is_available
@@ -35,6 +37,7 @@ def compile_from_torch(module: torch.nn.Module, example_inputs: Sequence[torch.T
                        tensor_parallel_size: int | None = None, num_devices: int | None = None,
                        device_dtype: str | torch.dtype = "float16",
                        progress: bool | None = None, fusion: bool = True,
+                       compile_context: CompileContext | None = None,
                        **unsupported) -> RBLNCompiledModel:
     """Compile `module` for the NPU at the shapes of `example_inputs` or `input_info`.
 
@@ -55,6 +58,10 @@ def compile_from_torch(module: torch.nn.Module, example_inputs: Sequence[torch.T
     fusion: True (default) fuses element-wise ops into the kernel before them; False makes every
     op its own kernel, as PyTorch eager runs, a baseline for what fusion saves (each kernel rounds
     its own output to device_dtype, so results still match FP32 within 16-bit tolerance).
+    compile_context: a `rebel.compile_context.CompileContext`. Example inputs it marked with
+    `mark_static_address` (found by identity) become static device buffers shared by the
+    context's graphs and runtimes: not inputs of the program, so callers omit them (and
+    `_index_to_input_name` lists only the others). See rebel/compile_context.py.
     """
     if unsupported:
         raise CompileError(f"compile_from_torch got unsupported argument(s): {sorted(unsupported)}")
@@ -75,16 +82,38 @@ def compile_from_torch(module: torch.nn.Module, example_inputs: Sequence[torch.T
     elif example_inputs is None:
         raise CompileError("example_inputs must be a non-empty list of tensors (or give input_info: "
                            "[(name, shape, dtype), ...])")
+    static = _static_positions(compile_context, example_inputs)
     compiled = compile_module(module, example_inputs, npu=npu, device_dtype=device_dtype,
-                              tensor_parallel_size=size, progress=progress, fusion=fusion)
+                              tensor_parallel_size=size, progress=progress, fusion=fusion,
+                              static=static)
     if names is not None:
+        skipped = set(static[0]) if static else set()
+        caller_names = [n for i, n in enumerate(names) if i not in skipped]
         for program in compiled.buckets:
-            if len(program.inputs) != len(names):
-                raise CompileError(f"input_info names {len(names)} input(s) {names} but the module "
-                                   f"was captured with {len(program.inputs)}")
-            program.input_names = list(names)
+            if len(program.inputs) != len(caller_names):
+                raise CompileError(f"input_info names {len(caller_names)} caller input(s) "
+                                   f"{caller_names} but the module was captured with "
+                                   f"{len(program.inputs)}")
+            program.input_names = caller_names
             program.flat_outputs = True
+    if compile_context is not None:
+        compiled.context = compile_context.record(compiled.weights)
     return RBLNCompiledModel(compiled)
+
+
+def _static_positions(context, example_inputs) -> list[dict[int, str]] | None:
+    """Per bucket, the example-input positions a compile context marked static (None without
+    a context). Every bucket must mark the same positions: they are not the caller's inputs."""
+    if context is None:
+        return None
+    if not isinstance(context, CompileContext):
+        raise CompileError(f"compile_context must be a rebel.compile_context.CompileContext, got "
+                           f"{type(context).__name__}")
+    buckets = split_buckets(example_inputs)
+    static = [context.static_positions(b) for b in buckets]
+    if any(set(s) != set(static[0]) for s in static):
+        raise CompileError("every example-input bucket must mark the same positions static")
+    return static
 
 
 def compile(module: torch.nn.Module, example_inputs=None, *, input_info=None, npu: str | None = None,
@@ -144,7 +173,7 @@ def trace_summary(path) -> str:
     return summarize_file(path)
 
 
-__all__ = ["ArtifactError", "AsyncRuntime", "CompileError", "DeviceError", "DeviceMemoryError",
+__all__ = ["ArtifactError", "AsyncRuntime", "CompileContext", "CompileError", "DeviceError", "DeviceMemoryError",
            "InputError", "RBLNCompiledModel", "RBLNError", "RunReport", "Runtime", "SpecError",
            "compile", "compile_from_torch", "device_count", "explain", "get_npu_name",
            "npu_is_available", "pin", "trace_summary"]

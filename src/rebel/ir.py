@@ -16,7 +16,8 @@ import torch
 from .errors import ArtifactError
 
 FLOAT_DTYPES = {"float16", "bfloat16", "float32", "float64"}
-OP_NAMESPACES = ("aten", "rbln")  # rbln: ops registered by rebel.device.ops
+# rbln: ops registered by rebel.device.ops; rbln_custom_ops: the vendor's (rebel.device.vendor_ops)
+OP_NAMESPACES = ("aten", "rbln", "rbln_custom_ops")
 GETITEM = "getitem"
 
 
@@ -108,6 +109,9 @@ class Graph:
     out_spec: str  # pytree TreeSpec as JSON (torch.utils._pytree.treespec_dumps)
     buffer_updates: dict[str, str] = field(default_factory=dict)  # value name -> buffer name
     mutable_buffers: set[str] = field(default_factory=set)
+    # Static-address buffers (inputs a compile context marked): mutable buffers whose storage a
+    # runtime's context registry owns and shares with the context's other graphs.
+    static_buffers: set[str] = field(default_factory=set)
 
     def specs(self) -> dict[str, TensorSpec]:
         out = {name: spec for name, spec in self.inputs}

@@ -23,7 +23,7 @@ import torch
 from ..errors import ArtifactError, SpecError
 from ..ir import TensorSpec, to_torch_dtype
 from ..npu.spec import spec_from_dict, spec_to_dict
-from .artifact_check import check_program
+from .artifact_check import check_context, check_program
 from .compile import CompiledProgram
 from .program import Program
 
@@ -50,6 +50,7 @@ def save_artifact(compiled: CompiledProgram, path: str | Path) -> Path:
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "npu": compiled.program.npu, "spec": _portable_spec(compiled.spec),
         "buckets": len(compiled.buckets), "meta": compiled.meta, "zero_buffers": zeros,
+        "context": compiled.context,
         "files": {name: _sha256(blob) for name, blob in blobs.items()},
     }
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -100,7 +101,7 @@ def load_artifact(path: str | Path) -> CompiledProgram:
         raise ArtifactError(f"{path}: the manifest says meta (no weights) but the file holds weights")
     if meta:  # shapes only: meta tensors stand in for the weights the programs expect
         weights = {n: torch.empty(s.shape, dtype=to_torch_dtype(s.dtype), device="meta")
-                   for p in buckets for n, s in p.weights.items()}
+                   for p in buckets for n, s in p.weights.items() if n not in p.static_buffers}
     else:
         weights = _load_weights(blobs[WEIGHTS], path)
         weights.update(_zero_buffers(manifest, buckets, path))
@@ -113,7 +114,9 @@ def load_artifact(path: str | Path) -> CompiledProgram:
     if spec.name != program.npu:
         raise ArtifactError(f"{path}: the manifest spec is {spec.name!r} but the program is for "
                             f"{program.npu!r}")
-    return CompiledProgram(program, weights, spec, buckets, meta)
+    context = manifest.get("context")
+    check_context(context, buckets, path)
+    return CompiledProgram(program, weights, spec, buckets, meta, context)
 
 
 def _portable_spec(spec) -> dict:
@@ -197,7 +200,8 @@ def _check_manifest(manifest: dict, path: Path) -> None:
     files = manifest.get("files")
     if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
         raise ArtifactError(f"{path} has a malformed manifest (no file checksums)")
-    for key, kind in (("npu", str), ("spec", dict), ("meta", bool), ("zero_buffers", list)):
+    for key, kind in (("npu", str), ("spec", dict), ("meta", bool), ("zero_buffers", list),
+                      ("context", (dict, type(None)))):
         if key in manifest and not isinstance(manifest[key], kind) or key == "npu" and key not in manifest:
             raise ArtifactError(f"{path} has a malformed manifest ({key}={manifest.get(key)!r})"[:300])
     if not all(isinstance(n, str) for n in manifest.get("zero_buffers", [])):
@@ -276,7 +280,8 @@ def _load_weights(blob: bytearray, path: Path) -> dict[str, torch.Tensor]:
 
 
 def _check_weights(buckets: list[Program], weights: dict, path: Path) -> None:
-    expected = {n: s for p in buckets for n, s in p.weights.items()}  # buckets share weights
+    # buckets share weights; static buffers have no stored data (the context registry owns them)
+    expected = {n: s for p in buckets for n, s in p.weights.items() if n not in p.static_buffers}
     if set(weights) != set(expected):
         missing = sorted(set(expected) - set(weights))
         raise ArtifactError(f"{path}: weights do not match the program (missing {missing[:5]})")

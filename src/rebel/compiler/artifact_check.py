@@ -82,9 +82,50 @@ def check_program(program: Program, npu: str) -> None:
             raise ArtifactError(f"program buffer update {value!r} -> {buffer!r} names no value "
                                 "or no buffer")
     _check_names(program.mutable_buffers, set(program.weights), "program mutable_buffers")
+    _check_static_buffers(program)
     sharding = program.sharding
     if not isinstance(sharding.size, int) or not 1 <= sharding.size <= 1024:
         raise ArtifactError(f"program has a malformed tensor_parallel size {sharding.size!r}")
+
+
+def _check_static_buffers(program: Program) -> None:
+    """Static buffers: names of mutable buffers, each with an allocated shape of the compiled
+    rank whose dims (after a resize, the first may differ) are positive ints."""
+    table = program.static_buffers
+    if not isinstance(table, dict):
+        raise ArtifactError("program static_buffers is not an object")
+    for name, shape in table.items():
+        if name not in program.mutable_buffers:
+            raise ArtifactError(f"program static buffer {name!r} is not a persistent buffer")
+        compiled = program.weights[name].shape
+        if not isinstance(shape, list) or len(shape) != len(compiled) or any(
+                isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in shape) \
+                or list(shape[1:]) != list(compiled[1:]) or math.prod(shape) > MAX_NUMEL:
+            raise ArtifactError(f"program static buffer {name!r} has a malformed allocated shape "
+                                f"{shape!r} (compiled {list(compiled)})"[:300])
+
+
+def check_context(context, buckets: list[Program], path) -> None:
+    """The manifest's compile context: an id string, a weight_sharing bool, and (with sharing)
+    a content key per weight and the weights this file is the first of its context to hold."""
+    if context is None:
+        if any(p.static_buffers for p in buckets):
+            raise ArtifactError(f"{path}: the program has static buffers but the manifest names "
+                                "no compile context")
+        return
+    bad = f"{path} has a malformed manifest context"
+    if not isinstance(context.get("id"), str) or not context["id"] or len(context["id"]) > 200:
+        raise ArtifactError(f"{bad} (id={context.get('id')!r})"[:300])
+    if not isinstance(context.get("weight_sharing"), bool):
+        raise ArtifactError(f"{bad} (weight_sharing={context.get('weight_sharing')!r})"[:300])
+    names = {n for p in buckets for n in p.weights if n not in p.static_buffers}
+    keys = context.get("weight_keys", {})
+    if not isinstance(keys, dict) or not all(isinstance(k, str) and isinstance(v, str) and k in names
+                                             for k, v in keys.items()):
+        raise ArtifactError(f"{bad} (weight_keys names no weight of the program)")
+    owned = context.get("owned_weights", [])
+    if not isinstance(owned, list) or not all(isinstance(n, str) and n in names for n in owned):
+        raise ArtifactError(f"{bad} (owned_weights names no weight of the program)")
 
 
 def _check_op(op: Op, defined: set[str], values: dict[str, TensorSpec]) -> None:
@@ -92,7 +133,7 @@ def _check_op(op: Op, defined: set[str], values: dict[str, TensorSpec]) -> None:
     _check_str(op.target, f"op {op.name!r} target")
     # ATen names resolve now (ArtifactError for anything else, e.g. builtins.eval); the device's
     # own rbln ops register when the runtime imports them, so only their namespace is checked.
-    if not (op.target.startswith("rbln.") and op.target.count(".") == 2):
+    if not (op.target.startswith(("rbln.", "rbln_custom_ops.")) and op.target.count(".") == 2):
         resolve_target(op.target)
     _check_names(op.refs, defined, f"op {op.name!r} arguments")
     outs = op.out if isinstance(op.out, tuple) else (op.out,)

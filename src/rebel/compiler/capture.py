@@ -9,18 +9,26 @@ import torch
 from torch.export.graph_signature import InputKind, OutputKind
 
 from ..errors import CompileError
-from ..ir import GETITEM, Graph, Op, Ref, TensorSpec, encode, target_name
+from ..ir import GETITEM, Graph, Op, Ref, TensorSpec, encode, target_name, to_torch_dtype
 from .support import classify, has_host_kernel
+from .vendor_lowering import FunctionalizedOps, VENDOR_DECOMPOSITIONS, is_functionalized
 
 # Ops the device implements as one kernel, so torch.export must not decompose them.
 KEEP_WHOLE = (torch.ops.aten.scaled_dot_product_attention.default,)
 
 
-def capture(module: torch.nn.Module, example_inputs: Sequence) -> Graph:
-    """Export `module` at the shapes of `example_inputs` and return the IR graph."""
+def capture(module: torch.nn.Module, example_inputs: Sequence,
+            static: dict[int, str] | None = None) -> Graph:
+    """Export `module` at the shapes of `example_inputs` and return the IR graph.
+
+    static: example-input position -> name of a static-address buffer (a tensor a compile
+    context marked): that input becomes a persistent device buffer of the graph instead of an
+    input (see `_static_buffer_input`)."""
     if not isinstance(module, torch.nn.Module):
         raise CompileError(f"compile_from_torch expects a torch.nn.Module, got {type(module).__name__}")
     inputs = _check_example_inputs(example_inputs)
+    static = dict(static or {})
+    inputs = [_static_example(t) if i in static else t for i, t in enumerate(inputs)]
     was_training = module.training
     module.eval()
     try:
@@ -34,7 +42,14 @@ def capture(module: torch.nn.Module, example_inputs: Sequence) -> Graph:
                            f"shapes {[tuple(t.shape) for t in inputs]}: {type(e).__name__}: {first}") from e
     finally:
         module.train(was_training)
-    return _lower(ep)
+    return _lower(ep, static)
+
+
+def _static_example(t: torch.Tensor) -> torch.Tensor:
+    """What export traces for a static input: its values never matter (the device buffer starts
+    as zeros), so a meta example becomes an uninitialised CPU tensor of its shape (the host
+    reserves the pages lazily; nothing reads them) and traces beside the CPU inputs."""
+    return torch.empty(t.shape, dtype=t.dtype) if t.is_meta else t
 
 
 def _decompositions() -> dict:
@@ -42,6 +57,7 @@ def _decompositions() -> dict:
     table = torch.export.default_decompositions()
     for op in KEEP_WHOLE:
         table.pop(op, None)
+    table.update(VENDOR_DECOMPOSITIONS())
     return table
 
 
@@ -59,18 +75,28 @@ def _check_example_inputs(example_inputs) -> list[torch.Tensor]:
     return list(example_inputs)
 
 
-def _lower(ep: torch.export.ExportedProgram) -> Graph:
+def _lower(ep: torch.export.ExportedProgram, static: dict[int, str] | None = None) -> Graph:
     sig = ep.graph_signature
+    static = static or {}
     names: dict[torch.fx.Node, str] = {}
     inputs: list[tuple[str, TensorSpec]] = []
     weights: dict[str, torch.Tensor] = {}
     mutable: set[str] = set()
+    static_names: set[str] = set()
+    by_arg: dict[str, str] = {}  # placeholder name -> our name (for user-input mutations)
     mutated_targets = {s.target for s in sig.output_specs if s.kind == OutputKind.BUFFER_MUTATION}
     placeholders = [n for n in ep.graph.nodes if n.op == "placeholder"]
+    user_index = 0
     for node, spec in zip(placeholders, sig.input_specs):
-        if spec.kind == InputKind.USER_INPUT:
+        if spec.kind == InputKind.USER_INPUT and user_index in static:
+            name = _static_buffer_input(node, static[user_index], weights)
+            mutable.add(name)
+            static_names.add(name)
+            user_index += 1
+        elif spec.kind == InputKind.USER_INPUT:
             name = f"input_{len(inputs) + 1}"
             inputs.append((name, _spec_of(node)))
+            user_index += 1
         elif spec.kind in (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR):
             name = spec.target
             source = ep.constants if spec.kind == InputKind.CONSTANT_TENSOR or (
@@ -85,11 +111,20 @@ def _lower(ep: torch.export.ExportedProgram) -> Graph:
         else:
             raise CompileError(f"unsupported graph input kind {spec.kind.name} for {node.name}")
         names[node] = name
+        by_arg[node.name] = name
 
     ops: list[Op] = []
     out_node = None
+    dropped = _dropped_nodes(ep.graph)
+    functionalized = FunctionalizedOps(names, ops)
     for node in ep.graph.nodes:
-        if node.op == "call_function" and node.target in _checks() and not node.users:
+        if node in dropped:
+            continue
+        if node.op == "call_function" and is_functionalized(node):
+            functionalized.lower(node)
+            continue
+        if node.op == "call_function" and functionalized.owns(node):
+            functionalized.lower_result(node)
             continue
         if node.op == "call_function":
             names[node] = node.name
@@ -109,11 +144,39 @@ def _lower(ep: torch.export.ExportedProgram) -> Graph:
             outputs.append(encoded)
         elif spec.kind == OutputKind.BUFFER_MUTATION:
             updates[encoded.name] = spec.target
+        elif spec.kind == OutputKind.USER_INPUT_MUTATION and by_arg.get(spec.target) in static_names:
+            updates[encoded.name] = by_arg[spec.target]  # a static buffer written in place
         else:
             raise CompileError(f"the model mutates its input or uses output kind {spec.kind.name}; "
                                "compiled models must not modify their inputs in place")
     out_spec = torch.utils._pytree.treespec_dumps(ep.call_spec.out_spec)
-    return Graph(inputs, weights, ops, outputs, out_spec, updates, mutable)
+    return Graph(inputs, weights, ops, outputs, out_spec, updates, mutable, static_names)
+
+
+def _static_buffer_input(node: torch.fx.Node, name: str, weights: dict[str, torch.Tensor]) -> str:
+    """A user input marked static becomes a persistent buffer named `name`: a meta tensor in
+    `weights` (only its spec is compiled: the runtime's context registry owns the storage), and
+    a mutable one, so constant folding never bakes its compile-time contents in even when this
+    graph only reads it (a cross-attention cache written by another graph)."""
+    spec = _spec_of(node)
+    if name in weights:
+        raise CompileError(f"static buffer name {name!r} is also a parameter or buffer of the model")
+    weights[name] = torch.empty(spec.shape, dtype=to_torch_dtype(spec.dtype), device="meta")
+    return name
+
+
+def _dropped_nodes(graph: torch.fx.Graph) -> set:
+    """Export-time checks and what only they read (the symbolic comparisons around a
+    data-dependent `.item()`): nothing a run needs."""
+    dropped: set = set()
+    for node in reversed(list(graph.nodes)):
+        if node.op != "call_function":
+            continue
+        if node.target in _checks() and not node.users:
+            dropped.add(node)
+        elif node.users and all(u in dropped for u in node.users) and not is_functionalized(node):
+            dropped.add(node)
+    return dropped
 
 
 @lru_cache(maxsize=1)
@@ -153,11 +216,14 @@ def _lower_call(node: torch.fx.Node, names: dict) -> Op:
     if target != GETITEM and classify(target) is None and not has_host_kernel(target):
         raise CompileError(f"node {node.name}: op {target} has no device kernel and no host path "
                            "(PyTorch has no CPU kernel for it)")
-    if target == "aten._local_scalar_dense.default":
-        raise CompileError(f"node {node.name}: the model turns a tensor into a Python number "
-                           "(.item(), .tolist(), int(t)); compiled graphs are static, keep the value "
-                           "as a tensor")
     val = node.meta.get("val")
+    if target == "aten._local_scalar_dense.default":
+        # A data-dependent scalar (.item()): the device keeps it as a 0-d tensor that the ops
+        # reading it (select, index) take as their run-time index.
+        val = node.args[0].meta["val"].new_empty(())
+    elif isinstance(val, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        raise CompileError(f"node {node.name} ({target}): arithmetic on a data-dependent scalar "
+                           "(.item()) is not supported; index with the scalar directly")
     label = _label(node, target)
     try:
         args = _arg(tuple(node.args), names)

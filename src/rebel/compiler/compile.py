@@ -33,6 +33,11 @@ class CompiledProgram:
     spec: ProductSpec
     buckets: list[Program] = field(default_factory=list)  # every shape bucket; [0] is `program`
     meta: bool = False  # compiled from meta tensors: predicts memory and latency, cannot run
+    # The compile context this model belongs to (None without one): {"id": str,
+    # "weight_sharing": bool, "weight_keys": {weight name: content key}, "owned_weights": [...]}
+    # (see rebel.compile_context). Runtimes of one context share its static buffers, and its
+    # weights when weight_sharing is on.
+    context: dict | None = None
 
     def __post_init__(self):
         if not self.buckets:
@@ -42,14 +47,18 @@ class CompiledProgram:
 def compile_module(module: torch.nn.Module, example_inputs: Sequence, npu: str | None = None,
                    device_dtype: str | torch.dtype = "float16",
                    progress: bool | None = None, tensor_parallel_size: int = 1,
-                   fusion: bool = True) -> CompiledProgram:
+                   fusion: bool = True, static: Sequence[dict[int, str]] | None = None) -> CompiledProgram:
     """Compile `module` at the shapes of `example_inputs`: a list of tensors (one shape), or a
     list of such lists (one shape bucket each). Modules or inputs on the meta device compile for
     prediction only (`CompiledProgram.meta`).
 
     fusion=False makes every op its own kernel (as PyTorch eager launches one kernel per op), so
     every intermediate goes to DRAM and is rounded to the device dtype: a baseline for what fusion
-    buys. The kernels are stored in the program, so a saved artifact reloads as compiled."""
+    buys. The kernels are stored in the program, so a saved artifact reloads as compiled.
+
+    static: per bucket, example-input position -> static buffer name (inputs a compile context
+    marked): they become persistent device buffers, not inputs (`Program.static_buffers`). Their
+    storage belongs to the runtime's context registry, so no tensor for them is returned."""
     spec = load_spec(npu) if npu else current_machine().spec
     dtype = dtype_name(device_dtype) if isinstance(device_dtype, torch.dtype) else str(device_dtype)
     if dtype not in DEVICE_DTYPES:
@@ -61,13 +70,16 @@ def compile_module(module: torch.nn.Module, example_inputs: Sequence, npu: str |
     if not isinstance(fusion, bool):
         raise CompileError(f"fusion must be True or False, got {fusion!r}")
     bucket_inputs = split_buckets(example_inputs)
+    if static is not None and len(static) != len(bucket_inputs):
+        raise CompileError(f"static positions given for {len(static)} bucket(s), the model has "
+                           f"{len(bucket_inputs)}")
     shown = CompileProgress(wants_progress(module, progress) if isinstance(module, torch.nn.Module)
                             else False)
     programs, weights = [], {}
     with shown.running():
         for index, inputs in enumerate(bucket_inputs):
             shown.stage(f"capture {index + 1}/{len(bucket_inputs)}")
-            graph = capture(module, inputs)
+            graph = capture(module, inputs, static[index] if static else None)
             fold_constants(graph)
             merge_weights(graph, weights, index)
             lowered = lower_graph(graph, spec, dtype, shown, convert_weights=False,
@@ -76,10 +88,12 @@ def compile_module(module: torch.nn.Module, example_inputs: Sequence, npu: str |
                 weights.setdefault(name, t)
             programs.append(lowered.program)
     check_distinct([[s for _, s in p.inputs] for p in programs])
-    used = {name for p in programs for name in p.weights}
+    static_names = {name for p in programs for name in p.static_buffers}
+    used = {name for p in programs for name in p.weights} - static_names
     weights = {name: _to_device(t, dtype) for name, t in weights.items() if name in used}
     meta = any(t.is_meta for t in weights.values()) or any(
-        isinstance(t, torch.Tensor) and t.is_meta for b in bucket_inputs for t in b)
+        isinstance(t, torch.Tensor) and t.is_meta for i, b in enumerate(bucket_inputs)
+        for j, t in enumerate(b) if not (static and j in static[i]))
     return CompiledProgram(programs[0], weights, spec, programs, meta)
 
 
@@ -118,7 +132,8 @@ def lower_graph(graph: Graph, spec: ProductSpec, dtype: str, shown: CompileProgr
         out_spec=graph.out_spec, values=values,
         weights={name: _device_spec(t, dtype) for name, t in weights.items()}, segments=segments,
         buffer_updates=graph.buffer_updates, mutable_buffers=sorted(graph.mutable_buffers),
-        sharding=sharding)
+        sharding=sharding,
+        static_buffers={n: list(graph.weights[n].shape) for n in sorted(graph.static_buffers)})
     return CompiledProgram(program, weights, spec)
 
 

@@ -5,7 +5,11 @@ from __future__ import annotations
 
 from ..ir import GETITEM, Graph, Ref
 from .program import Segment
+from ..device.vendor_ops import ATTENTION_TARGETS
 from .support import DEVICE_DTYPES, classify
+
+# The vendor's `_kv_fp8` attention keeps its KV caches in FP8 (the kernel reads and writes them).
+FP8_CACHE_DTYPES = frozenset({"float8_e4m3fn"})
 
 
 def place_ops(graph: Graph) -> None:
@@ -25,8 +29,9 @@ def place_ops(graph: Graph) -> None:
         if cls is None:
             op.kind, op.host_reason = "host", f"{op.target} has no device kernel"
             continue
+        allowed = DEVICE_DTYPES | FP8_CACHE_DTYPES if op.target in ATTENTION_TARGETS else DEVICE_DTYPES
         bad = sorted({s.dtype for s in [*op.out_specs, *(specs[r] for r in op.refs if r in specs)]
-                      if s.dtype not in DEVICE_DTYPES})
+                      if s.dtype not in allowed})
         if bad:
             op.kind, op.host_reason = "host", f"dtype {', '.join(bad)} is not supported on the device"
         else:

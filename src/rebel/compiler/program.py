@@ -79,6 +79,12 @@ class Program:
     # Return a flat tensor (one output) or list (several) instead of the module's pytree: the
     # vendor's calling convention, used when the model was compiled with input_info.
     flat_outputs: bool = False
+    # Static-address buffers (inputs a compile context marked static), by name -> the full shape
+    # the runtime allocates (the compiled shape unless exp_multiply/rescale_buffer_size resized
+    # it, e.g. a paged KV cache grown to the blocks device DRAM fits). They are also in
+    # `weights` (their device spec as compiled) and `mutable_buffers`, so the kernels and the
+    # scheduler see a DRAM-resident persistent buffer; their storage is the context's.
+    static_buffers: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def tensor_parallel_size(self) -> int:
@@ -94,9 +100,24 @@ class Program:
 
     @property
     def weight_bytes(self) -> int:
-        """Weight bytes one die holds (its slices of split weights, all of the others)."""
+        """Weight bytes one die holds (its slices of split weights, all of the others); static
+        buffers are not weights (see static_bytes)."""
         return sum(TensorSpec(self.sharding.local_shape(n, s.shape), s.dtype).nbytes()
-                   for n, s in self.weights.items())
+                   for n, s in self.weights.items() if n not in self.static_buffers)
+
+    def static_buffer_spec(self, name: str) -> TensorSpec:
+        """A static buffer's spec as allocated (resized shape, device dtype), whole."""
+        return TensorSpec(tuple(self.static_buffers[name]), self.weights[name].dtype)
+
+    def static_local_bytes(self, name: str) -> int:
+        """Bytes one die holds of static buffer `name` at its allocated shape."""
+        spec = self.static_buffer_spec(name)
+        return TensorSpec(self.sharding.local_shape(name, spec.shape), spec.dtype).nbytes()
+
+    @property
+    def static_bytes(self) -> int:
+        """Static-buffer bytes one die holds (shared by the context's runtimes)."""
+        return sum(self.static_local_bytes(n) for n in self.static_buffers)
 
     def to_json(self) -> dict:
         return {
@@ -109,6 +130,7 @@ class Program:
             "buffer_updates": self.buffer_updates, "mutable_buffers": self.mutable_buffers,
             "tensor_parallel": self.sharding.to_json(),
             "input_names": self.input_names, "flat_outputs": self.flat_outputs,
+            "static_buffers": self.static_buffers,
         }
 
     @staticmethod
@@ -126,6 +148,7 @@ class Program:
                 [Segment.from_json(s) for s in d["segments"]],
                 dict(d["buffer_updates"]), list(d["mutable_buffers"]),
                 Sharding.from_json(d.get("tensor_parallel")),
-                input_names=d.get("input_names"), flat_outputs=d.get("flat_outputs", False))
+                input_names=d.get("input_names"), flat_outputs=d.get("flat_outputs", False),
+                static_buffers=d.get("static_buffers", {}))
         except (KeyError, TypeError, ValueError) as e:
             raise ArtifactError(f"program is malformed: {type(e).__name__}: {e}") from None

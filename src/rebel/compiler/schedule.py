@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 from ..device.timing import GemmTiling, KernelPlan, Transfer, matrix_seconds
+from ..device.vendor_ops import ATTENTION_TARGETS
 from ..errors import CompileError
 from ..ir import GETITEM, Op, TensorSpec
 from ..npu.spec import ProductSpec
@@ -17,6 +18,25 @@ from .support import classify
 from .tensor_parallel import Sharding
 
 PAGED_ATTENTION = "rbln.paged_attention.default"
+CACHE_UPDATE = "rbln_custom_ops.rbln_cache_update.default"
+
+
+def paged_operands(op: Op) -> dict | None:
+    """Names of a paged-attention op's operands (q, k, v, kcache, vcache, tables, positions) and
+    its block size, for ours and the vendor's variants alike; None for other ops."""
+    if op.target == PAGED_ATTENTION:
+        q, k, v, kc, vc, tables, positions = (a.name for a in op.args[:7])
+        return {"q": q, "k": k, "v": v, "kcache": kc, "vcache": vc, "tables": tables,
+                "positions": positions, "block": int(op.args[7])}
+    spec = ATTENTION_TARGETS.get(op.target)
+    if spec is None:
+        return None
+    a = dict(zip(spec.params, op.args))
+    seq = a.get("seq", a.get("cache_seq_len"))
+    return {"q": a["q"].name, "k": a["k"].name, "v": a["v"].name, "kcache": a["kcache"].name,
+            "vcache": a["vcache"].name, "tables": a["block_table"].name,
+            "positions": getattr(seq, "name", None), "block": int(a["block_size"]),
+            "vendor": spec}
 
 
 class Scheduler:
@@ -97,17 +117,37 @@ class Scheduler:
     def _paged_traffic(self, op: Op, kernel: Kernel, dma_in: tuple, dma_out: tuple):
         """Paged attention reads only the blocks its sequences own and writes only the new
         tokens' keys and values into the caches (in place), not whole caches."""
-        q, k_new, v_new, k_cache, v_cache, tables = (a.name for a in op.args[:6])
-        rows, blocks = self.values[tables].shape
+        p = paged_operands(op)
+        k_new, v_new, k_cache, v_cache, tables = p["k"], p["v"], p["kcache"], p["vcache"], p["tables"]
+        rows, blocks = _table_shape(self.values[tables].shape, self.values[p["q"]].shape)
         cache = self.local(k_cache)
         own = rows * blocks * math.prod(cache.shape[1:]) * self.elem
         dma_in = tuple(Transfer(t.value, min(t.nbytes, own), t.weight)
                        if t.value in (k_cache, v_cache) else t for t in dma_in)
         updated = {o.name: (k_new if o.args[1] == 1 else v_new) for o in kernel.ops
                    if o.target == GETITEM and o.refs[0] == op.name and o.args[1] in (1, 2)}
+        for o in kernel.ops:  # views back to the cache buffer's shape (vendor convention)
+            if o.kind == "alias" and o.refs and o.refs[0] in updated:
+                updated[o.name] = updated[o.refs[0]]
         dma_out = tuple(Transfer(t.value, self.device_bytes(updated[t.value]), t.weight)
                         if t.value in updated else t for t in dma_out)
         return dma_in, dma_out
+
+    def _cache_update_traffic(self, op: Op, kernel: Kernel, dma_in: tuple, dma_out: tuple):
+        """A cache update reads and writes only the slice it replaces (the state), in place; the
+        copy it returns as its result is a normal output."""
+        cache, state = op.args[0].name, op.args[1].name
+        nbytes = self.device_bytes(state)
+        dma_in = tuple(Transfer(t.value, min(t.nbytes, nbytes), t.weight) if t.value == cache else t
+                       for t in dma_in)
+        updated = {o.name for o in kernel.ops if o.target == GETITEM and o.refs[0] == op.name
+                   and o.args[1] == 1}
+        updated |= {o.name for o in kernel.ops if o.kind == "alias" and o.refs and o.refs[0] in updated}
+        dma_out = tuple(Transfer(t.value, nbytes, t.weight) if t.value in updated else t
+                        for t in dma_out)
+        result = self.device_bytes(cache) if any(
+            o.target == GETITEM and o.refs[0] == op.name and o.args[1] == 0 for o in kernel.ops) else 0
+        return dma_in, dma_out, nbytes + result
 
     @staticmethod
     def _keep(sram: dict[str, int], value: str, nbytes: int, capacity: int) -> bool:
@@ -139,7 +179,7 @@ class Scheduler:
                 bh, rows, skv, d, fraction = _attention_shape(op, self._local_values(op))
                 gemm = self.tile_attention(bh, rows, skv, d, fraction)
                 flops += 4.0 * bh * rows * skv * d * gemm.work_fraction
-                if op.target == PAGED_ATTENTION:
+                if paged_operands(op) is not None:
                     dma_in, dma_out = self._paged_traffic(op, kernel, dma_in, dma_out)
             elif kind == "elementwise" and out is not None:
                 vector_ops += self._local_numel(op.name, out) * classify(op.target).cost
@@ -151,7 +191,10 @@ class Scheduler:
                 out_bytes = sum(s.nbytes(self.dtype) for s in op.out_specs) // (
                     self.sharding.size if isinstance(self.sharding.values.get(op.name), int) else 1)
                 sram_bytes += out_bytes
-                if kind == "gather":
+                if op.target == CACHE_UPDATE:
+                    dma_in, dma_out, moved_bytes = self._cache_update_traffic(op, kernel, dma_in, dma_out)
+                    sram_bytes += moved_bytes - out_bytes
+                elif kind == "gather":
                     dma_in = _rows_read(op, dma_in, out_bytes)
         moved = sum(t.nbytes for t in dma_in) + sum(t.nbytes for t in dma_out)
         if gemm is not None:
@@ -223,6 +266,11 @@ class Scheduler:
         return GemmTiling(tm, tn, _round_up(d, rows), out_tiles, steps, split, 2, fraction)
 
 
+def _table_shape(table: tuple, q: tuple) -> tuple[int, int]:
+    """(rows, blocks per row) of a block table; a one-row prefill may pass it as 1-D."""
+    return (q[0], table[0]) if len(table) == 1 else (table[0], table[-1])
+
+
 def _round_up(x: int, multiple: int) -> int:
     return max(multiple, math.ceil(x / multiple) * multiple)
 
@@ -240,6 +288,16 @@ def _attention_shape(op: Op, values: dict[str, TensorSpec]):
     Query heads that share a KV head (GQA) are packed into one tile's rows, so decode (one
     query token) still fills the MAC array's rows and each K/V block is read once per group."""
     q, k = values[op.args[0].name].shape, values[op.args[1].name].shape
+    paged = paged_operands(op)
+    if paged is not None and "vendor" in paged:
+        # q [B, kv_heads, group, S, D]; keys: every slot of the sequence's blocks (counted
+        # full: the context length is only known at run time)
+        b, kv_heads, group, sq, d = q
+        rows, blocks = _table_shape(values[paged["tables"]].shape, q)
+        keys = blocks * paged["block"]
+        if paged["vendor"].family == "sliding":
+            keys = paged["block"] + sq  # the window's slots plus the chunk
+        return b * kv_heads, sq * group, keys, d, 1.0
     if op.target == PAGED_ATTENTION:
         # paged(q, k_new, v_new, k_cache, v_cache, block_tables, positions, P, scale): keys are
         # the sequence's blocks (counted full: the context length is only known at run time)

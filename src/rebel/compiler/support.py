@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..device.vendor_ops import ATTENTION_TARGETS
 from ..errors import RBLNError
 from ..ir import resolve_target
 
@@ -84,6 +85,16 @@ def _table() -> dict[str, OpClass]:
     for name in ("all_reduce", "all_gather", "shard"):  # inserted by tensor parallelism
         t[f"rbln.{name}.default"] = OpClass("collective")
     t["rbln.paged_attention.default"] = OpClass("attention")  # rebel.device.ops, KV cache in DRAM
+    # The vendor's ops (rebel.device.vendor_ops): its paged attention variants are our fused
+    # paged-attention kernel; the cache update is a scatter into a DRAM buffer; `.item()` is a
+    # scalar the device keeps for the dynamic index that reads it.
+    for target in ATTENTION_TARGETS:
+        t[target] = OpClass("attention")
+    t["rbln_custom_ops.rbln_cache_update.default"] = OpClass("gather")
+    t["_local_scalar_dense.default"] = OpClass("data")
+    # Qwen3.5's in-chunk recurrence: row i adds a weighted sum of the rows above it, about
+    # (chunk length / 2) multiply-adds per element on the vector units.
+    t["rbln.tri_recur_update.default"] = OpClass("elementwise", 32.0)
     return t
 
 
@@ -110,7 +121,7 @@ def has_host_kernel(target: str) -> bool:
 
 def supported_ops() -> list[tuple[str, str]]:
     """(op, class) rows for docs and `rebel.explain`."""
-    return sorted((name if name.startswith("rbln.") else f"aten.{name}", c.kind)
+    return sorted((name if name.startswith(("rbln.", "rbln_custom_ops.")) else f"aten.{name}", c.kind)
                   for name, c in SUPPORTED.items())
 
 

@@ -48,6 +48,10 @@ class BoundOp:
         env[self.name] = self.fn(*substitute(self.args, env), **substitute(self.kwargs, env))
 
 
+_VIEWS = ("aten.view.default", "aten._unsafe_view.default", "aten.squeeze.dim",
+          "aten.unsqueeze.default")
+
+
 class FunctionalKernel:
     """One device kernel: run the ops in FP32, round the outputs to the device dtype."""
 
@@ -56,7 +60,11 @@ class FunctionalKernel:
         # Buffers a device op updated in place (KV caches) hold device values already: rounding
         # them again would copy whole caches every run.
         in_place = {(op.name, i) for op in ops for i in INPLACE_RESULTS.get(op.target, ())}
-        kept = {op.name for op in ops if op.target == GETITEM and (op.refs[0], op.args[1]) in in_place}
+        kept: set[str] = set()
+        for op in ops:  # the updated caches and reshaped views of them
+            if (op.target == GETITEM and (op.refs[0], op.args[1]) in in_place) or (
+                    op.target in _VIEWS and op.refs and op.refs[0] in kept):
+                kept.add(op.name)
         self.rounded = [name for name in outputs if name not in kept]
         self.dtype = to_torch_dtype(dtype)
 

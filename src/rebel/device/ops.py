@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from . import vendor_ops  # noqa: F401  registers torch.ops.rbln_custom_ops (the vendor's ops)
+
 NEG_INF = float("-inf")
 
 
@@ -79,7 +81,14 @@ def paged_attention_inplace(q, k, v, k_cache, v_cache, block_table, positions, p
     return out.view(b, heads, s, d).to(q.dtype), k_cache, v_cache
 
 
+def scalar_index(t: torch.Tensor) -> torch.Tensor:
+    """`.item()` on the device: the scalar stays a 0-d tensor that the dynamic index (select,
+    slice) reading it takes at run time."""
+    return t.reshape(()).clone()
+
+
 # Device kernels whose implementation differs from the op's reference one (same results).
-DEVICE_IMPLS = {"rbln.paged_attention.default": paged_attention_inplace}
+DEVICE_IMPLS = {"rbln.paged_attention.default": paged_attention_inplace,
+                "aten._local_scalar_dense.default": scalar_index, **vendor_ops.DEVICE_IMPLS}
 # Results of those kernels that are their inputs updated in place (indices into the output tuple).
-INPLACE_RESULTS = {"rbln.paged_attention.default": (1, 2)}
+INPLACE_RESULTS = {"rbln.paged_attention.default": (1, 2), **vendor_ops.INPLACE_RESULTS}

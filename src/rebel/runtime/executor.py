@@ -37,9 +37,16 @@ def place_weights(program: Program, weights: dict[str, torch.Tensor]) -> list[di
 
 
 def execute(program: Program, segments: list, die_weights: list[dict], inputs: list[torch.Tensor],
-            out_spec, dtype: torch.dtype):
+            out_spec, dtype: torch.dtype, static: list[dict] | None = None):
+    """Run one program. die_weights: each die's weights and persistent buffers (this runtime's);
+    static: each die's static buffers (the compile context's, shared with its other runtimes).
+    Buffer updates replace the entry in whichever of the two holds the buffer, so the next run
+    of any runtime sharing it reads the new contents."""
     host = {name: t for (name, _), t in zip(program.inputs, inputs)}
     dies = [dict(w) for w in die_weights]
+    if static is not None:
+        for env, buffers in zip(dies, static):
+            env.update(buffers)
     for seg, work in segments:
         if seg.kind == "device":
             for v in seg.copy_in:
@@ -61,7 +68,8 @@ def execute(program: Program, segments: list, die_weights: list[dict], inputs: l
     for value, buffer in program.buffer_updates.items():
         for rank, env in enumerate(dies):
             new = env[value] if value in env else to_device_storage(host[value], dtype)
-            die_weights[rank][buffer] = new
+            held = static[rank] if static is not None and buffer in static[rank] else die_weights[rank]
+            held[buffer] = new
     flat = [(host[o.name] if o.name in host else _to_host(program, o.name, dies[0]))
             if isinstance(o, Ref) else o for o in program.outputs]
     return pytree.tree_unflatten(flat, out_spec)

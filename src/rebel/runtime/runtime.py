@@ -32,6 +32,7 @@ from ..errors import ArtifactError, DeviceError, InputError, RBLNError
 from ..ir import TensorSpec, dtype_name, to_torch_dtype
 from ..npu import current_machine
 from ..profiler.trace_file import TraceFile
+from . import device_state
 from .executor import bind_segments, execute, place_weights
 from .host_memory import is_pinned
 from .report import RunReport
@@ -79,24 +80,32 @@ class Runtime:
                 raise DeviceError(f"the model was compiled for {self.program.npu} but rbln:{index} is "
                                   f"a {info.spec.name}; recompile with npu={info.spec.name!r}")
         self.spec = current_machine().device(self.device).spec
-        self._lock = threading.Lock()
-        what = (f"model ({self.program.weight_bytes / 2**20:.1f} MiB weights + "
+        # A runtime of a compile context joins the context's state on its devices (static
+        # buffers, shared weights, one run lock for all of them); others hold their own lock.
+        context = self.compiled.context
+        self._state = device_state.join(context["id"], self.devices) if context else None
+        self._shared_keys: list[str] = []  # weight keys this runtime holds in the shared state
+        self._lock = self._state.lock if self._state is not None else threading.Lock()
+        what = (f"model ({self._own_weight_bytes() / 2**20:.1f} MiB weights + "
                 f"{self._activation_bytes() / 2**20:.1f} MiB activations per device)")
         held = []
+        self._finalizer = weakref.finalize(self, _release, held, self._state, self._shared_keys)
         try:
             for index in self.devices:
                 memory = device_memory(index)
                 held.append((memory, memory.allocate(self.dram_bytes, what)))
         except Exception:
-            for memory, handle in held:
-                memory.free(handle)
+            self._finalizer()
             raise
-        self._finalizer = weakref.finalize(self, _free_all, held)
         if predictive_dma is None:
             predictive_dma = os.environ.get("RBLN_PREDICTIVE_DMA", "1").lower() not in ("0", "false", "off", "no")
         self.predictive_dma = bool(predictive_dma)
         try:
             self._bind()
+        except RBLNError:
+            self._finalizer()
+            raise
+        try:
             link = self.spec.links.die_to_die if len({current_machine().device(d).card for d in self.devices}) == 1 \
                 else self.spec.links.card_to_card
             self._engine = EventEngine(self.spec, self.device, prefetch=self.predictive_dma,
@@ -113,6 +122,7 @@ class Runtime:
                                 f"({type(e).__name__}: {e})"[:400]) from None
         self._timeline: Timeline = self._buckets[0].timeline
         self.last_report: RunReport | None = None
+        self._local = threading.local()  # each thread's own latest report (thread_last_report)
         self.runs = 0
         self._profile = _profiler_enabled(activate_profiler)
         self._trace: TraceFile | None = None
@@ -123,8 +133,26 @@ class Runtime:
 
     @property
     def dram_bytes(self) -> int:
-        """Device DRAM this runtime holds: weights plus activation buffers."""
-        return self.program.weight_bytes + self._activation_bytes()
+        """Device DRAM this runtime holds itself: its weights (none when its compile context
+        shares weights: the context holds those) plus activation buffers. Static buffers are
+        the context's (see `context_dram_bytes`)."""
+        return self._own_weight_bytes() + self._activation_bytes()
+
+    def _own_weight_bytes(self) -> int:
+        context = self.compiled.context
+        if not (context and context.get("weight_sharing")):
+            return self.program.weight_bytes
+        p = self.program  # shared weights are the context's; buffers a graph writes stay ours
+        return sum(TensorSpec(p.sharding.local_shape(n, p.weights[n].shape), p.weights[n].dtype).nbytes()
+                   for n in p.mutable_buffers if n not in p.static_buffers)
+
+    @property
+    def context_dram_bytes(self) -> int:
+        """Device DRAM (per device) the compile context's shared state holds on this runtime's
+        devices: static buffers plus shared weights, counted once for all its runtimes."""
+        if self._state is None:
+            return 0
+        return self._state.dram_bytes
 
     def _activation_bytes(self) -> int:
         # Buckets run one at a time, so they reuse one activation area: the largest one's.
@@ -133,12 +161,44 @@ class Runtime:
     def _bind(self) -> None:
         self._dtype = to_torch_dtype(self.program.device_dtype)
         self._die_weights = place_weights(self.program, self.compiled.weights)
+        self._static = None
+        if self._state is not None:
+            self._join_context_state()
         self._buckets = []
         for p in self.compiled.buckets:
             segments = bind_segments(p)
             self._buckets.append(_Bucket(p, segments, pytree.treespec_loads(p.out_spec),
                                          paged=paged_sites(p)))
         self._segments, self._out_spec = self._buckets[0].segments, self._buckets[0].out_spec
+
+    def _join_context_state(self) -> None:
+        """Use the context's static buffers (allocating the missing ones) and, with weight
+        sharing, the context's copy of each weight this model holds (registering the others)."""
+        context = self.compiled.context
+        for program in self.compiled.buckets:
+            for name in program.static_buffers:
+                self._state.ensure_static(program, name)
+        self._static = self._state.static
+        if not context.get("weight_sharing"):
+            return
+        keys = context.get("weight_keys", {})
+        program = self.program
+        for name in self._die_weights[0]:
+            key = keys.get(name)
+            if key is None:
+                raise ArtifactError(f"weight {name!r} has no content key in the compile context "
+                                    "record, so it cannot be shared")
+            if name in program.mutable_buffers:  # a module buffer a graph writes is per runtime
+                continue
+            mine = [die[name] for die in self._die_weights]
+            stored = self.compiled.weights[name]  # floats already in the device dtype
+            local = TensorSpec(program.sharding.local_shape(name, tuple(stored.shape)),
+                               dtype_name(stored.dtype))
+            shared = self._state.shared_weight(key, lambda mine=mine: mine, local.nbytes(),
+                                               f"shared weight {name!r}")
+            self._shared_keys.append(key)
+            for die, tensor in zip(self._die_weights, shared):
+                die[name] = tensor
 
     def _select_bucket(self, inputs) -> _Bucket:
         """The bucket whose input shapes and dtypes match `inputs` (the only one if one)."""
@@ -165,6 +225,12 @@ class Runtime:
             self._trace.add(upload, span_s=dur)
 
     # --- running --------------------------------------------------------------------------------
+
+    @property
+    def thread_last_report(self) -> RunReport | None:
+        """The report of the calling thread's latest run: `last_report` is whichever thread ran
+        last, so a caller that shares the runtime with other threads reads this one."""
+        return getattr(self._local, "report", None)
 
     @property
     def _index_to_input_name(self) -> dict[int, str]:
@@ -206,6 +272,7 @@ class Runtime:
                 self._timeline = self._engine.run(build_steps(self.program, self.spec), pinned=pinned)
             events = self._timeline.events
             self.last_report = RunReport.from_events(self.program.npu, self.device, events, wall)
+            self._local.report = self.last_report
             self.runs += 1
             if self._trace is not None:
                 self._trace.add(events, self._timeline.end_s)
@@ -257,7 +324,7 @@ class Runtime:
 
     def _execute(self, inputs: list[torch.Tensor]):
         return execute(self.program, self._segments, self._die_weights, inputs, self._out_spec,
-                       self._dtype)
+                       self._dtype, self._static)
 
     def _convert(self, outputs):
         if self.tensor_type == "np":
@@ -375,9 +442,15 @@ def _devices(device, tensor_parallel_size: int) -> tuple[int, ...]:
     return devices
 
 
-def _free_all(held) -> None:
+def _release(held, state, shared_keys) -> None:
+    """Free a runtime's own DRAM and leave its compile context's state (the last one out frees
+    the context's static buffers and shared weights)."""
     for memory, handle in held:
         memory.free(handle)
+    held.clear()
+    if state is not None:
+        device_state.leave(state, list(shared_keys))
+        shared_keys.clear()
 
 
 def activation_bytes(program: Program) -> int:

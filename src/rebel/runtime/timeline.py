@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..compiler.program import Program
-from ..compiler.schedule import PAGED_ATTENTION
+from ..compiler.schedule import paged_operands
 from ..device.engine import DeviceStep, EventEngine, HostOpStep, HostStep, KernelStep, Timeline
 from ..device.timing import KernelPlan, host_op_seconds, kernel_time
 from ..npu.spec import ProductSpec
@@ -57,6 +57,7 @@ class PagedSite:
     rows: int           # sequences in the graph
     blocks: int         # KV blocks compiled per sequence
     block: int          # tokens per block
+    span: int = 0       # vendor ops: positions holds each row's first new token, then `span`
 
 
 def paged_sites(program: Program) -> list[PagedSite]:
@@ -65,9 +66,17 @@ def paged_sites(program: Program) -> list[PagedSite]:
     sites = []
     for k in program.kernels:
         for op in k.ops:
-            if op.target == PAGED_ATTENTION and op.args[6].name in inputs:
-                rows, blocks = program.values[op.args[5].name].shape
-                sites.append(PagedSite(k.name, op.args[6].name, rows, blocks, int(op.args[7])))
+            p = paged_operands(op)
+            if p is None or p["positions"] not in inputs:
+                continue
+            table = program.values[p["tables"]].shape
+            q = program.values[p["q"]].shape
+            rows, blocks = (q[0], table[0]) if len(table) == 1 else (table[0], table[-1])
+            vendor = p.get("vendor")
+            if vendor is not None and vendor.family == "sliding":
+                continue  # a fixed window: timed as compiled
+            sites.append(PagedSite(k.name, p["positions"], rows, blocks, p["block"],
+                                   q[-2] if vendor is not None else 0))
     return sites
 
 
@@ -78,8 +87,11 @@ def paged_fill(sites: list[PagedSite], values: dict) -> dict[str, float]:
     fill = {}
     for site in sites:
         if site.positions not in reached:  # every layer reads the same positions
-            positions = torch.as_tensor(values[site.positions])
-            reached[site.positions] = (positions.max(dim=-1).values + 1).clamp(min=0)
+            positions = torch.as_tensor(values[site.positions]).long()
+            positions = positions.reshape(site.rows, -1) if positions.numel() >= site.rows \
+                else positions.reshape(1, -1).expand(site.rows, -1)
+            last = positions.max(dim=-1).values + (site.span if site.span else 1)
+            reached[site.positions] = last.clamp(min=0)
         used = (-(-reached[site.positions] // site.block)).clamp(max=site.blocks).sum().item()
         fill[site.kernel] = max(used, 1) / (site.rows * site.blocks)
     return fill

@@ -2,6 +2,7 @@
 decoder_batch_<b> graph per decode batch size, sharing weights and the paged KV cache."""
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 
@@ -16,7 +17,9 @@ from rebel import InputError
 from ..configuration import RBLNConfig, RBLNConfigError
 from ..modeling import RBLNModel
 from .paged_model import PagedCausalLM, kv_heads_and_dim
-from .session import PagedGraphs, PagedSession
+from .session import PagedGraphs, PagedSession, SlotPool
+
+_POOL_LOCK = threading.Lock()
 
 
 @dataclass
@@ -94,9 +97,21 @@ class RBLNDecoderOnlyModelForCausalLM(RBLNModel):
         """Low-level access for a serving engine that manages KV-cache blocks itself."""
         return PagedGraphs(self._runtime(), self.rbln_config)
 
-    def start_session(self, prompts: list[torch.Tensor]) -> PagedSession:
-        """Low-level access: prefill these prompts, then step them token by token."""
-        return PagedSession(self._runtime(), self.rbln_config, prompts)
+    def start_session(self, prompts: list[torch.Tensor], *, wait: bool = False) -> PagedSession:
+        """Low-level access: prefill these prompts, then step them token by token. The session
+        holds KV-cache slots of this model until `session.close()` (or garbage collection);
+        too few free slots is an InputError (wait=True, as generate() does, waits for other
+        generate() calls to finish instead)."""
+        return PagedSession(self._runtime(), self.rbln_config, prompts, self._slot_pool(), wait)
+
+    def _slot_pool(self) -> SlotPool:
+        """The model's KV-cache slots, lent to sessions (concurrent generate() calls each get
+        their own slots, so they never overwrite each other's cache)."""
+        with _POOL_LOCK:
+            pool = getattr(self, "_slots", None)
+            if pool is None:
+                pool = self._slots = SlotPool(self.rbln_config.batch_size)
+            return pool
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                  max_new_tokens: int | None = None, do_sample: bool | None = None,
@@ -133,7 +148,15 @@ class RBLNDecoderOnlyModelForCausalLM(RBLNModel):
         if streamer is not None and len(prompts) != 1:
             raise InputError("streaming supports one sequence at a time (as transformers' streamers do)")
         start = time.perf_counter()
-        session = self.start_session(prompts)
+        session = self.start_session(prompts, wait=True)
+        try:
+            return self._generate(session, input_ids, prompts, processors, do_sample, generator,
+                                  max_new_tokens, eos, pad, streamer, start)
+        finally:
+            session.close()
+
+    def _generate(self, session, input_ids, prompts, processors, do_sample, generator,
+                  max_new_tokens, eos, pad, streamer, start) -> torch.Tensor:
         if streamer is not None:
             streamer.put(input_ids.cpu())
         logits = session.prefill()

@@ -2,13 +2,18 @@
 one sequence, or one decode step of a batch, each given the block tables of the sequences it
 touches); `PagedSession` is a batch of sequences for `generate`.
 
-In a session, sequence i owns KV-cache slot i, i.e. blocks [i * blocks_per_seq, (i+1) *
-blocks_per_seq). Prefill runs one chunk of one sequence at a time (the host loops chunks and
+A session's sequences each own a KV-cache slot (slot s: blocks [s * blocks_per_seq, (s+1) *
+blocks_per_seq)) reserved from the model's `SlotPool` for the session's life, so concurrent
+sessions (two threads calling generate() on one model) never write each other's cache blocks:
+before the pool, every session used slots 0..b-1 and concurrent generate() calls overwrote each
+other's KV caches, giving wrong tokens. Prefill runs one chunk of one sequence at a time (the host loops chunks and
 sequences); decode runs every unfinished sequence at once in the smallest compiled decode batch
 that holds them. A serving engine (vllm_rbln) uses `PagedGraphs` with its own block tables.
 """
 from __future__ import annotations
 
+import threading
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -40,7 +45,7 @@ class PagedGraphs:
         positions[0, :n] = torch.arange(start, start + n)
         logits = self.runtime.run(ids, positions, self._tables(table.view(1, -1)),
                                   torch.tensor([n - 1]))
-        return logits[0], self.runtime.last_report
+        return logits[0], self.runtime.thread_last_report
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, tables: torch.Tensor
                ) -> tuple[torch.Tensor, RunReport]:
@@ -65,7 +70,7 @@ class PagedGraphs:
         padded_tables[:k] = self._tables(tables)
         logits = self.runtime.run(ids, padded_positions, padded_tables,
                                   torch.zeros(size, dtype=torch.long))
-        return logits[:k], self.runtime.last_report
+        return logits[:k], self.runtime.thread_last_report
 
     def _tables(self, tables: torch.Tensor) -> torch.Tensor:
         bps = self.options.blocks_per_sequence
@@ -87,8 +92,46 @@ class Timing:
     wall_s: float = 0.0
 
 
+class SlotPool:
+    """The KV-cache slots (rbln_batch_size of them) of one model, lent to sessions.
+
+    `take(n, wait=True)` (generate) blocks until n slots are free when the missing ones are held
+    by other generate() calls, which give them back when they finish. Slots held by sessions
+    from `start_session` (wait=False) may never come back (the holder may be the caller itself),
+    so a request they block is refused at once with a clear error, never left hanging."""
+
+    def __init__(self, slots: int):
+        self.total = slots
+        self.free = list(range(slots))
+        self.held_by_open_sessions = 0
+        self._cond = threading.Condition()
+
+    def take(self, n: int, wait: bool) -> list[int]:
+        with self._cond:
+            while len(self.free) < n:
+                if not wait or self.total - self.held_by_open_sessions < n:
+                    raise InputError(
+                        f"{n} KV-cache slot(s) needed but {len(self.free)} of {self.total} are "
+                        "free: other sessions of this model hold them (rbln_batch_size bounds the "
+                        "sequences in flight; close sessions from start_session(), or compile a "
+                        "larger rbln_batch_size)")
+                self._cond.wait()
+            taken, self.free = self.free[:n], self.free[n:]
+            if not wait:
+                self.held_by_open_sessions += n
+            return taken
+
+    def give_back(self, slots: list[int], waited: bool) -> None:
+        with self._cond:
+            self.free = sorted(self.free + slots)
+            if not waited:
+                self.held_by_open_sessions -= len(slots)
+            self._cond.notify_all()
+
+
 class PagedSession:
-    def __init__(self, runtime: Runtime, options: RBLNConfig, prompts: list[torch.Tensor]):
+    def __init__(self, runtime: Runtime, options: RBLNConfig, prompts: list[torch.Tensor],
+                 pool: SlotPool | None = None, wait: bool = False):
         if len(prompts) > options.batch_size:
             raise InputError(f"batch of {len(prompts)} sequences exceeds the compiled "
                              f"rbln_batch_size={options.batch_size}")
@@ -104,7 +147,20 @@ class PagedSession:
         self.prompts = prompts
         self.timing = Timing()
         bps = options.blocks_per_sequence
-        self.tables = torch.arange(options.batch_size * bps).view(options.batch_size, bps)
+        if pool is None:  # a session alone on its model: slots 0..b-1
+            self.slots = list(range(len(prompts)))
+            self._release = None
+        else:
+            self.slots = pool.take(len(prompts), wait)
+            self._release = weakref.finalize(self, pool.give_back, list(self.slots), wait)
+        all_tables = torch.arange(options.batch_size * bps).view(options.batch_size, bps)
+        self.tables = all_tables[self.slots]
+
+    def close(self) -> None:
+        """Give this session's KV-cache slots back to the model (also done when it is
+        garbage collected)."""
+        if self._release is not None:
+            self._release()
 
     def prefill(self) -> torch.Tensor:
         """Run every prompt through the prefill graph, chunk by chunk; logits [b, vocab] of each
