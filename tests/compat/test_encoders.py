@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import optimum.rbln
-from compat_support import MissingVendorAPI, assert_close, assert_host_fallbacks, needs_vendor_api
+from compat_support import assert_close, assert_host_fallbacks, needs_vendor_api
 
 
 def _ids(batch=1, seq=16, vocab=100, seed=0):
@@ -201,13 +201,9 @@ CASES = [
          {"image_embeds": _get("image_embeds"), "last_hidden_state": _get("last_hidden_state")}),
     Case("RBLNSiglipVisionModel", lambda: _m("SiglipVisionModel")(_siglip_vision_cfg()), _pixels,
          {"last_hidden_state": _get("last_hidden_state"), "pooler_output": _get("pooler_output")}),
-    pytest.param(
-        Case("RBLNT5EncoderModel", lambda: _m("T5EncoderModel")(_t5_cfg()),
-             lambda: {"input_ids": _ids(), "attention_mask": _mask()},
-             {"last_hidden_state": _get("last_hidden_state")}, {"rbln_max_seq_len": 16}),
-        marks=pytest.mark.xfail(strict=True, raises=MissingVendorAPI,
-                                reason="the vendor's t5 module imports rebel.compile_context at "
-                                       "import time (CompileContext: issue 10 item 2)")),
+    Case("RBLNT5EncoderModel", lambda: _m("T5EncoderModel")(_t5_cfg()),
+         lambda: {"input_ids": _ids(), "attention_mask": _mask()},
+         {"last_hidden_state": _get("last_hidden_state")}, {"rbln_max_seq_len": 16}),
     Case("RBLNASTForAudioClassification",
          lambda: _m("ASTForAudioClassification")(_ast_cfg()),
          lambda: {"input_values": _rand(1, 64, 32)}, {"logits": _get("logits")},
