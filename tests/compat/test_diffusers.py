@@ -113,3 +113,34 @@ def test_stable_diffusion_pipeline(tmp_path, reloader):
     with torch.no_grad():
         want = pipe(**call).images
     assert_close(got["images"], want, "pipeline images")
+
+
+def test_controlnet(tmp_path, reloader):
+    from diffusers import ControlNetModel
+    torch.manual_seed(0)
+    controlnet = ControlNetModel(
+        in_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), cross_attention_dim=32,
+        attention_head_dim=8, norm_num_groups=8, conditioning_embedding_out_channels=(8, 16)).eval()
+    # ControlNet's "zero convolutions" start at 0 (its outputs would be all 0): give them weights
+    with torch.no_grad():
+        for conv in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
+                     controlnet.controlnet_cond_embedding.conv_out]:
+            torch.nn.init.normal_(conv.weight, std=0.2)
+            torch.nn.init.normal_(conv.bias, std=0.2)
+    controlnet.save_pretrained(tmp_path / "hf")
+    _compile("RBLNControlNetModel", tmp_path / "hf", tmp_path / "rbln", rbln_create_runtimes=False,
+             rbln_unet_sample_size=(8, 8), rbln_vae_sample_size=(16, 16), rbln_max_seq_len=16)
+    assert_host_fallbacks(tmp_path / "rbln", graphs=1)
+    sample, text, cond = _rand(1, 4, 8, 8), _rand(1, 16, 32, seed=1), _rand(1, 3, 16, 16, seed=2)
+    t = torch.tensor(10.0)
+    got = reloader.run("RBLNControlNetModel", tmp_path / "rbln", sample, t, text, cond, 0.8)
+    with torch.no_grad():
+        want = controlnet(sample, t, text, cond, conditioning_scale=0.8)
+    assert_close(got["mid_block_res_sample"], want.mid_block_res_sample, "controlnet mid block")
+    # The vendor wraps the list of down-block residuals in a 1-tuple (its _prepare_output slices
+    # (downs, mid)[:-1]), so they arrive as down_block_res_samples[0][i]
+    downs = sorted(k for k in got if k.startswith("down_block_res_samples."))
+    assert len(downs) == len(want.down_block_res_samples), downs
+    for i, res in enumerate(want.down_block_res_samples):
+        assert_close(got[f"down_block_res_samples.0.{i}"], res, f"controlnet down block {i}")

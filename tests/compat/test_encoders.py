@@ -139,6 +139,13 @@ def _dpt_cfg():
                            head_in_index=-1, initializer_range=0.1)  # 0.02 gives depths ~1e-8
 
 
+def _modernbert_cfg():
+    return _m("ModernBertConfig")(vocab_size=100, hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=2, num_attention_heads=2,
+                                  max_position_embeddings=64, local_attention=8, pad_token_id=0,
+                                  bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2)
+
+
 def _pixels():
     return {"pixel_values": _rand(1, 3, 32, 32)}
 
@@ -172,6 +179,8 @@ CASES = [
          lambda: _text_inputs(False),
          {"start_logits": _get("start_logits"), "end_logits": _get("end_logits")},
          {"rbln_max_seq_len": 16}),
+    Case("RBLNModernBertForMaskedLM", lambda: _m("ModernBertForMaskedLM")(_modernbert_cfg()),
+         lambda: _text_inputs(False), {"logits": _get("logits")}, {"rbln_max_seq_len": 16}),
     Case("RBLNViTForImageClassification", lambda: _m("ViTForImageClassification")(_vit_cfg()),
          _pixels, {"logits": _get("logits")}, {"rbln_image_size": 32}),
     Case("RBLNResNetForImageClassification",
@@ -192,10 +201,9 @@ CASES = [
          {"image_embeds": _get("image_embeds"), "last_hidden_state": _get("last_hidden_state")}),
     Case("RBLNSiglipVisionModel", lambda: _m("SiglipVisionModel")(_siglip_vision_cfg()), _pixels,
          {"last_hidden_state": _get("last_hidden_state"), "pooler_output": _get("pooler_output")}),
-    pytest.param(
-        Case("RBLNT5EncoderModel", lambda: _m("T5EncoderModel")(_t5_cfg()),
-             lambda: {"input_ids": _ids(), "attention_mask": _mask()},
-             {"last_hidden_state": _get("last_hidden_state")}, {"rbln_max_seq_len": 16})),
+    Case("RBLNT5EncoderModel", lambda: _m("T5EncoderModel")(_t5_cfg()),
+         lambda: {"input_ids": _ids(), "attention_mask": _mask()},
+         {"last_hidden_state": _get("last_hidden_state")}, {"rbln_max_seq_len": 16}),
     Case("RBLNASTForAudioClassification",
          lambda: _m("ASTForAudioClassification")(_ast_cfg()),
          lambda: {"input_values": _rand(1, 64, 32)}, {"logits": _get("logits")},
