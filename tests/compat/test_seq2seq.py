@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import optimum.rbln
-from compat_support import assert_close, assert_greedy_matches, assert_host_fallbacks
+from compat_support import assert_greedy_matches, assert_host_fallbacks
 
 VOCAB = 256
 NEW_TOKENS = 8
@@ -124,21 +124,6 @@ def test_vendor_seq2seq_generate(case: Case, tmp_path, reloader):
         assert not torch.equal(got[:, :1], start), f"{case.id}: got starts with the decoder prompt"
         got, want = torch.cat([start, got], 1), torch.cat([start, want], 1)
     assert_greedy_matches(got, want, 1, logits, case.id)
-
-
-def test_vendor_t5_encoder(tmp_path, reloader):
-    """RBLNT5EncoderModel: one graph; its module imports rebel.compile_context."""
-    torch.manual_seed(0)
-    model = _m("T5EncoderModel")(_t5_cfg()).eval()
-    out_dir = _compile("RBLNT5EncoderModel", model, tmp_path, {"rbln_max_seq_len": 16})
-    assert_host_fallbacks(out_dir, graphs=1)
-    mask = torch.ones(1, 16, dtype=torch.long)
-    mask[:, 12:] = 0
-    inputs = {"input_ids": _ids(seq=16), "attention_mask": mask}
-    got = reloader.run("RBLNT5EncoderModel", out_dir, **inputs)
-    with torch.no_grad():
-        want = model(**inputs).last_hidden_state
-    assert_close(got["last_hidden_state"], want, "RBLNT5EncoderModel last_hidden_state")
 
 
 def test_vendor_batch_over_compiled_gets_our_error(tmp_path):
