@@ -335,3 +335,27 @@ def test_gemm_tiles_cover_the_matrix():
     assert g.out_tiles == -(-m // g.tm) * -(-n // g.tn)
     assert g.k_steps * g.tk >= kk and (g.k_steps - 1) * g.tk < kk
     assert k.plan.flops == 2.0 * m * n * kk
+
+
+def test_host_ops_read_values_made_in_their_own_segment():
+    """A multi-output host op (sort) read by its getitems, and a host op reading another host
+    op's result (atan -> sign), in one host segment between device kernels: values made inside
+    the segment are not fetched from the device."""
+    class HostChain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = nn.Linear(8, 8)
+
+        def forward(self, x):
+            values, indices = torch.sort(self.l(x), dim=-1)
+            return self.l(torch.atan(values).sign() * values) + indices.float()
+
+    torch.manual_seed(0)
+    model = HostChain().eval()
+    x = torch.randn(2, 8)
+    compiled = rebel.compile_from_torch(model, example_inputs=[x])
+    assert "aten.sort.default" in [o.target for o in compiled.program.host_ops]
+    with torch.no_grad():
+        ref = model(x)
+    out = rebel.Runtime(compiled).run(x)
+    assert torch.allclose(out, ref, atol=2e-2, rtol=2e-2), (out - ref).abs().max()

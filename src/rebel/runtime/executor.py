@@ -113,7 +113,8 @@ def execute(program: Program, segments: list, die_weights: list[dict], inputs: l
             for v in seg.copy_out:
                 host[v] = dies[0][v].to(to_torch_dtype(program.values[v].dtype))
         else:
-            for r in {r for op in seg.ops for r in op.refs} - host.keys():
+            made_here = {op.name for op in seg.ops}  # e.g. a multi-output op read by its getitems
+            for r in {r for op in seg.ops for r in op.refs} - made_here - host.keys():
                 host[r] = _to_host(program, r, dies[0])
             run_host_ops(work, host)
     for value, buffer in program.buffer_updates.items():
