@@ -116,7 +116,7 @@ def test_linear_trace_follows_the_seed(linear_artifact):
     assert load.start_ns >= h2d.end_ns and cast_in.start_ns >= load.end_ns
     assert linear.start_ns >= cast_in.end_ns
     assert store.start_ns >= linear.end_ns and d2h.start_ns >= store.end_ns
-    assert linear.args["ops"] == "aten.addmm.default" and linear.args["kind"] == "gemm"
+    assert linear.args["ops"] == "aten.linear.default" and linear.args["kind"] == "gemm"
     # The launch's flow arrow lands on the first device slice it caused.
     assert launch.flow_ids and launch.flow_ids[0] in h2d.terminating_flow_ids
     assert_flows_connect(slices)
@@ -218,7 +218,7 @@ def test_linear_relu_fused(in_tmp):
     kernels = [s for s in slices if s.track == NE]
     fused = [s for s in kernels if "linear" in s.name and "relu" in s.name]
     assert len(fused) == 1
-    assert fused[0].args["ops"] == "aten.addmm.default, aten.relu.default"
+    assert fused[0].args["ops"] == "aten.linear.default, aten.relu.default"
     assert not [s for s in kernels if "relu" in s.name and "linear" not in s.name]
     assert [s.name for s in kernels] == ["0_input_1", fused[0].name, "2_output_1"]
     find_subsequence(slices, [
