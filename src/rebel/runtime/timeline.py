@@ -3,10 +3,12 @@
 Shapes are static, so one run of a program mostly takes the same predicted time: the timeline is
 computed once per runtime and replayed (shifted on the clock) for every run. The exception is
 paged attention, whose work follows the context each sequence has reached: for those programs
-the runtime scales the attention kernels by the run's positions (`paged_fill`) and re-times.
+the runtime scales the attention kernels by the run's positions (`paged_fill`) and re-times,
+once per distinct fill (`TimelineCache`).
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, replace
 
 import torch
@@ -95,6 +97,44 @@ def paged_fill(sites: list[PagedSite], values: dict) -> dict[str, float]:
         used = (-(-reached[site.positions] // site.block)).clamp(max=site.blocks).sum().item()
         fill[site.kernel] = max(used, 1) / (site.rows * site.blocks)
     return fill
+
+
+class TimelineCache:
+    """The timelines of one program's runs, memoised by exactly the state their timing reads:
+    the paged-attention fill of each kernel (from the blocks the run's positions reached) and
+    the inputs passed pinned. Decode steps at the same context then cost a dictionary look-up
+    instead of a re-timing of every kernel. Bounded (least recently used goes first) because
+    every context length a server reaches is a new key."""
+
+    def __init__(self, size: int = 256):
+        self.size = size
+        self._entries: OrderedDict = OrderedDict()
+        self.hits = self.misses = 0
+
+    @staticmethod
+    def key(fill: dict[str, float] | None, pinned: frozenset[str]) -> tuple:
+        return (tuple(sorted(fill.items())) if fill else (), frozenset(pinned))
+
+    def get(self, engine: EventEngine, program: Program, spec: ProductSpec,
+            fill: dict[str, float] | None, pinned: frozenset[str] = frozenset()) -> Timeline:
+        """The timeline `engine` predicts for `program` run with `fill` and `pinned`. The
+        engine's settings (device, prefetch, group, link) are fixed per runtime, which owns one
+        cache per bucket, so they are not part of the key."""
+        key = self.key(fill, pinned)
+        timeline = self._entries.get(key)
+        if timeline is not None:
+            self._entries.move_to_end(key)
+            self.hits += 1
+            return timeline
+        self.misses += 1
+        timeline = engine.run(build_steps(program, spec, fill), pinned=pinned)
+        self._entries[key] = timeline
+        if len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+        return timeline
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
 
 def _scaled(plan: KernelPlan, fill: float, caches: set[str]) -> KernelPlan:
