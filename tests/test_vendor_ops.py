@@ -567,6 +567,7 @@ def test_paged_timeline_is_memoised_by_the_blocks_the_context_reached():
         values = {n: t for (n, _), t in zip(bucket.program.inputs, inputs)}
         fresh = runtime._engine.run(build_steps(bucket.program, runtime.spec,
                                                 paged_fill(bucket.paged, values)))
+        assert runtime.last_report.wall_time_s > 0
         return runtime.last_report, runtime._timeline, fresh
 
     report6, timeline6, fresh6 = decode(6)     # 7 tokens: 2 blocks of 4
@@ -587,18 +588,22 @@ def test_paged_timeline_is_memoised_by_the_blocks_the_context_reached():
 
 
 def test_timeline_cache_is_bounded():
+    from rebel.device.engine import Timeline
     from rebel.runtime.timeline import TimelineCache
 
     class Engine:
         def run(self, steps, pinned=frozenset()):
-            return object()
+            return Timeline([], 0.0, 0.0)
 
     compiled, _ = _compile_and_runner(VendorLM(_llama(), "causal", partition=8))
     spec = rebel.Runtime(compiled).spec
     cache = TimelineCache(size=3)
     kernel = next(k.name for k in compiled.program.kernels if k.kind == "attention")
-    first = cache.get(Engine(), compiled.program, spec, {kernel: 0.25})
+    first = cache.get(Engine(), compiled.program, spec, {kernel: 0.25})[0]
     for f in (0.5, 0.75, 1.0):
         cache.get(Engine(), compiled.program, spec, {kernel: f})
     assert len(cache) == 3
-    assert cache.get(Engine(), compiled.program, spec, {kernel: 0.25}) is not first  # evicted
+    last = cache.get(Engine(), compiled.program, spec, {kernel: 1.0})[0]
+    assert cache.get(Engine(), compiled.program, spec, {kernel: 1.0})[0] is last and cache.misses == 4
+    assert cache.get(Engine(), compiled.program, spec, {kernel: 0.25})[0] is not first  # evicted
+    assert cache.misses == 5 and len(cache) == 3

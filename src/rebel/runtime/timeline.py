@@ -18,6 +18,7 @@ from ..compiler.schedule import paged_operands
 from ..device.engine import DeviceStep, EventEngine, HostOpStep, HostStep, KernelStep, Timeline
 from ..device.timing import KernelPlan, host_op_seconds, kernel_time
 from ..npu.spec import ProductSpec
+from .report import RunReport
 
 HOST_FLOPS_PER_ELEMENT = 8.0  # fallback ops are transcendental-heavy (atan, erfinv...)
 
@@ -103,8 +104,9 @@ class TimelineCache:
     """The timelines of one program's runs, memoised by exactly the state their timing reads:
     the paged-attention fill of each kernel (from the blocks the run's positions reached) and
     the inputs passed pinned. Decode steps at the same context then cost a dictionary look-up
-    instead of a re-timing of every kernel. Bounded (least recently used goes first) because
-    every context length a server reaches is a new key."""
+    instead of a re-timing of every kernel, and the run report drawn from the timeline's events
+    is built once per entry too. Bounded (least recently used goes first) because every context
+    length a server reaches is a new key."""
 
     def __init__(self, size: int = 256):
         self.size = size
@@ -116,22 +118,25 @@ class TimelineCache:
         return (tuple(sorted(fill.items())) if fill else (), frozenset(pinned))
 
     def get(self, engine: EventEngine, program: Program, spec: ProductSpec,
-            fill: dict[str, float] | None, pinned: frozenset[str] = frozenset()) -> Timeline:
-        """The timeline `engine` predicts for `program` run with `fill` and `pinned`. The
-        engine's settings (device, prefetch, group, link) are fixed per runtime, which owns one
-        cache per bucket, so they are not part of the key."""
+            fill: dict[str, float] | None = None, pinned: frozenset[str] = frozenset(),
+            device: int = 0) -> tuple[Timeline, RunReport]:
+        """The timeline `engine` predicts for `program` run with `fill` and `pinned`, and its
+        report (wall_time_s 0: the caller sets the run's own). The engine's settings (device,
+        prefetch, group, link) are fixed per runtime, which owns one cache per bucket, so they
+        are not part of the key."""
         key = self.key(fill, pinned)
-        timeline = self._entries.get(key)
-        if timeline is not None:
+        entry = self._entries.get(key)
+        if entry is not None:
             self._entries.move_to_end(key)
             self.hits += 1
-            return timeline
+            return entry
         self.misses += 1
         timeline = engine.run(build_steps(program, spec, fill), pinned=pinned)
-        self._entries[key] = timeline
+        entry = (timeline, RunReport.from_events(program.npu, device, timeline.events, 0.0))
+        self._entries[key] = entry
         if len(self._entries) > self.size:
             self._entries.popitem(last=False)
-        return timeline
+        return entry
 
     def __len__(self) -> int:
         return len(self._entries)
