@@ -86,17 +86,18 @@ def paged_sites(program: Program) -> list[PagedSite]:
 def paged_fill(sites: list[PagedSite], values: dict) -> dict[str, float]:
     """For each paged-attention kernel: blocks its sequences have reached / blocks compiled for,
     from the positions the run was given (a position < 0 is padding)."""
-    reached: dict[str, torch.Tensor] = {}
+    shares: dict[tuple, float] = {}  # every layer reads the same positions: one sync for all
     fill = {}
     for site in sites:
-        if site.positions not in reached:  # every layer reads the same positions
+        shape = (site.positions, site.rows, site.blocks, site.block, site.span)
+        if shape not in shares:
             positions = torch.as_tensor(values[site.positions]).long()
             positions = positions.reshape(site.rows, -1) if positions.numel() >= site.rows \
                 else positions.reshape(1, -1).expand(site.rows, -1)
-            last = positions.max(dim=-1).values + (site.span if site.span else 1)
-            reached[site.positions] = last.clamp(min=0)
-        used = (-(-reached[site.positions] // site.block)).clamp(max=site.blocks).sum().item()
-        fill[site.kernel] = max(used, 1) / (site.rows * site.blocks)
+            reached = (positions.max(dim=-1).values + (site.span if site.span else 1)).clamp(min=0)
+            used = (-(-reached // site.block)).clamp(max=site.blocks).sum().item()
+            shares[shape] = max(used, 1) / (site.rows * site.blocks)
+        fill[site.kernel] = shares[shape]
     return fill
 
 
