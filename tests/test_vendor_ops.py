@@ -548,3 +548,62 @@ def test_moe_glu_matches_hf_mixtral_block_eager_and_compiled():
     with pytest.raises(ValueError, match="hidden_act"):
         OPS.custom_moe_glu(x[0], model.gate_proj, model.up_proj, model.down_proj,
                            torch.zeros(4, 5), "swish2")
+
+
+def test_paged_timeline_is_memoised_by_the_blocks_the_context_reached():
+    """Decode steps whose contexts fill the same KV blocks share one memoised timeline, equal to
+    a fresh prediction; a step that reaches one more block is re-timed (its attention kernels do more work)."""
+    from rebel.runtime.timeline import build_steps, paged_fill
+
+    compiled, _ = _compile_and_runner(VendorLM(_llama(), "causal", partition=8))
+    runtime = rebel.Runtime(compiled)
+    runtime(*_inputs(PROMPT, 0, CHUNK))
+    bucket = runtime._select_bucket(_inputs([1], 6, 1))
+    assert bucket.paged
+
+    def decode(start):
+        inputs = _inputs([1], start, 1)
+        runtime(*inputs)
+        values = {n: t for (n, _), t in zip(bucket.program.inputs, inputs)}
+        fresh = runtime._engine.run(build_steps(bucket.program, runtime.spec,
+                                                paged_fill(bucket.paged, values)))
+        assert runtime.last_report.wall_time_s > 0
+        return runtime.last_report, runtime._timeline, fresh
+
+    report6, timeline6, fresh6 = decode(6)     # 7 tokens: 2 blocks of 4
+    misses = bucket.timelines.misses
+    report7, timeline7, fresh7 = decode(7)     # 8 tokens: still 2 blocks
+    assert bucket.timelines.misses == misses and bucket.timelines.hits >= 1
+    assert timeline7 is timeline6
+    assert timeline7.events == fresh7.events and timeline7.end_s == fresh7.end_s
+    assert report7.latency_s == report6.latency_s == pytest.approx(fresh6.latency_s, rel=0, abs=0)
+    report8, timeline8, fresh8 = decode(8)     # 9 tokens: 3 blocks
+    assert bucket.timelines.misses == misses + 1
+    assert timeline8.events == fresh8.events
+    assert timeline8 is not timeline7 and timeline8.events != timeline7.events
+    # a fresh runtime predicts the same for the same context
+    other = rebel.Runtime(compiled)
+    other(*_inputs([1], 8, 1))
+    assert other.last_report.latency_s == report8.latency_s
+
+
+def test_timeline_cache_is_bounded():
+    from rebel.device.engine import Timeline
+    from rebel.runtime.timeline import TimelineCache
+
+    class Engine:
+        def run(self, steps, pinned=frozenset()):
+            return Timeline([], 0.0, 0.0)
+
+    compiled, _ = _compile_and_runner(VendorLM(_llama(), "causal", partition=8))
+    spec = rebel.Runtime(compiled).spec
+    cache = TimelineCache(size=3)
+    kernel = next(k.name for k in compiled.program.kernels if k.kind == "attention")
+    first = cache.get(Engine(), compiled.program, spec, {kernel: 0.25})[0]
+    for f in (0.5, 0.75, 1.0):
+        cache.get(Engine(), compiled.program, spec, {kernel: f})
+    assert len(cache) == 3
+    last = cache.get(Engine(), compiled.program, spec, {kernel: 1.0})[0]
+    assert cache.get(Engine(), compiled.program, spec, {kernel: 1.0})[0] is last and cache.misses == 4
+    assert cache.get(Engine(), compiled.program, spec, {kernel: 0.25})[0] is not first  # evicted
+    assert cache.misses == 5 and len(cache) == 3

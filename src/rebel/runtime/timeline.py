@@ -3,10 +3,12 @@
 Shapes are static, so one run of a program mostly takes the same predicted time: the timeline is
 computed once per runtime and replayed (shifted on the clock) for every run. The exception is
 paged attention, whose work follows the context each sequence has reached: for those programs
-the runtime scales the attention kernels by the run's positions (`paged_fill`) and re-times.
+the runtime scales the attention kernels by the run's positions (`paged_fill`) and re-times,
+once per distinct fill (`TimelineCache`).
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, replace
 
 import torch
@@ -16,6 +18,7 @@ from ..compiler.schedule import paged_operands
 from ..device.engine import DeviceStep, EventEngine, HostOpStep, HostStep, KernelStep, Timeline
 from ..device.timing import KernelPlan, host_op_seconds, kernel_time
 from ..npu.spec import ProductSpec
+from .report import RunReport
 
 HOST_FLOPS_PER_ELEMENT = 8.0  # fallback ops are transcendental-heavy (atan, erfinv...)
 
@@ -83,18 +86,61 @@ def paged_sites(program: Program) -> list[PagedSite]:
 def paged_fill(sites: list[PagedSite], values: dict) -> dict[str, float]:
     """For each paged-attention kernel: blocks its sequences have reached / blocks compiled for,
     from the positions the run was given (a position < 0 is padding)."""
-    reached: dict[str, torch.Tensor] = {}
+    shares: dict[tuple, float] = {}  # every layer reads the same positions: one sync for all
     fill = {}
     for site in sites:
-        if site.positions not in reached:  # every layer reads the same positions
+        shape = (site.positions, site.rows, site.blocks, site.block, site.span)
+        if shape not in shares:
             positions = torch.as_tensor(values[site.positions]).long()
             positions = positions.reshape(site.rows, -1) if positions.numel() >= site.rows \
                 else positions.reshape(1, -1).expand(site.rows, -1)
-            last = positions.max(dim=-1).values + (site.span if site.span else 1)
-            reached[site.positions] = last.clamp(min=0)
-        used = (-(-reached[site.positions] // site.block)).clamp(max=site.blocks).sum().item()
-        fill[site.kernel] = max(used, 1) / (site.rows * site.blocks)
+            reached = (positions.max(dim=-1).values + (site.span if site.span else 1)).clamp(min=0)
+            used = (-(-reached // site.block)).clamp(max=site.blocks).sum().item()
+            shares[shape] = max(used, 1) / (site.rows * site.blocks)
+        fill[site.kernel] = shares[shape]
     return fill
+
+
+class TimelineCache:
+    """The timelines of one program's runs, memoised by exactly the state their timing reads:
+    the paged-attention fill of each kernel (from the blocks the run's positions reached) and
+    the inputs passed pinned. Decode steps at the same context then cost a dictionary look-up
+    instead of a re-timing of every kernel, and the run report drawn from the timeline's events
+    is built once per entry too. Bounded (least recently used goes first) because every context
+    length a server reaches is a new key."""
+
+    def __init__(self, size: int = 256):
+        self.size = size
+        self._entries: OrderedDict = OrderedDict()
+        self.hits = self.misses = 0
+
+    @staticmethod
+    def key(fill: dict[str, float] | None, pinned: frozenset[str]) -> tuple:
+        return (tuple(sorted(fill.items())) if fill else (), frozenset(pinned))
+
+    def get(self, engine: EventEngine, program: Program, spec: ProductSpec,
+            fill: dict[str, float] | None = None, pinned: frozenset[str] = frozenset(),
+            device: int = 0) -> tuple[Timeline, RunReport]:
+        """The timeline `engine` predicts for `program` run with `fill` and `pinned`, and its
+        report (wall_time_s 0: the caller sets the run's own). The engine's settings (device,
+        prefetch, group, link) are fixed per runtime, which owns one cache per bucket, so they
+        are not part of the key."""
+        key = self.key(fill, pinned)
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries.move_to_end(key)
+            self.hits += 1
+            return entry
+        self.misses += 1
+        timeline = engine.run(build_steps(program, spec, fill), pinned=pinned)
+        entry = (timeline, RunReport.from_events(program.npu, device, timeline.events, 0.0))
+        self._entries[key] = entry
+        if len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+        return entry
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
 
 def _scaled(plan: KernelPlan, fill: float, caches: set[str]) -> KernelPlan:
