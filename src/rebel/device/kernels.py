@@ -12,17 +12,7 @@ import torch
 
 from ..ir import GETITEM, Op, resolve_target, substitute, to_torch_dtype
 from .ops import DEVICE_IMPLS, INPLACE_RESULTS
-
-
-def round_to_device(value, dtype: torch.dtype):
-    """Round floats to the device dtype, kept in FP32 storage; other values pass through."""
-    if isinstance(value, torch.Tensor):
-        if value.is_floating_point():
-            return value.to(dtype).to(torch.float32)
-        return value
-    if isinstance(value, (tuple, list)):
-        return type(value)(round_to_device(v, dtype) for v in value)
-    return value
+from .rounding import rounded as round_to_device
 
 
 def to_device_storage(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
