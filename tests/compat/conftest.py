@@ -62,10 +62,12 @@ class Reloader:
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
 
     def run(self, cls: str, folder: Path, *args, method: str = "__call__", pick=None,
-            load_kwargs=None, generator_seed: int | None = None, **kwargs) -> dict[str, torch.Tensor]:
+            load_kwargs=None, generator_seed: int | None = None, imports=(),
+            **kwargs) -> dict[str, torch.Tensor]:
         """Reload `folder` as `cls` in the worker, call it (or its `method`) on the inputs, return
         its output tensors by key path (e.g. "logits", "last_hidden_state", "0"), or the
-        attributes named in `pick`. generator_seed: pass `generator=torch.Generator()` seeded so."""
+        attributes named in `pick`. generator_seed: pass `generator=torch.Generator()` seeded so.
+        imports: modules of tests/compat the worker imports first (classes the folder names)."""
         if self.proc is None or self.proc.poll() is not None:
             self._start()
         self.count += 1
@@ -75,7 +77,8 @@ class Reloader:
             payload["generator_seed"] = generator_seed
         torch.save(payload, inputs)
         request = {"cls": cls, "folder": str(folder), "inputs": str(inputs), "outputs": str(outputs),
-                   "method": method, "pick": pick or [], "load_kwargs": load_kwargs or {}}
+                   "method": method, "pick": pick or [], "load_kwargs": load_kwargs or {},
+                   "imports": list(imports)}
         self.proc.stdin.write(json.dumps(request) + "\n")
         self.proc.stdin.flush()
         line = self.proc.stdout.readline()

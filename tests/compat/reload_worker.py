@@ -9,13 +9,16 @@ costs seconds on 2 cores); each request loads its model anew and frees it afterw
 Protocol: one JSON request per line on stdin,
     {"cls": "RBLNBertModel", "folder": ..., "inputs": file.pt, "outputs": file.pt,
      "method": "__call__" | "generate" | "decode" | ..., "pick": ["latent_dist.mean", ...],
-     "load_kwargs": {...}}
+     "load_kwargs": {...}, "imports": ["cosmos_support", ...]}
+("imports": modules of this folder imported before loading: they register classes a saved
+pipeline names, e.g. a local safety checker, as a serving process would import its plugins)
 and one JSON reply per line on the original stdout ({"ok": true} or {"ok": false, "error": ...});
 everything the libraries print goes to stderr, so it cannot corrupt the replies.
 """
 from __future__ import annotations
 
 import gc
+import importlib
 import json
 import os
 import sys
@@ -53,6 +56,8 @@ def handle(request: dict) -> dict:
     import optimum.rbln
     from rebel.device.memory import reset_memory
 
+    for name in request.get("imports", []):
+        importlib.import_module(name)
     cls = getattr(optimum.rbln, request["cls"])
     model = cls.from_pretrained(request["folder"], export=False, **request.get("load_kwargs", {}))
     try:
