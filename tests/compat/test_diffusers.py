@@ -89,7 +89,9 @@ def _tiny_clip_tokenizer(folder):
 
 def test_stable_diffusion_pipeline(tmp_path, reloader):
     """A whole text-to-image pipeline: CLIP text encoder, UNet (batch 2 for classifier-free
-    guidance) and VAE decoder, two DDIM steps from fixed latents, against diffusers FP32."""
+    guidance) and VAE decoder, two DDIM steps from fixed latents, against diffusers FP32: the
+    final latents (output_type="latent") in this process and after a reload in a fresh process
+    (bit-identical), and the decoded images of the reloaded pipeline."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
     from transformers import CLIPTextConfig, CLIPTextModel
     torch.manual_seed(0)
@@ -101,17 +103,27 @@ def test_stable_diffusion_pipeline(tmp_path, reloader):
         unet=_unet(sample_size=8), scheduler=DDIMScheduler(num_train_timesteps=100),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(tmp_path / "hf")
-    _compile("RBLNStableDiffusionPipeline", tmp_path / "hf", tmp_path / "rbln",
-             rbln_create_runtimes=False, rbln_img_height=16, rbln_img_width=16,
-             rbln_guidance_scale=5.0)
+    compiled = optimum.rbln.RBLNStableDiffusionPipeline.from_pretrained(
+        tmp_path / "hf", export=True, rbln_img_height=16, rbln_img_width=16,
+        rbln_guidance_scale=5.0)
+    compiled.save_pretrained(tmp_path / "rbln")
     counts = assert_host_fallbacks(tmp_path / "rbln")
     assert {name.split("/")[0] for name in counts} >= {"text_encoder", "unet", "vae"}, counts
 
     call = dict(prompt="a cat", num_inference_steps=2, guidance_scale=5.0, height=16, width=16,
-                output_type="pt", latents=_rand(1, 4, 8, 8, seed=3))
-    got = reloader.run("RBLNStableDiffusionPipeline", tmp_path / "rbln", **call)
+                latents=_rand(1, 4, 8, 8, seed=3))
     with torch.no_grad():
-        want = pipe(**call).images
+        want_latents = pipe(**call, output_type="latent").images
+        want = pipe(**call, output_type="pt").images
+    got_latents = compiled(**call, output_type="latent").images
+    del compiled
+    assert_close(got_latents, want_latents, "pipeline final latents")
+    reloaded = reloader.run("RBLNStableDiffusionPipeline", tmp_path / "rbln", **call,
+                            output_type="latent")
+    assert torch.equal(reloaded["images"], got_latents), (
+        f"reloaded latents differ from the in-process run by up to "
+        f"{(reloaded['images'] - got_latents).abs().max().item():.3g}")
+    got = reloader.run("RBLNStableDiffusionPipeline", tmp_path / "rbln", **call, output_type="pt")
     assert_close(got["images"], want, "pipeline images")
 
 
