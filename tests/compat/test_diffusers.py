@@ -2,37 +2,17 @@
 process, run, and match the FP32 diffusers model (tiny random-weight components, no downloads)."""
 from __future__ import annotations
 
-import json
-import string
-
 import pytest
 import torch
 
 import optimum.rbln
+import sd_support
 from compat_support import assert_close, assert_host_fallbacks
+from sd_support import tiny_unet as _unet, tiny_vae as _vae
 
 
 def _rand(*shape, seed=0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
-
-
-def _vae():
-    from diffusers import AutoencoderKL
-    torch.manual_seed(0)
-    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
-                         block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
-                         down_block_types=("DownEncoderBlock2D",) * 2,
-                         up_block_types=("UpDecoderBlock2D",) * 2, sample_size=16).eval()
-
-
-def _unet(sample_size=8):
-    from diffusers import UNet2DConditionModel
-    torch.manual_seed(0)
-    return UNet2DConditionModel(
-        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-        attention_head_dim=8, norm_num_groups=8).eval()
 
 
 def _compile(cls, src, out, **rbln):
@@ -73,45 +53,21 @@ def test_unet_2d_condition(tmp_path, reloader):
     assert_close(got["sample"], want, "unet sample")
 
 
-def _tiny_clip_tokenizer(folder):
-    """A CLIP BPE tokenizer over single letters (ids < 60), written as vocab.json/merges.txt."""
-    from transformers import CLIPTokenizer
-    folder.mkdir(parents=True)
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for suffix in ("", "</w>"):
-        for c in string.ascii_lowercase:
-            vocab[c + suffix] = len(vocab)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(vocab_file=str(folder / "vocab.json"), merges_file=str(folder / "merges.txt"),
-                         model_max_length=16)
-
-
 def test_stable_diffusion_pipeline(tmp_path, reloader):
     """A whole text-to-image pipeline: CLIP text encoder, UNet (batch 2 for classifier-free
     guidance) and VAE decoder, two DDIM steps from fixed latents, against diffusers FP32: the
     final latents (output_type="latent") in this process and after a reload in a fresh process
     (bit-identical), and the decoded images of the reloaded pipeline."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-    from transformers import CLIPTextConfig, CLIPTextModel
-    torch.manual_seed(0)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=16, projection_dim=32)).eval()
-    pipe = StableDiffusionPipeline(
-        vae=_vae(), text_encoder=text_encoder, tokenizer=_tiny_clip_tokenizer(tmp_path / "tok"),
-        unet=_unet(sample_size=8), scheduler=DDIMScheduler(num_train_timesteps=100),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe = sd_support.fp32_pipeline(tmp_path / "tok")
     pipe.save_pretrained(tmp_path / "hf")
     compiled = optimum.rbln.RBLNStableDiffusionPipeline.from_pretrained(
-        tmp_path / "hf", export=True, rbln_img_height=16, rbln_img_width=16,
-        rbln_guidance_scale=5.0)
+        tmp_path / "hf", export=True, **sd_support.RBLN_OPTIONS)
     compiled.save_pretrained(tmp_path / "rbln")
     counts = assert_host_fallbacks(tmp_path / "rbln")
     assert {name.split("/")[0] for name in counts} >= {"text_encoder", "unet", "vae"}, counts
 
-    call = dict(prompt="a cat", num_inference_steps=2, guidance_scale=5.0, height=16, width=16,
-                latents=_rand(1, 4, 8, 8, seed=3))
+    call = sd_support.call_kwargs()
+    del call["output_type"]
     with torch.no_grad():
         want_latents = pipe(**call, output_type="latent").images
         want = pipe(**call, output_type="pt").images
