@@ -132,3 +132,26 @@ def test_cosmos_text_to_world_pipeline(cosmos, reloader):
     assert torch.equal(reloaded["frames"], got), (
         f"reloaded latents differ from the in-process run by up to "
         f"{(reloaded['frames'] - got).abs().max().item():.3g}")
+
+
+def test_torchvision_stand_in():
+    """The stand-in resizes as torchvision does for tensors (nearest: the source pixel at
+    floor(i * in / out)), and it left sys.modules once the vendor modules were imported, so no
+    other library can mistake it for torchvision."""
+    import importlib.util
+    import sys
+    import optimum.rbln.diffusers.models.transformers.transformer_cosmos as vendor
+    if importlib.util.find_spec("torchvision") is not None:
+        pytest.skip("a real torchvision is installed: the stand-in is not used")
+    assert "torchvision" not in sys.modules
+    resize, mode = vendor.transforms.functional.resize, vendor.transforms.InterpolationMode
+    mask = torch.arange(2 * 6 * 8, dtype=torch.float32).reshape(1, 2, 6, 8)
+    got = resize(mask, [3, 2], interpolation=mode.NEAREST)
+    rows, cols = torch.tensor([0, 2, 4]), torch.tensor([0, 4])
+    assert torch.equal(got, mask[..., rows[:, None], cols[None, :]])
+    assert resize(mask, 3, interpolation=mode.NEAREST).shape == (1, 2, 3, 4)  # smaller edge -> 3
+    smooth = resize(mask, [3, 4], interpolation=mode.BILINEAR, antialias=False)
+    assert torch.allclose(smooth, torch.nn.functional.interpolate(
+        mask, size=(3, 4), mode="bilinear", align_corners=False))
+    with pytest.raises(TypeError, match="tensors only"):
+        resize(mask.numpy(), [3, 2])
