@@ -90,6 +90,8 @@ class EventEngine:
         self._ready = dict(inputs_ready_s or {})
         self._gate = compute_ready_s
         self._preloaded = 0  # weight bytes loaded ahead of the compute gate
+        self._cursor = 0.0  # when the Task DMA queue's preloads before the gate end
+        self._preloading = True
         events: list[Event] = []
         t = start_s
         flow = first_flow
@@ -167,14 +169,21 @@ class EventEngine:
         stream = spec.die.dma.loads_in_stream_order
         prefetched = bool(weights) and self.prefetch and w_bytes <= spec.die.memory.shared_sram_bytes // 2
         floor = q.t0  # no load before this (the compute gate, for all but preloaded weights)
+        ahead = False  # this kernel's weights preload before the gate
         if self._gate is not None:  # issued ahead of the data it needs (see `run`)
             q.ne = max(q.ne, self._gate)
-            if q.dma < self._gate:
-                if prefetched and not stream and \
-                        self._preloaded + w_bytes <= spec.die.memory.shared_sram_bytes // 2:
-                    self._preloaded += w_bytes
-                else:
-                    floor = self._gate
+            floor = self._gate
+            dur = task_dma_seconds(w_bytes, spec, k.kind) if weights else 0.0
+            cursor = max(self._cursor, q.t0)
+            # Preloads fill the queue's time before the gate, in kernel order, as far as half
+            # the shared SRAM holds them; everything else loads after it.
+            if weights and self._preloading and prefetched and not stream and \
+                    cursor + dur <= self._gate and \
+                    self._preloaded + w_bytes <= spec.die.memory.shared_sram_bytes // 2:
+                self._preloaded += w_bytes
+                ahead = True
+            elif weights:
+                self._preloading = False  # in kernel order: the first that does not fit ends it
         issued = max(q.ne, q.dma)
         # Prefetched weights load as soon as the queue is free; otherwise they stream in behind
         # the activations while the kernel runs.
@@ -186,7 +195,10 @@ class EventEngine:
                 continue
             nbytes = sum(x.nbytes for x in group)
             start = max([q.dma] + [q.in_dram.get(x.value, q.t0) for x in group if not x.weight])
-            start = max(start, floor)
+            if ahead and label == "weights":
+                start = max(self._cursor, q.t0)
+            else:
+                start = max(start, floor)
             if label == "weights" and not prefetched:
                 start = max(start, q.ne)  # no SRAM to spare before the previous kernel ends
             if stream:
@@ -196,7 +208,12 @@ class EventEngine:
                 args["prefetch"] = prefetched and not stream
             last_load = q.emit(TASK_DMA, f"{label} {k.name}", start,
                                task_dma_seconds(nbytes, spec, k.kind), "dma_in", args)
-            q.dma = last_load.end_s
+            if ahead and label == "weights":
+                args["preload"] = "ahead of the previous stage's end"
+                self._cursor = last_load.end_s
+                q.dma = max(q.dma, last_load.end_s)
+            else:
+                q.dma = last_load.end_s
 
         # Kernels run in order, so what they read from SRAM is ready; the launch (command issue)
         # overlaps the first tile's load.
