@@ -248,6 +248,21 @@ def test_measured_host_gaps_and_names(compiled, tmp_path):
     assert all(r.host_gap_s >= 2e-3 for r in request.runs[1:STEPS + 1])
     orch.label(pipe.denoiser, "denoiser")
     assert orch.stage_name(pipe.denoiser) == "denoiser"
+
+    class Wrapped:  # the vendor's shape: model.model[i].runtime, a VAE with two graphs
+        def __init__(self, *runtimes):
+            self.model = [RuntimeWrapper(rt) for rt in runtimes]
+
+    class RuntimeWrapper:
+        def __init__(self, runtime):
+            self.runtime = runtime
+
+    vendor_like = type("Pipeline", (), {})()
+    vendor_like.text_encoder = Wrapped(enc)
+    vendor_like.vae = Wrapped(pipe.denoiser, pipe.decoder)
+    vendor_like.tokenizer = {"vocab": {str(i): i for i in range(1000)}}
+    named = orch.label(vendor_like)
+    assert named == {"text_encoder": enc, "vae/0": pipe.denoiser, "vae/1": pipe.decoder}
     assert "Request('only', 6 runs" in repr(request)
 
 
