@@ -266,6 +266,40 @@ def test_measured_host_gaps_and_names(compiled, tmp_path):
     assert "Request('only', 6 runs" in repr(request)
 
 
+def test_predicted_runs_of_meta_models(two_cards):
+    """Full-size models compile on meta tensors (no weights) and cannot run: their runs are
+    added from the prediction, placed and scheduled like recorded ones."""
+    meta = torch.device("meta")
+    enc = rebel.compile_from_torch(Encoder().to(meta), example_inputs=[torch.empty(8, 32, device=meta)])
+    den = rebel.compile_from_torch(Denoiser().to(meta), tensor_parallel_size=4,
+                                   example_inputs=[torch.empty(8, 64, device=meta)] * 2)
+    dec = rebel.compile_from_torch(Decoder().to(meta), example_inputs=[torch.empty(8, 64, device=meta)])
+    orch = Orchestrator()
+    for name in ("r1", "r2"):
+        with orch.request(name) as request:
+            request.add_predicted(enc, "text_encoder", device=0, host_gap_s=5e-6)
+            runs = request.add_predicted(den, "denoiser", device=[2, 3, 4, 5], repeat=STEPS,
+                                         host_gap_s=5e-6, early_inputs=[1])
+            request.add_predicted(dec, "decoder", device=1, host_gap_s=5e-6)
+    assert runs[0].latency_s == pytest.approx(den.predicted_latency_s(device=2), rel=1e-12)
+    assert runs[0].early_inputs == {den.program.inputs[1][0]}
+    plan = orch.schedule()
+    plan.check()
+    assert plan.orchestrated_s < plan.sequential_s
+    assert plan.sequential_s == pytest.approx(sum(r.latency_s + 5e-6 for q in orch.requests for r in q.runs))
+    assert plan.stages()["denoiser"]["runs"] == 2 * STEPS
+    with pytest.raises(rebel.DeviceError, match="device 9 does not exist"):
+        orch.request("x").add_predicted(enc, "e", device=9)
+    bad = orch.request("y")
+    with pytest.raises(rebel.RBLNError, match="not an input"):
+        bad.add_predicted(den, "d", device=0, early_inputs=["nope"])
+    with pytest.raises(rebel.RBLNError, match="repeat must be"):
+        bad.add_predicted(den, "d", device=0, repeat=0)
+    bad.close()
+    with pytest.raises(rebel.RBLNError, match="is closed"):
+        bad.add_predicted(enc, "e")
+
+
 def test_bad_use_gives_clear_errors(compiled):
     with pytest.raises(rebel.DeviceError, match="device 99 does not exist"):
         rebel.Runtime(compiled["enc"], device=99)

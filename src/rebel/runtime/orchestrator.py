@@ -58,7 +58,8 @@ class StageRun:
     host_gap_s: float           # host time between the previous run (or the request's start) and this one
     events: list[Event] = field(repr=False)
     early_inputs: frozenset = frozenset()
-    record: RunRecord | None = field(default=None, repr=False)
+    record: RunRecord | None = field(default=None, repr=False)  # None for a predicted run
+    timing: _Timing | None = field(default=None, repr=False)  # to re-time it issued ahead
 
     @property
     def compute_start_s(self) -> float:
@@ -66,6 +67,20 @@ class StageRun:
         (launch, copies in, weight loads) is what predictive DMA may issue ahead."""
         return min((e.start_s for e in self.events if e.track in (NEURAL_ENGINE, LINK)),
                    default=self.latency_s)
+
+
+@dataclass(frozen=True)
+class _Timing:
+    """What re-timing a run takes: its program and the engine settings of its placement."""
+
+    program: object
+    spec: object
+    device: int
+    group: tuple[int, ...]
+    link: object
+    prefetch: bool
+    fill: dict | None = None
+    pinned: frozenset = frozenset()
 
 
 class Request:
@@ -122,10 +137,60 @@ class Request:
                 self._remember(value, index, "input")
             for value in pytree.tree_leaves(record.outputs):
                 self._remember(value, index, "output")
-            report = record.report
+            report, engine = record.report, record.runtime._engine
+            timing = _Timing(record.program, engine.spec, engine.device, engine.group, engine.link,
+                             engine.prefetch, record.fill, record.pinned)
             self.runs.append(StageRun(self.orchestrator.stage_name(record.runtime),
                                       tuple(record.runtime.devices), report.latency_s, max(gap, 0.0),
-                                      report.events, frozenset(early), record))
+                                      report.events, frozenset(early), record, timing))
+
+    def add_predicted(self, compiled, stage: str, device=0, repeat: int = 1,
+                      host_gap_s: float = 0.0, early_inputs=(), bucket: int = 0) -> list[StageRun]:
+        """Add runs without running them: `repeat` runs of `compiled` (an RBLNCompiledModel,
+        meta-compiled ones included: full-size models predicted without weights) placed on
+        `device` (as for `Runtime`: a first index or every tensor-parallel die), each after
+        `host_gap_s` of host work. early_inputs: the inputs (names or positions) that exist
+        before the previous run ends (prompt embeddings in a denoising loop), so predictive DMA
+        may copy them in ahead (every repeat gets the same)."""
+        from .timeline import die_group
+
+        if self.closed:
+            raise RBLNError(f"request {self.name!r} is closed; open a new one with orch.request()")
+        if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
+            raise RBLNError(f"repeat must be an int >= 1, got {repeat!r}")
+        if isinstance(host_gap_s, bool) or not isinstance(host_gap_s, (int, float)) or host_gap_s < 0:
+            raise RBLNError(f"host_gap_s must be seconds >= 0, got {host_gap_s!r}")
+        inner = getattr(compiled, "compiled", compiled)
+        if not hasattr(inner, "buckets") or not hasattr(inner, "spec"):
+            raise RBLNError(f"add_predicted expects an RBLNCompiledModel, got {type(compiled).__name__}")
+        program = inner.buckets[bucket]
+        group, link = die_group(program, inner.spec, device)
+        machine = current_machine()
+        for d in group:
+            info = machine.device(d)  # DeviceError names what exists
+            if info.spec.name != program.npu:
+                raise RBLNError(f"the model was compiled for {program.npu} but rbln:{d} is a "
+                                f"{info.spec.name}")
+        names = [n for n, _ in program.inputs]
+        early = set()
+        for item in early_inputs:
+            if isinstance(item, int) and not isinstance(item, bool) and 0 <= item < len(names):
+                early.add(names[item])
+            elif item in names:
+                early.add(item)
+            else:
+                raise RBLNError(f"early_inputs: {item!r} is not an input of this model ({names})")
+        timing = _Timing(program, inner.spec, group[0], group, link, True)
+        timeline = EventEngine(inner.spec, group[0], True, group=group, link=link).run(
+            build_steps(program, inner.spec))
+        added = []
+        with self._lock:
+            for _ in range(repeat):
+                run = StageRun(str(stage), group, timeline.latency_s, float(host_gap_s),
+                               timeline.events, frozenset(early), None, timing)
+                self.runs.append(run)
+                added.append(run)
+        return added
 
     def _remember(self, value, index: int, role: str) -> None:
         if isinstance(value, torch.Tensor) and id(value) not in self._seen:
@@ -334,11 +399,10 @@ class _Scheduler:
     def _retime(self, run: StageRun, gate: float) -> list[Event]:
         key = (id(run), round(gate * 1e12))
         if key not in self._retimed:
-            rec = run.record
-            base = rec.runtime._engine
-            engine = EventEngine(base.spec, base.device, base.prefetch, group=base.group, link=base.link)
-            late = {name: gate for name, _ in rec.program.inputs if name not in run.early_inputs}
-            timeline = engine.run(build_steps(rec.program, base.spec, rec.fill), pinned=rec.pinned,
+            t = run.timing
+            engine = EventEngine(t.spec, t.device, t.prefetch, group=t.group, link=t.link)
+            late = {name: gate for name, _ in t.program.inputs if name not in run.early_inputs}
+            timeline = engine.run(build_steps(t.program, t.spec, t.fill), pinned=t.pinned,
                                   inputs_ready_s=late, compute_ready_s=gate)
             self._retimed[key] = timeline.events
         return self._retimed[key]
@@ -346,8 +410,8 @@ class _Scheduler:
 
 def _starts_on_host(run: StageRun) -> bool:
     """A run whose program begins with host fallback ops cannot be issued ahead of its data."""
-    segments = run.record.program.segments if run.record is not None else []
-    return bool(segments) and segments[0].kind != "device"
+    segments = run.timing.program.segments if run.timing is not None else []
+    return not segments or segments[0].kind != "device"
 
 
 def _resources(run: StageRun) -> list[str]:
