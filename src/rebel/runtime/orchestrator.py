@@ -41,7 +41,7 @@ from ..profiler.perfetto_trace import TraceEncoder
 from . import runtime as _runtime
 from .report import _union_s
 from .runtime import RunRecord, Runtime
-from .timeline import build_steps
+from .timeline import build_steps, die_group
 
 STAGE_TRACK = "Pipeline stages"
 
@@ -152,8 +152,6 @@ class Request:
         `host_gap_s` of host work. early_inputs: the inputs (names or positions) that exist
         before the previous run ends (prompt embeddings in a denoising loop), so predictive DMA
         may copy them in ahead (every repeat gets the same)."""
-        from .timeline import die_group
-
         if self.closed:
             raise RBLNError(f"request {self.name!r} is closed; open a new one with orch.request()")
         if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
