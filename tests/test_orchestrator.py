@@ -185,6 +185,29 @@ def test_predictive_dma_issues_the_next_stage_ahead(compiled, two_cards):
     assert orch.requests[0].runs[1].early_inputs == frozenset() and len(second.early_inputs) == 1
 
 
+def test_engine_gate_holds_compute_and_bounds_preloads(compiled):
+    """EventEngine.run(inputs_ready_s=, compute_ready_s=): the copy of a late input and every
+    kernel wait for the gate; before it only weights load, at most half the shared SRAM."""
+    from rebel.device.engine import EventEngine
+    from rebel.runtime.timeline import build_steps
+
+    program, spec = compiled["den"].program, compiled["den"].compiled.spec
+    steps = build_steps(program, spec)
+    plain = EventEngine(spec, 0).run(steps)
+    gate = 50e-6
+    late = program.inputs[0][0]
+    gated = EventEngine(spec, 0).run(steps, inputs_ready_s={late: gate}, compute_ready_s=gate)
+    assert min(e.start_s for e in gated.events if e.track == NEURAL_ENGINE) >= gate
+    assert min(e.start_s for e in gated.events if e.args.get("value") == late) >= gate
+    ahead = [e for e in gated.events if e.track == TASK_DMA and e.start_s < gate]
+    assert ahead and all(e.name.startswith("weights") and e.args.get("preload") for e in ahead)
+    assert sum(e.args["bytes"] for e in ahead) <= spec.die.memory.shared_sram_bytes // 2
+    # issued `gate` early, it ends sooner after the gate than a run started at the gate
+    assert gated.end_s - gate < plain.latency_s
+    tasks = sorted((e.start_s, e.end_s) for e in gated.events if e.track == TASK_DMA)
+    assert all(b[0] >= a[1] - 1e-15 for a, b in zip(tasks, tasks[1:]))  # one queue, no overlap
+
+
 def test_tensor_parallel_across_cards_uses_the_card_link(compiled, two_cards):
     c = compiled["den4"]
     tokens, latents = example()
