@@ -73,12 +73,25 @@ class EventEngine:
         self.link = link or spec.links.die_to_die
 
     def run(self, steps, start_s: float = 0.0, first_flow: int = 1,
-            pinned: frozenset[str] = frozenset()) -> Timeline:
+            pinned: frozenset[str] = frozenset(), inputs_ready_s: dict[str, float] | None = None,
+            compute_ready_s: float | None = None) -> Timeline:
         """Time `steps`. pinned: the inputs whose host copies are in page-locked memory (the
         user passed a pinned tensor), so their External HDMA takes the pinned path; every other
         host copy is from pageable memory. Outputs are written to fresh pageable host tensors
-        (Runtime.run has no `out=` argument), so device->host copies are always pageable."""
+        (Runtime.run has no `out=` argument), so device->host copies are always pageable.
+
+        inputs_ready_s, compute_ready_s: for a run issued ahead of the data it needs (the
+        orchestrator's predictive DMA across pipeline stages): the time each named input exists
+        on the host (its copy in waits for it), and the time before which no kernel or
+        collective may start (the previous stage's results are needed by then). Until then the
+        Task DMA preloads the first kernels' weights only as far as half the shared SRAM holds
+        them; later loads wait for the gate as the kernels do."""
         self._pinned = frozenset(pinned)
+        self._ready = dict(inputs_ready_s or {})
+        self._gate = compute_ready_s
+        self._preloaded = 0  # weight bytes loaded ahead of the compute gate
+        self._cursor = 0.0  # when the Task DMA queue's preloads before the gate end
+        self._preloading = True
         events: list[Event] = []
         t = start_s
         flow = first_flow
@@ -107,7 +120,7 @@ class EventEngine:
                 continue
             pinned = value in self._pinned
             memory = host_memory(pinned)
-            ev = q.emit(HDMA, f"{value} host->device ({memory})", q.hdma,
+            ev = q.emit(HDMA, f"{value} host->device ({memory})", max(q.hdma, self._ready.get(value, q.hdma)),
                         hdma_seconds(nbytes, spec, pinned=pinned), "dma_in",
                         {"bytes": nbytes, "value": value, "host_memory": memory})
             q.hdma = q.in_dram[value] = ev.end_s
@@ -140,7 +153,7 @@ class EventEngine:
     def _collective(self, k: KernelStep, q: _Queues) -> None:
         """All dies stop and exchange over the link; nothing else runs meanwhile."""
         seconds = collective_seconds(k.plan.comm, k.plan.comm_bytes, len(self.group), self.link)
-        ev = q.emit(LINK, k.name, max(q.ne, q.dma), seconds, "collective",
+        ev = q.emit(LINK, k.name, max(q.ne, q.dma, self._gate or 0.0), seconds, "collective",
                     {"op": k.plan.comm, "bytes": k.plan.comm_bytes, "dies": len(self.group),
                      "link": self.link.name})
         q.ne = q.dma = ev.end_s
@@ -154,8 +167,24 @@ class EventEngine:
         # results written) and issues its own loads; nothing runs ahead across kernels. Its
         # launch cost overlaps its first loads, as for any kernel here.
         stream = spec.die.dma.loads_in_stream_order
-        issued = max(q.ne, q.dma)
         prefetched = bool(weights) and self.prefetch and w_bytes <= spec.die.memory.shared_sram_bytes // 2
+        floor = q.t0  # no load before this (the compute gate, for all but preloaded weights)
+        ahead = False  # this kernel's weights preload before the gate
+        if self._gate is not None:  # issued ahead of the data it needs (see `run`)
+            q.ne = max(q.ne, self._gate)
+            floor = self._gate
+            dur = task_dma_seconds(w_bytes, spec, k.kind) if weights else 0.0
+            cursor = max(self._cursor, q.t0)
+            # Preloads fill the queue's time before the gate, in kernel order, as far as half
+            # the shared SRAM holds them; everything else loads after it.
+            if weights and self._preloading and prefetched and not stream and \
+                    cursor + dur <= self._gate and \
+                    self._preloaded + w_bytes <= spec.die.memory.shared_sram_bytes // 2:
+                self._preloaded += w_bytes
+                ahead = True
+            elif weights:
+                self._preloading = False  # in kernel order: the first that does not fit ends it
+        issued = max(q.ne, q.dma)
         # Prefetched weights load as soon as the queue is free; otherwise they stream in behind
         # the activations while the kernel runs.
         order = [("weights", weights)] if prefetched else []
@@ -166,6 +195,10 @@ class EventEngine:
                 continue
             nbytes = sum(x.nbytes for x in group)
             start = max([q.dma] + [q.in_dram.get(x.value, q.t0) for x in group if not x.weight])
+            if ahead and label == "weights":
+                start = max(self._cursor, q.t0)
+            else:
+                start = max(start, floor)
             if label == "weights" and not prefetched:
                 start = max(start, q.ne)  # no SRAM to spare before the previous kernel ends
             if stream:
@@ -175,7 +208,12 @@ class EventEngine:
                 args["prefetch"] = prefetched and not stream
             last_load = q.emit(TASK_DMA, f"{label} {k.name}", start,
                                task_dma_seconds(nbytes, spec, k.kind), "dma_in", args)
-            q.dma = last_load.end_s
+            if ahead and label == "weights":
+                args["preload"] = "ahead of the previous stage's end"
+                self._cursor = last_load.end_s
+                q.dma = max(q.dma, last_load.end_s)
+            else:
+                q.dma = last_load.end_s
 
         # Kernels run in order, so what they read from SRAM is ready; the launch (command issue)
         # overlaps the first tile's load.

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from ..compiler.artifact import load_artifact, save_artifact
@@ -16,7 +17,9 @@ class RBLNCompiledModel:
     def __init__(self, compiled: CompiledProgram | str | os.PathLike):
         """compiled: what the compiler produced, or the path of a saved .rbln artifact (the
         vendor's `rebel.RBLNCompiledModel(path)` loads a model this way)."""
+        self.source_path = None  # the .rbln it was loaded from (names its runtimes' stage)
         if isinstance(compiled, (str, os.PathLike)):
+            self.source_path = Path(compiled)
             compiled = load_artifact(compiled)
         elif not isinstance(compiled, CompiledProgram):
             raise TypeError(f"RBLNCompiledModel expects a compiled program or a .rbln path, got "
@@ -149,10 +152,12 @@ class RBLNCompiledModel:
     def create_async_runtime(self, **kwargs) -> AsyncRuntime:
         return AsyncRuntime(self, **kwargs)
 
-    def predicted_latency_s(self, device: int = 0, predictive_dma: bool = True,
+    def predicted_latency_s(self, device: int | Sequence[int] = 0, predictive_dma: bool = True,
                             bucket: int = 0) -> float:
         """Predicted time of one run (of shape bucket `bucket`) on the modelled NPU, without
-        running it."""
+        running it. device: as for `Runtime` (a first index, or every die of a tensor-parallel
+        model): its collectives take the die-to-die link when the dies share a card, else the
+        card-to-card link, as the runtime placed there times them."""
         return predict(self.buckets[bucket], self.compiled.spec, device, predictive_dma).latency_s
 
     def __repr__(self) -> str:

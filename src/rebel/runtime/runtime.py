@@ -36,7 +36,7 @@ from . import device_state
 from .executor import bind_segments, execute, place_weights
 from .host_memory import is_pinned
 from .report import RunReport
-from .timeline import TimelineCache, paged_fill, paged_sites
+from .timeline import TimelineCache, group_link, paged_fill, paged_sites
 
 TENSOR_TYPES = ("pt", "np")
 
@@ -57,6 +57,9 @@ class Runtime:
         if tensor_type not in TENSOR_TYPES:
             raise RBLNError(f"tensor_type must be one of {TENSOR_TYPES}, got {tensor_type!r}")
         self.compiled = _resolve(compiled_model)
+        # What a pipeline orchestrator calls this runtime's stage: settable; by default the
+        # artifact's name ("text_encoder" for the vendor's text_encoder/model.rbln).
+        self.name: str | None = _stage_name(compiled_model)
         if self.compiled.meta:
             raise RBLNError(
                 "this model was compiled from meta tensors (shapes without weights): it is for "
@@ -106,8 +109,7 @@ class Runtime:
             self._finalizer()
             raise
         try:
-            link = self.spec.links.die_to_die if len({current_machine().device(d).card for d in self.devices}) == 1 \
-                else self.spec.links.card_to_card
+            link = group_link(self.devices, self.spec)  # as compiled.predicted_latency_s times it
             self._engine = EventEngine(self.spec, self.device, prefetch=self.predictive_dma,
                                        group=self.devices, link=link)
             for bucket in self._buckets:
@@ -256,6 +258,7 @@ class Runtime:
         # Errors name inputs as the caller knows them (input_info's names when there are some).
         expected = list(zip(self._input_names(bucket.program), (s for _, s in bucket.program.inputs)))
         tensors = self._check_inputs(inputs, expected)
+        entered = time.perf_counter()
         if not self._lock.acquire(timeout=-1 if self.timeout is None else self.timeout):
             raise RBLNError(f"the runtime stayed busy with another run for longer than "
                             f"timeout={self.timeout} s")
@@ -277,7 +280,7 @@ class Runtime:
                 report, wall_time_s=wall, bytes_moved=dict(report.bytes_moved),
                 kernels=list(report.kernels), host_fallbacks=list(report.host_fallbacks),
                 host_copies={way: dict(paths) for way, paths in report.host_copies.items()})
-            self._local.report = self.last_report
+            self._local.report = report = self.last_report
             self.runs += 1
             if self._trace is not None:
                 self._trace.add(events, self._timeline.end_s)
@@ -285,9 +288,12 @@ class Runtime:
             self._lock.release()
         if bucket.program.flat_outputs or out is not None:
             outputs = _flat(outputs)
-        if out is not None:
-            return self._write_out(outputs, out)
-        return self._convert(outputs)
+        result = self._write_out(outputs, out) if out is not None else self._convert(outputs)
+        recorder = _recorder
+        if recorder is not None:  # an orchestrator's request is open: it sees every run
+            recorder(RunRecord(self, bucket.program, fill, pinned, report, inputs, result,
+                               entered, time.perf_counter()))
+        return result
 
     def __call__(self, *inputs, out=None, **named_inputs):
         return self.run(*inputs, out=out, **named_inputs)
@@ -393,6 +399,36 @@ class Runtime:
                 f"profiler={'on' if self._profile else 'off'})")
 
 
+@dataclass(frozen=True)
+class RunRecord:
+    """One finished run as an orchestrator records it: what ran (the bucket's program, with the
+    paged-attention fill and pinned inputs its timing read), its report, the caller's inputs and
+    what the run returned (to tell which inputs came from earlier runs), and when on this
+    machine's clock the call entered and returned (the host work between runs is the gap)."""
+
+    runtime: Runtime
+    program: Program
+    fill: dict | None
+    pinned: frozenset
+    report: RunReport
+    inputs: tuple
+    outputs: object
+    entered_s: float
+    returned_s: float
+
+
+# The open orchestrator request's recorder (rebel.runtime.orchestrator sets it), or None.
+_recorder = None
+
+
+def set_recorder(recorder) -> object:
+    """Install `recorder` (called with each run's RunRecord, or None to stop); returns the one
+    it replaces."""
+    global _recorder
+    previous, _recorder = _recorder, recorder
+    return previous
+
+
 class AsyncRuntime(Runtime):
     """A Runtime whose runs can be awaited; runs are queued in order on one worker thread."""
 
@@ -478,6 +514,16 @@ def _resolve(compiled_model) -> CompiledProgram:
         return compiled_model
     raise RBLNError(f"Runtime expects a path to a .rbln file or an RBLNCompiledModel, got "
                     f"{type(compiled_model).__name__}")
+
+
+def _stage_name(compiled_model) -> str | None:
+    """A model's name from its file: the folder for the vendor's `<submodule>/model.rbln`."""
+    path = compiled_model if isinstance(compiled_model, (str, os.PathLike)) \
+        else getattr(compiled_model, "source_path", None)
+    if path is None:
+        return None
+    path = Path(path)
+    return path.parent.name if path.stem == "model" and path.parent.name else path.stem
 
 
 def _profiler_enabled(flag: bool | None) -> bool:

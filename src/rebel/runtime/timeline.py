@@ -17,6 +17,7 @@ from ..compiler.program import Program
 from ..compiler.schedule import paged_operands
 from ..device.engine import DeviceStep, EventEngine, HostOpStep, HostStep, KernelStep, Timeline
 from ..device.timing import KernelPlan, host_op_seconds, kernel_time
+from ..errors import DeviceError
 from ..npu.spec import ProductSpec
 from .report import RunReport
 
@@ -150,18 +151,31 @@ def _scaled(plan: KernelPlan, fill: float, caches: set[str]) -> KernelPlan:
     return replace(plan, flops=plan.flops * fill, gemm=gemm, dma_in=dma_in)
 
 
-def die_group(program: Program, spec: ProductSpec, device: int = 0):
-    """The dies a run of `program` from `device` uses and the link their collectives take: as
-    many consecutive dies as it was compiled for (as `Runtime` places it), over the card's
-    die-to-die link when they share a card, else the card-to-card link. Devices are numbered
-    card by card, `spec.dies` to a card, as the machine shows them."""
-    group = tuple(range(device, device + program.tensor_parallel_size))
+def die_group(program: Program, spec: ProductSpec, device=0):
+    """The dies a run of `program` from `device` uses and the link their collectives take: the
+    dies given (a sequence, one per tensor-parallel rank), or as many consecutive dies from one
+    index as it was compiled for (as `Runtime` places it); over the card's die-to-die link when
+    they share a card, else the card-to-card link. Devices are numbered card by card,
+    `spec.dies` to a card, as the machine shows them."""
+    if isinstance(device, (list, tuple)):
+        group = tuple(device)
+        if len(group) != program.tensor_parallel_size or len(set(group)) != len(group):
+            raise DeviceError(f"the model was compiled for tensor_parallel_size="
+                              f"{program.tensor_parallel_size}; give that many distinct devices, "
+                              f"got {list(group)}")
+    else:
+        group = tuple(range(device, device + program.tensor_parallel_size))
+    return group, group_link(group, spec)
+
+
+def group_link(group, spec: ProductSpec):
+    """The link a group of dies' collectives take: the card's own when all share one card."""
     one_card = len({d // spec.dies for d in group}) == 1
-    return group, spec.links.die_to_die if one_card else spec.links.card_to_card
+    return spec.links.die_to_die if one_card else spec.links.card_to_card
 
 
-def predict(program: Program, spec: ProductSpec, device: int = 0, prefetch: bool = True) -> Timeline:
+def predict(program: Program, spec: ProductSpec, device=0, prefetch: bool = True) -> Timeline:
     """Predicted timeline of one run, tensor-parallel collectives included (without the group a
-    sharded program's collectives would cost nothing)."""
+    sharded program's collectives would cost nothing). device: a first index or every die."""
     group, link = die_group(program, spec, device)
-    return EventEngine(spec, device, prefetch, group=group, link=link).run(build_steps(program, spec))
+    return EventEngine(spec, group[0], prefetch, group=group, link=link).run(build_steps(program, spec))
