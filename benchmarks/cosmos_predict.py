@@ -318,6 +318,33 @@ def format_stages(rows: list[Row]) -> str:
     return "\n".join(out)
 
 
+def realtime_scan(resolutions=((704, 1280), (352, 640), (176, 320)), tp: int = 32,
+                  dit: dict | None = None, vae: dict | None = None, video: dict | None = None,
+                  npu: str = NPU) -> list[dict]:
+    """What real time would take: at each resolution (121 frames kept), the transformer at `tp`
+    dies and the VAE decoder on one die, the most denoising steps whose video still takes no
+    longer than it plays (121 frames at 30 fps), T5 included. steps_for_realtime < 1 means no
+    step count gets there at that resolution on that many dies."""
+    dit = DIT_7B if dit is None else dit
+    vae = VAE_CV8x8x8 if vae is None else vae
+    base = VIDEO if video is None else video
+    out = []
+    for height, width in resolutions:
+        v = {**base, "height": height, "width": width}
+        module, inputs = build_transformer(dit, v)
+        call = compile_stage("Cosmos-7B DiT", module, inputs, tp, npu)
+        module, inputs = build_vae_decoder(vae, v)
+        dec = compile_stage("VAE decoder", module, inputs, 1, npu)
+        _, t, h, w = latent_shape(v)
+        tokens = t * h * w // math.prod(dit["patch_size"])
+        budget = v["frames"] / v["fps"]
+        out.append(dict(height=height, width=width, tokens=tokens, tp=tp, call_s=call.latency_s,
+                        vae_s=dec.latency_s, budget_s=budget,
+                        steps_for_realtime=math.floor((budget - dec.latency_s) / (2 * call.latency_s)),
+                        video_s_at_36_steps=36 * 2 * call.latency_s + dec.latency_s))
+    return out
+
+
 def main() -> None:
     argparse.ArgumentParser(description=__doc__).parse_args()
     start = time.perf_counter()
@@ -326,6 +353,12 @@ def main() -> None:
     print()
     print(format_stages(rows))
     print(f"\nwhole table: {time.perf_counter() - start:.0f} s wall (compiles included)")
+    print("\nreal time (121 frames in 4.03 s) at lower resolutions, DiT on 32 dies, VAE on one "
+          "(T5, 0.23 s, not counted):")
+    for r in realtime_scan():
+        print(f"  {r['height']}x{r['width']}: {r['tokens']} tokens, DiT call {r['call_s']:.3f} s, "
+              f"VAE {r['vae_s']:.2f} s, 36-step video {r['video_s_at_36_steps']:.1f} s, "
+              f"steps that fit in {r['budget_s']:.2f} s: {r['steps_for_realtime']}")
 
 
 if __name__ == "__main__":
