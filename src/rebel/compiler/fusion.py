@@ -16,6 +16,7 @@ from __future__ import annotations
 from ..ir import GETITEM, Op
 
 EPILOGUE_KINDS = ("elementwise", "alias")
+CLONE = "aten.clone.default"
 PROLOGUE_TARGETS = ("reduction", "norm", "softmax")  # may consume an element-wise chain
 
 
@@ -64,6 +65,13 @@ def _only_alias(group: list[Op]) -> bool:
 
 
 def _can_absorb(group: list[Op], op: Op, users: dict[str, list[str]]) -> bool:
+    if op.target == CLONE and op.refs and op.refs[0] in {o.name for o in group} \
+            and group[-1].name == op.refs[0] and group[-1].kind == "data":
+        # A contiguous copy of what a data-movement kernel (a permute) just wrote is where that
+        # kernel writes it anyway. Tracing puts one there only when the permuted tensor is not
+        # contiguous in host memory (meta SDPA outputs are, CPU ones are not), so absorbing it
+        # keeps a meta compile and a real-weight compile of one model the same program.
+        return True
     prologue = op.kind in PROLOGUE_TARGETS and all(o.kind in EPILOGUE_KINDS for o in group)
     if op.kind not in EPILOGUE_KINDS and not prologue:
         return False

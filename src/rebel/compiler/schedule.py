@@ -161,7 +161,10 @@ class Scheduler:
         comm, comm_bytes = "", 0
         if kernel.kind in ("cast_in", "cast_out"):
             vector_ops = sum(self.values[v].numel for v in kernel.outputs)
+        made = set()
         for op in kernel.ops:
+            if op.kind != "alias":
+                made.add(op.name)  # written by this kernel (views of inputs are not)
             kind = op.kind
             out = op.out_specs[0] if op.out_specs else None
             if kind == "collective":
@@ -187,6 +190,9 @@ class Scheduler:
                 src = op.refs[0] if op.refs else None
                 numel = self.local(src).numel if src in self.values else 0
                 vector_ops += numel * classify(op.target).cost
+            elif kind == "data" and op.target == "aten.clone.default" and op.refs \
+                    and op.refs[0] in made:
+                continue  # a copy of what this kernel just wrote: the write is the copy (fusion)
             elif kind in ("data", "gather"):
                 out_bytes = sum(s.nbytes(self.dtype) for s in op.out_specs) // (
                     self.sharding.size if isinstance(self.sharding.values.get(op.name), int) else 1)

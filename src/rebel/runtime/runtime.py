@@ -495,6 +495,52 @@ def _release(held, state, shared_keys) -> None:
         shared_keys.clear()
 
 
+def peak_activation_bytes(program: Program) -> int:
+    """Device DRAM per die the activations need when buffers are reused once dead: the largest
+    total, over the kernel sequence, of the activations live at one kernel (a value is live from
+    the kernel that writes it, or its segment's start if the host copies it in, to the last kernel
+    that reads it, or its segment's end if the host copies it out). Sizes are as one die holds
+    them (tensor-parallel splits applied, floats in the device dtype). `activation_bytes` is the
+    same set of tensors with no reuse, which is what the runtime allocates today; for a deep
+    model the difference is most of the layers' intermediates."""
+    p = program
+    first: dict[str, int] = {}
+    last: dict[str, int] = {}
+    index = 0
+    for seg in p.segments:
+        start = index
+        for v in seg.copy_in:
+            first.setdefault(v, start)
+            last[v] = max(last.get(v, start), start)
+        for k in seg.kernels:
+            for t in k.plan.dma_in:
+                if not t.weight:
+                    first.setdefault(t.value, index)
+                    last[t.value] = max(last.get(t.value, index), index)
+            for t in k.plan.dma_out:
+                if not t.weight:
+                    first[t.value] = min(first.get(t.value, index), index)
+                    last[t.value] = max(last.get(t.value, index), index)
+            index += 1
+        end = max(start, index - 1)
+        for v in seg.copy_out:
+            first.setdefault(v, end)
+            last[v] = max(last.get(v, end), end)
+    deltas: dict[int, int] = {}
+    for v, lo in first.items():
+        if v not in p.values:
+            continue
+        spec = p.values[v]
+        nbytes = TensorSpec(p.sharding.local_shape(v, spec.shape), spec.dtype).nbytes(p.device_dtype)
+        deltas[lo] = deltas.get(lo, 0) + nbytes
+        deltas[last[v] + 1] = deltas.get(last[v] + 1, 0) - nbytes
+    peak = live = 0
+    for i in sorted(deltas):
+        live += deltas[i]
+        peak = max(peak, live)
+    return peak
+
+
 def activation_bytes(program: Program) -> int:
     """Device DRAM a program's activations take: every non-weight tensor that is ever in DRAM."""
     p = program

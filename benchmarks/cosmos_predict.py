@@ -1,0 +1,365 @@
+"""Full-size Cosmos-1.0-Diffusion-7B-Text2World on ATOM-Max cards, predicted from meta tensors.
+
+The three stages of the text-to-world pipeline are built with the main environment's
+transformers/diffusers classes on the meta device (shapes, no weights; nothing is downloaded) at
+the published configurations, compiled for prediction only, and timed by the timing model:
+
+- text encoder: the T5-11B encoder (`T5EncoderModel`; d_model 1024, d_ff 65536, 24 layers,
+  128 heads x 128, vocab 32128, ReLU FFN), once per video on a 512-token prompt;
+- denoiser: `CosmosTransformer3DModel` at the 7B Text2World config (hidden 4096 = 32 heads x 128,
+  28 layers, MLP ratio 4, AdaLN-LoRA 256, patch (1, 2, 2), 16 latent channels, text 1024) on the
+  latent of a 704x1280, 121-frame video through the 8x8x8 tokenizer: 16 x 16 x 88 x 160, i.e.
+  16 x 44 x 80 = 56,320 tokens; two calls per denoising step (classifier-free guidance);
+- video tokenizer decoder: `AutoencoderKLCosmos` (CV8x8x8-1.0 config, diffusers' defaults)
+  `post_quant_conv` + `decoder`, once per video.
+
+Run `python benchmarks/cosmos_predict.py` for the table; `full_size_table()` returns its rows.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from rebel.compiler.compile import compile_module
+from rebel.npu import load_spec
+from rebel.runtime.runtime import activation_bytes
+from rebel.runtime.timeline import predict
+
+HALF = torch.float16
+NPU = "RBLN-CA25"
+
+# Cosmos-1.0-Diffusion-7B-Text2World denoiser (diffusers' conversion config for the 7B models).
+DIT_7B = dict(in_channels=16, out_channels=16, num_attention_heads=32, attention_head_dim=128,
+              num_layers=28, mlp_ratio=4.0, text_embed_dim=1024, adaln_lora_dim=256,
+              max_size=(128, 240, 240), patch_size=(1, 2, 2), rope_scale=(2.0, 1.0, 1.0),
+              concat_padding_mask=True, extra_pos_embed_type="learnable")
+# google-t5/t5-11b, encoder only (Cosmos-1.0 conditions on T5-11B encoder states, 1024 wide).
+T5_11B = dict(d_model=1024, d_ff=65536, d_kv=128, num_heads=128, num_layers=24, vocab_size=32128,
+              feed_forward_proj="relu", relative_attention_num_buckets=32,
+              relative_attention_max_distance=128, is_encoder_decoder=False, use_cache=False)
+# Cosmos-1.0-Tokenizer-CV8x8x8: diffusers' AutoencoderKLCosmos defaults are this tokenizer.
+VAE_CV8x8x8: dict = dict()
+VIDEO = dict(height=704, width=1280, frames=121, fps=30, steps=36, prompt_tokens=512, latent_channels=16,
+             spatial_compression=8, temporal_compression=8)
+
+
+def meta(*shape, dtype=HALF):
+    return torch.empty(*shape, dtype=dtype, device="meta")
+
+
+def latent_shape(video: dict) -> tuple[int, int, int, int]:
+    """(C, T, H, W) of the latent the 8x8x8 causal tokenizer makes of the video: the first frame
+    is coded alone, then 8 frames per latent frame."""
+    t = (video["frames"] - 1) // video["temporal_compression"] + 1
+    return (video["latent_channels"], t, video["height"] // video["spatial_compression"],
+            video["width"] // video["spatial_compression"])
+
+
+class CosmosDenoise(torch.nn.Module):
+    """One denoiser call, as `CosmosTransformer3DModel.forward` runs it, from the latent with the
+    padding-mask channel already appended (the pipeline's mask is all zeros at 704x1280; its
+    nearest resize and concat are a host-side copy of one 16x88x160 plane, and torchvision, which
+    diffusers uses for the resize, is not in the main environment). Rotary and learnable
+    positional embeddings and the timestep embedding are computed in the graph, as diffusers
+    does, from the shapes."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, latent_with_mask, timestep, text):
+        m = self.model
+        _, _, frames, height, width = latent_with_mask.shape
+        p_t, p_h, p_w = m.config.patch_size
+        rope = m.rope(latent_with_mask)
+        pos = m.learnable_pos_embed(latent_with_mask)
+        h = m.patch_embed(latent_with_mask).flatten(1, 3)
+        temb, embedded = m.time_embed(h, timestep)
+        for block in m.transformer_blocks:
+            h = block(h, text, embedded, temb, rope, pos, None, None)
+        h = m.proj_out(m.norm_out(h, embedded, temb))
+        h = h.unflatten(2, (p_h, p_w, p_t, -1)).unflatten(1, (frames // p_t, height // p_h, width // p_w))
+        h = h.permute(0, 7, 1, 6, 2, 4, 3, 5)  # diffusers' unpatchify order
+        return h.flatten(6, 7).flatten(4, 5).flatten(2, 3)
+
+
+class VAEDecode(torch.nn.Module):
+    """`AutoencoderKLCosmos._decode`: post-quant conv, then the decoder (its last step is the
+    inverse Haar wavelet patcher back to pixels)."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, z):
+        return self.vae.decoder(self.vae.post_quant_conv(z))
+
+
+def build_transformer(config: dict, video: dict, batch: int = 1):
+    from diffusers import CosmosTransformer3DModel
+
+    with torch.device("meta"):
+        model = CosmosTransformer3DModel(**config).to(HALF).eval()
+    c, t, h, w = latent_shape(video)
+    return CosmosDenoise(model), [meta(batch, c + 1, t, h, w), meta(batch),
+                                  meta(batch, video["prompt_tokens"], config["text_embed_dim"])]
+
+
+def build_t5(config: dict, video: dict):
+    from transformers import T5Config, T5EncoderModel
+
+    with torch.device("meta"):
+        model = T5EncoderModel(T5Config(**config)).to(HALF).eval()
+    return model, [meta(1, video["prompt_tokens"], dtype=torch.long)]
+
+
+def build_vae_decoder(config: dict, video: dict):
+    from diffusers import AutoencoderKLCosmos
+
+    with torch.device("meta"):
+        vae = AutoencoderKLCosmos(**config).to(HALF).eval()
+    return VAEDecode(vae), [meta(1, *latent_shape(video))]
+
+
+# ---- prediction -------------------------------------------------------------------------------
+
+GiB = 2**30
+
+
+@dataclass
+class Stage:
+    """One stage compiled at one tensor-parallel size: its DRAM per die and one call's time."""
+
+    name: str
+    tp: int
+    weights_bytes: int       # per die (its slices of split weights, all of the others)
+    activation_bytes: int    # per die, buffers reused once dead (peak_activation_bytes)
+    activation_no_reuse_bytes: int  # per die, every activation its own buffer (today's runtime)
+    capacity_bytes: int      # usable DRAM of one die (16 GiB less the firmware reservation)
+    latency_s: float         # one call, host copies included
+    collective_s: float      # of which: all-reduce/all-gather on the link
+    link: str                # the link the collectives take
+    compile_s: float
+
+    @property
+    def dram_bytes(self) -> int:
+        return self.weights_bytes + self.activation_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.dram_bytes <= self.capacity_bytes
+
+
+def compile_stage(name: str, module, inputs, tp: int = 1, npu: str = NPU) -> Stage:
+    """Compile `module` on meta inputs at `tp` dies and predict one call from die 0 (a group of
+    more dies than a card has collectives over the card-to-card link)."""
+    from rebel.device.events import LINK
+    from rebel.runtime.runtime import peak_activation_bytes
+    from rebel.runtime.timeline import die_group
+
+    spec = load_spec(npu)
+    start = time.perf_counter()
+    compiled = compile_module(module, inputs, npu=npu, tensor_parallel_size=tp, progress=False)
+    compile_s = time.perf_counter() - start
+    if not compiled.meta:
+        raise RuntimeError(f"{name}: expected a meta (prediction-only) compile")
+    program = compiled.program
+    timeline = predict(program, spec)
+    collective = sum(e.dur_s for e in timeline.events if e.device == 0 and e.track == LINK)
+    _, link = die_group(program, spec)
+    return Stage(name, tp, program.weight_bytes, peak_activation_bytes(program),
+                 activation_bytes(program), spec.die.memory.dram_usable_bytes,
+                 timeline.latency_s, collective, link.name if tp > 1 else "-", compile_s)
+
+
+@dataclass
+class Row:
+    """End to end for one video on `cards` ATOM-Max cards, stages run one after another."""
+
+    cards: int
+    dies: int
+    transformer: Stage
+    t5: Stage
+    vae: Stage
+    steps: int
+    calls_per_step: int
+    frames: int
+    fps: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def step_s(self) -> float:
+        return self.calls_per_step * self.transformer.latency_s
+
+    @property
+    def denoise_s(self) -> float:
+        return self.steps * self.step_s
+
+    @property
+    def video_s(self) -> float:
+        return self.t5.latency_s + self.denoise_s + self.vae.latency_s
+
+    @property
+    def frames_per_s(self) -> float:
+        return self.frames / self.video_s
+
+    @property
+    def realtime_factor(self) -> float:
+        """Video seconds made per second of compute (1.0 is real time)."""
+        return (self.frames / self.fps) / self.video_s
+
+    @property
+    def videos_per_hour_pipelined(self) -> float:
+        """Requests overlapped with each stage on dies of its own (the next request's T5 and the
+        previous one's VAE decode during this one's denoising loop): one video leaves per
+        slowest stage."""
+        return 3600.0 / max(self.t5.latency_s, self.denoise_s, self.vae.latency_s)
+
+    @property
+    def videos_per_hour_sequential(self) -> float:
+        return 3600.0 / self.video_s
+
+    def as_dict(self) -> dict:
+        d = {k: v for k, v in asdict(self).items() if k not in ("transformer", "t5", "vae")}
+        for key in ("transformer", "t5", "vae"):
+            s = getattr(self, key)
+            d[key] = {**asdict(s), "dram_bytes": s.dram_bytes, "fits": s.fits}
+        d.update(step_s=self.step_s, denoise_s=self.denoise_s, video_s=self.video_s,
+                 frames_per_s=self.frames_per_s, realtime_factor=self.realtime_factor,
+                 videos_per_hour_sequential=self.videos_per_hour_sequential,
+                 videos_per_hour_pipelined=self.videos_per_hour_pipelined)
+        return d
+
+
+def _smallest_fit(name, build, sizes, npu):
+    """The stage at the first size of `sizes` whose DRAM per die fits, and every size tried."""
+    tried = []
+    for tp in sizes:
+        module, inputs = build()
+        stage = compile_stage(name, module, inputs, tp, npu)
+        tried.append(stage)
+        if stage.fits:
+            return stage, tried
+    return tried[-1], tried
+
+
+def full_size_table(cards=(1, 2, 4, 8), dit: dict | None = None, t5: dict | None = None,
+                    vae: dict | None = None, video: dict | None = None, npu: str = NPU,
+                    single_die_transformer: bool = True) -> list[Row]:
+    """One row per card count: the transformer tensor-parallel over all dies of the cards
+    (4 per ATOM-Max), T5 and the VAE decoder each on one die (or over the fewest dies they fit
+    on). Classifier-free guidance is two batch-1 transformer calls per step, as diffusers'
+    `CosmosTextToWorldPipeline` and the vendor's pipeline call it. Defaults are the full-size
+    published configs; pass reduced ones to run the same path small. With
+    single_die_transformer, the first row is the transformer on one die (TP=1), to show whether
+    it fits there (cards=0 in that row)."""
+    dit = DIT_7B if dit is None else dit
+    t5 = T5_11B if t5 is None else t5
+    vae = VAE_CV8x8x8 if vae is None else vae
+    video = VIDEO if video is None else video
+    dies_per_card = load_spec(npu).dies
+    t5_stage, t5_tried = _smallest_fit("T5-11B encoder", lambda: build_t5(t5, video), (1, 2, 4), npu)
+    vae_stage, vae_tried = _smallest_fit("VAE decoder", lambda: build_vae_decoder(vae, video), (1, 2, 4), npu)
+    layouts = ([(0, 1)] if single_die_transformer else []) + [(n, n * dies_per_card) for n in cards]
+    rows = []
+    for n, tp in layouts:
+        module, inputs = build_transformer(dit, video)
+        stage = compile_stage("Cosmos-7B DiT", module, inputs, tp, npu)
+        notes = []
+        if not stage.fits:
+            notes.append(f"transformer does not fit at TP={tp}: {stage.dram_bytes / GiB:.2f} GiB per die "
+                         f"> {stage.capacity_bytes / GiB:.2f} GiB usable")
+        for s in (*t5_tried, *vae_tried):
+            if not s.fits:
+                notes.append(f"{s.name} does not fit at TP={s.tp}: {s.dram_bytes / GiB:.2f} GiB per die")
+        rows.append(Row(n, max(tp, n * dies_per_card), stage, t5_stage, vae_stage, video["steps"], 2,
+                        video["frames"], video["fps"], notes))
+    return rows
+
+
+def _gib(b: int) -> str:
+    return f"{b / GiB:5.2f}"
+
+
+def format_table(rows: list[Row]) -> str:
+    head = ("| cards | DiT TP | DiT DRAM/die GiB (w + act) | fits | DiT call s | of which link s | step s "
+            "(2 calls) | T5 s | VAE s | video s (36 steps) | frames/s | x real time | videos/h seq | "
+            "videos/h pipelined |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        t = r.transformer
+        lines.append(
+            f"| {r.cards or '1 die'} | {t.tp} | {_gib(t.dram_bytes)} ({_gib(t.weights_bytes).strip()} + "
+            f"{_gib(t.activation_bytes).strip()}) | {'yes' if t.fits else 'NO'} | {t.latency_s:.2f} | "
+            f"{t.collective_s:.2f} | {r.step_s:.2f} | {r.t5.latency_s:.3f} | {r.vae.latency_s:.2f} | "
+            f"{r.video_s:.0f} | {r.frames_per_s:.3f} | {r.realtime_factor:.4f} | "
+            f"{r.videos_per_hour_sequential:.2f} | {r.videos_per_hour_pipelined:.2f} |")
+    return "\n".join(lines)
+
+
+def format_stages(rows: list[Row]) -> str:
+    r = rows[0]
+    out = []
+    for s in (r.t5, r.vae):
+        out.append(f"{s.name}: TP={s.tp}, DRAM/die {_gib(s.dram_bytes).strip()} GiB "
+                   f"(weights {_gib(s.weights_bytes).strip()} + activations {_gib(s.activation_bytes).strip()}; "
+                   f"{_gib(s.activation_no_reuse_bytes).strip()} GiB without buffer reuse), "
+                   f"{'fits' if s.fits else 'does NOT fit'} in {_gib(s.capacity_bytes).strip()} GiB; "
+                   f"{s.latency_s * 1e3:.1f} ms per call; compile {s.compile_s:.1f} s")
+    for row in rows:
+        t = row.transformer
+        out.append(f"DiT TP={t.tp:2d} ({t.link}): weights {_gib(t.weights_bytes).strip()} + activations "
+                   f"{_gib(t.activation_bytes).strip()} GiB/die ({_gib(t.activation_no_reuse_bytes).strip()} "
+                   f"without reuse); compile {t.compile_s:.1f} s" + "".join(f"; {n}" for n in row.notes))
+    return "\n".join(out)
+
+
+def realtime_scan(resolutions=((704, 1280), (352, 640), (176, 320)), tp: int = 32,
+                  dit: dict | None = None, vae: dict | None = None, video: dict | None = None,
+                  npu: str = NPU) -> list[dict]:
+    """What real time would take: at each resolution (121 frames kept), the transformer at `tp`
+    dies and the VAE decoder on one die, the most denoising steps whose video still takes no
+    longer than it plays (121 frames at 30 fps), T5 included. steps_for_realtime < 1 means no
+    step count gets there at that resolution on that many dies."""
+    dit = DIT_7B if dit is None else dit
+    vae = VAE_CV8x8x8 if vae is None else vae
+    base = VIDEO if video is None else video
+    out = []
+    for height, width in resolutions:
+        v = {**base, "height": height, "width": width}
+        module, inputs = build_transformer(dit, v)
+        call = compile_stage("Cosmos-7B DiT", module, inputs, tp, npu)
+        module, inputs = build_vae_decoder(vae, v)
+        dec = compile_stage("VAE decoder", module, inputs, 1, npu)
+        _, t, h, w = latent_shape(v)
+        tokens = t * h * w // math.prod(dit["patch_size"])
+        budget = v["frames"] / v["fps"]
+        out.append(dict(height=height, width=width, tokens=tokens, tp=tp, call_s=call.latency_s,
+                        vae_s=dec.latency_s, budget_s=budget,
+                        steps_for_realtime=math.floor((budget - dec.latency_s) / (2 * call.latency_s)),
+                        video_s_at_36_steps=36 * 2 * call.latency_s + dec.latency_s))
+    return out
+
+
+def main() -> None:
+    argparse.ArgumentParser(description=__doc__).parse_args()
+    start = time.perf_counter()
+    rows = full_size_table()
+    print(format_table(rows))
+    print()
+    print(format_stages(rows))
+    print(f"\nwhole table: {time.perf_counter() - start:.0f} s wall (compiles included)")
+    print("\nreal time (121 frames in 4.03 s) at lower resolutions, DiT on 32 dies, VAE on one "
+          "(T5, 0.23 s, not counted):")
+    for r in realtime_scan():
+        print(f"  {r['height']}x{r['width']}: {r['tokens']} tokens, DiT call {r['call_s']:.3f} s, "
+              f"VAE {r['vae_s']:.2f} s, 36-step video {r['video_s_at_36_steps']:.1f} s, "
+              f"steps that fit in {r['budget_s']:.2f} s: {r['steps_for_realtime']}")
+
+
+if __name__ == "__main__":
+    main()
