@@ -155,3 +155,47 @@ def test_torchvision_stand_in():
         mask, size=(3, 4), mode="bilinear", align_corners=False))
     with pytest.raises(TypeError, match="tensors only"):
         resize(mask.numpy(), [3, 2])
+
+
+@pytest.mark.slow
+def test_two_cosmos_requests_orchestrated_across_dies(cosmos, tmp_path):
+    """The saved pipeline reloaded with its text encoder, transformer and VAE decoder on three
+    dies: two requests recorded by rebel.runtime.Orchestrator give the same videos as a plain call,
+    the orchestrated prediction beats running them one after the other, and the trace shows
+    request 2's text encoding beside request 1's denoising and request 1's decode beside
+    request 2's denoising."""
+    import optimum.rbln
+    from rebel.profiler import read_trace
+    from rebel.runtime import Orchestrator
+
+    _, _, folder = cosmos
+    placed = getattr(optimum.rbln, PIPE).from_pretrained(
+        str(folder), export=False,
+        rbln_config={"text_encoder": {"device": 0}, "transformer": {"device": 1},
+                     "vae": {"device": 2}})
+    plain = placed(**cs.call_kwargs(output_type="pt")).frames
+
+    orch = Orchestrator(host_gap_s=20e-6)  # fixed host gaps: the prediction does not depend on this machine's load
+    assert {"text_encoder", "transformer", "vae"} <= set(orch.label(placed))
+    for name in ("r1", "r2"):
+        with orch.request(name):
+            assert torch.equal(placed(**cs.call_kwargs(output_type="pt")).frames, plain)
+    stages = [r.stage for r in orch.requests[0].runs]
+    assert stages[:2] == ["text_encoder"] * 2 and stages.count("transformer") == 4, stages  # CFG: 2 x 2 steps
+    assert stages.index("vae") > max(i for i, s in enumerate(stages) if s == "transformer")
+
+    plan = orch.schedule()
+    plan.check()
+    assert {0, 1, 2} <= set(plan.dies)
+    print(plan.report())
+    assert plan.orchestrated_s < plan.sequential_s, plan.report()
+
+    slices = [s for s in read_trace(plan.write_trace(tmp_path / "cosmos.pb")) if s.category == "stage"]
+
+    def overlaps(a, b):
+        return any(x.start_ns < y.end_ns and y.start_ns < x.end_ns for x in a for y in b)
+
+    named = lambda n: [s for s in slices if s.name == n]  # noqa: E731
+    assert len(named("r1/transformer")) == 4 and len(named("r2/transformer")) == 4
+    assert overlaps(named("r2/text_encoder"), named("r1/transformer"))
+    assert overlaps(named("r1/vae"), named("r2/transformer"))

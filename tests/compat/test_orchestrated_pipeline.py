@@ -7,28 +7,17 @@ from __future__ import annotations
 import torch
 
 import optimum.rbln
-from test_diffusers import _compile, _rand, _tiny_clip_tokenizer, _unet, _vae
+import sd_support as sd
+from test_diffusers import _compile, _rand
 
 
 def test_two_requests_overlap_on_three_dies(tmp_path):
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     from rebel.profiler import read_trace
     from rebel.runtime import Orchestrator
 
-    torch.manual_seed(0)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=16, projection_dim=32)).eval()
-    pipe = StableDiffusionPipeline(
-        vae=_vae(), text_encoder=text_encoder, tokenizer=_tiny_clip_tokenizer(tmp_path / "tok"),
-        unet=_unet(sample_size=8), scheduler=DDIMScheduler(num_train_timesteps=100),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.save_pretrained(tmp_path / "hf")
+    sd.fp32_pipeline(tmp_path / "tok").save_pretrained(tmp_path / "hf")
     _compile("RBLNStableDiffusionPipeline", tmp_path / "hf", tmp_path / "rbln",
-             rbln_create_runtimes=False, rbln_img_height=16, rbln_img_width=16,
-             rbln_guidance_scale=5.0)
+             rbln_create_runtimes=False, **sd.RBLN_OPTIONS)
     rbln = optimum.rbln.RBLNStableDiffusionPipeline.from_pretrained(
         tmp_path / "rbln", export=False,
         rbln_config={"text_encoder": {"device": 0}, "unet": {"device": 1}, "vae": {"device": 2}})
