@@ -359,3 +359,22 @@ def test_host_ops_read_values_made_in_their_own_segment():
         ref = model(x)
     out = rebel.Runtime(compiled).run(x)
     assert torch.allclose(out, ref, atol=2e-2, rtol=2e-2), (out - ref).abs().max()
+
+
+class _AddMul(torch.nn.Module):
+    def forward(self, a, b):
+        return a * 2 + b
+
+
+@pytest.mark.parametrize("alias", ["same object", "same storage"])
+def test_aliased_example_inputs_stay_separate_inputs(alias):
+    """`[x, x]` as example inputs: torch.export would trace one value read twice, so a run with
+    two different tensors would ignore the second. Each position stays its own input."""
+    x = torch.randn(4, 8)
+    second = x if alias == "same object" else x.view(4, 8)
+    compiled = rebel.compile_from_torch(_AddMul(), example_inputs=[x, second])
+    a, b = torch.randn(4, 8), torch.randn(4, 8)
+    got = rebel.Runtime(compiled).run(a, b)
+    torch.testing.assert_close(got, a * 2 + b, atol=1e-2, rtol=1e-2)
+    meta = torch.empty(4, 8, device="meta")
+    assert len(rebel.compile_from_torch(_AddMul(), example_inputs=[meta, meta]).program.inputs) == 2

@@ -32,6 +32,7 @@ def capture(module: torch.nn.Module, example_inputs: Sequence,
     inputs = _check_example_inputs(example_inputs)
     static = dict(static or {})
     inputs = [_static_example(t) if i in static else t for i, t in enumerate(inputs)]
+    inputs = _unaliased(inputs, static)
     was_training = module.training
     module.eval()
     try:
@@ -53,6 +54,28 @@ def _static_example(t: torch.Tensor) -> torch.Tensor:
     as zeros), so a meta example becomes an uninitialised CPU tensor of its shape (the host
     reserves the pages lazily; nothing reads them) and traces beside the CPU inputs."""
     return torch.empty(t.shape, dtype=t.dtype) if t.is_meta else t
+
+
+def _unaliased(inputs: list[torch.Tensor], static: dict[int, str]) -> list[torch.Tensor]:
+    """Copies of example inputs that share memory with an earlier one. torch.export traces
+    aliased inputs as one value (`[x, x]` becomes a graph that reads its first input twice), but
+    each position is its own input at run time, where the caller passes different tensors."""
+    seen: list[torch.Tensor] = []
+    out = []
+    for i, t in enumerate(inputs):
+        if i not in static and any(_shares_memory(t, u) for u in seen):
+            t = torch.empty_like(t) if t.is_meta else t.clone()
+        seen.append(t)
+        out.append(t)
+    return out
+
+
+def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a is b:
+        return True
+    if a.is_meta or b.is_meta or a.numel() == 0 or b.numel() == 0:
+        return False
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 def _decompositions() -> dict:
