@@ -110,7 +110,7 @@ class RBLNGraph:
     def __init__(self, gm: torch.fx.GraphModule, options: dict):
         RBLNGraph._counter += 1
         self.name = f"graph_{RBLNGraph._counter}"
-        self.gm = gm
+        self.gm = _drop_data_reads(gm)
         self.options = options
         self.const_pos = _constant_positions(gm)
         self.entries: dict[tuple, _Entry | None] = {}
@@ -216,6 +216,20 @@ class RBLNGraph:
     @property
     def compiled_shapes(self) -> int:
         return sum(1 for e in self.entries.values() if e is not None)
+
+
+def _drop_data_reads(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """`param.data` (Dynamo records `torch._C._autograd._get_data_attr`) is the parameter itself
+    for inference; torch.export cannot lift it (it leaves a fake constant), so use the parameter.
+    vLLM's RMSNorm reads its weight this way."""
+    reads = [n for n in gm.graph.nodes
+             if n.op == "call_function" and n.target is torch._C._autograd._get_data_attr]
+    for node in reads:
+        node.replace_all_uses_with(node.args[0])
+        gm.graph.erase_node(node)
+    if reads:
+        gm.recompile()
+    return gm
 
 
 def _constant_positions(gm: torch.fx.GraphModule) -> set[int]:
