@@ -16,6 +16,8 @@ Options (torch.compile(..., options={...})):
   mode                   "default" (compile and run on the virtual NPU) or "compile_only" (compile,
                          fill the cache, and run the graph in Python on the host)
   max_shapes             compiled shapes kept per graph (default 8)
+  device                 the die that runs CPU-tensor graphs (default 0; rbln tensors run on their
+                         own device), e.g. one per tensor-parallel worker
 Works on CPU tensors and on eager "rbln" tensors (outputs return on the inputs' rbln device).
 Inference only: outputs carry no autograd history.
 """
@@ -41,7 +43,8 @@ log = logging.getLogger("torch_rbln")
 MODES = ("default", "compile_only")
 # torch.compile's own mode names mean nothing to this backend; they run as "default".
 TORCH_MODES = ("reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-OPTIONS = ("npu", "tensor_parallel_size", "device_dtype", "cache_dir", "mode", "max_shapes")
+OPTIONS = ("npu", "tensor_parallel_size", "device_dtype", "cache_dir", "mode", "max_shapes",
+           "device")
 DEFAULT_MAX_SHAPES = 8
 
 
@@ -67,6 +70,7 @@ def _parse_options(options: dict | None, mode: str | None) -> dict:
     opts.setdefault("device_dtype", None)
     opts.setdefault("npu", None)
     opts.setdefault("cache_dir", None)
+    opts.setdefault("device", None)
     max_shapes = opts.setdefault("max_shapes", DEFAULT_MAX_SHAPES)
     if not isinstance(max_shapes, int) or max_shapes < 1:
         raise RBLNError(f"torch.compile(backend='rbln'): max_shapes must be a positive int, got {max_shapes!r}")
@@ -204,7 +208,9 @@ class RBLNGraph:
         runtime = None
         if opts["mode"] == "default":
             device = _rbln_index(args)
-            runtime = rebel.Runtime(compiled, tensor_type="pt", device=device or 0)
+            if device is None:
+                device = opts["device"] or 0
+            runtime = rebel.Runtime(compiled, tensor_type="pt", device=device)
         return _Entry(runtime, compiled)
 
     def _warn(self, message: str) -> None:

@@ -104,6 +104,8 @@ class RblnPlatform(Platform):
 
     @classmethod
     def get_device_communicator_cls(cls) -> str:
+        if use_vllm_model():
+            return "vllm_rbln.communicator.RblnCommunicator"
         return "vllm.distributed.device_communicators.cpu_communicator.CpuCommunicator"
 
     @classmethod

@@ -101,8 +101,14 @@ class RblnVllmModelRunner(CPUModelRunner):
         inner = self.model.model
         self.model.model = torch.compile(
             inner, backend="rbln", dynamic=False,
-            options={"cache_dir": cache_folder(), "max_shapes": len(self.sizes)})
+            options={"cache_dir": cache_folder(), "max_shapes": len(self.sizes),
+                     "device": self._die()})
         self.compiled = True
+
+    def _die(self) -> int:
+        """One worker per die: tensor-parallel rank r runs its graphs on rbln:r."""
+        from vllm.distributed import get_tensor_model_parallel_rank
+        return get_tensor_model_parallel_rank()
 
     def _determine_batch_execution_and_padding(self, num_tokens: int, *args, **kwargs):
         """vLLM's choice, with the token count padded up to a compiled bucket."""
@@ -150,8 +156,11 @@ class RblnVllmModelRunner(CPUModelRunner):
         """Warm-up figures, graphs compiled since (0 when every step hit a bucket), device graph
         runs, graphs that ran on the host instead, and the predicted device time."""
         from torch_rbln import stats
+        from .communicator import STATS as collectives
         r = stats.current()
-        return {"compiled": self.compiled, **getattr(self, "warm", {}),
+        return {"compiled": self.compiled, "die": self._die(),
+                "collectives": collectives.calls, "collective_bytes": collectives.bytes,
+                "collective_s": collectives.seconds, **getattr(self, "warm", {}),
                 "graphs_compiled_after_warm_up":
                     len(r.graph_compiles) - getattr(self, "_graphs_after_warm_up", 0),
                 "graph_runs": r.graph_runs, "graph_fallback_runs": r.graph_fallback_runs,
