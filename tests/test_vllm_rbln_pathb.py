@@ -38,7 +38,7 @@ def folder(tmp_path_factory):
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=144, intermediate_size=192, num_hidden_layers=2,
                          num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
-                         max_position_embeddings=256, tie_word_embeddings=True)
+                         max_position_embeddings=256, tie_word_embeddings=False)
     AutoModelForCausalLM.from_config(config).save_pretrained(root / "hf")
     AutoTokenizer.from_pretrained(smollm2_folder()).save_pretrained(root / "hf")
     return root / "hf"
