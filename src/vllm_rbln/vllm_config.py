@@ -34,6 +34,11 @@ def check_and_update_config(vllm_config) -> None:
     compilation.mode = CompilationMode.NONE
     compilation.cudagraph_mode = CUDAGraphMode.NONE
     compilation.cudagraph_capture_sizes = []
+    # vLLM IR ops (rms_norm, fused_add_rms_norm...) wrapped as torch custom ops would reach our
+    # compiler as opaque, in-place ops; unwrapped they dispatch to their PyTorch implementations,
+    # which Dynamo traces into ATen. vLLM decided this before our hook from its default mode
+    # (VLLM_COMPILE + Inductor), so it is overridden here.
+    compilation.ir_enable_torch_wrap = False
     if not cache.user_specified_block_size or cache.block_size is None:
         cache.block_size = DEFAULT_BLOCK_SIZE
     if model is None:

@@ -149,19 +149,25 @@ class RblnVllmModelRunner(CPUModelRunner):
         logger.info("vllm_rbln: warm-up for token buckets %s: %d graphs compiled, %d loaded from "
                     "the cache %s in %.1f s", self.sizes, self.warm["graphs_compiled"],
                     self.warm["graphs_from_cache"], cache_folder(), seconds)
-        self._graphs_after_warm_up = len(after.graph_compiles)
+        self._base = self._counters()  # rbln_stats reports serving only
         return seconds
 
-    def rbln_stats(self) -> dict:
-        """Warm-up figures, graphs compiled since (0 when every step hit a bucket), device graph
-        runs, graphs that ran on the host instead, and the predicted device time."""
+    def _counters(self) -> dict:
         from torch_rbln import stats
+
         from .communicator import STATS as collectives
         r = stats.current()
-        return {"compiled": self.compiled, "die": self._die(),
+        return {"graph_runs": r.graph_runs, "graph_fallback_runs": r.graph_fallback_runs,
+                "device_time_s": r.device_time_s, "graphs_compiled": len(r.graph_compiles),
                 "collectives": collectives.calls, "collective_bytes": collectives.bytes,
-                "collective_s": collectives.seconds, **getattr(self, "warm", {}),
-                "graphs_compiled_after_warm_up":
-                    len(r.graph_compiles) - getattr(self, "_graphs_after_warm_up", 0),
-                "graph_runs": r.graph_runs, "graph_fallback_runs": r.graph_fallback_runs,
-                "device_time_s": r.device_time_s}
+                "collective_s": collectives.seconds}
+
+    def rbln_stats(self) -> dict:
+        """Warm-up figures, then what serving did since: graphs compiled (0 when every step hit
+        a bucket), device graph runs, graphs that ran on the host instead, predicted device time
+        of the graphs and of this worker's collectives on the die-to-die link."""
+        now, base = self._counters(), getattr(self, "_base", None) or {}
+        since = {k: v - base.get(k, 0) for k, v in now.items()}
+        since["graphs_compiled_after_warm_up"] = since.pop("graphs_compiled")
+        return {"compiled": self.compiled, "die": self._die(), **getattr(self, "warm", {}),
+                **since}
