@@ -138,3 +138,25 @@ def test_vllm_model_tensor_parallel_three_dies(folder, expected, tmp_path):
     for s in stats:
         assert s["graph_fallback_runs"] == 0 and s["graphs_compiled_after_warm_up"] == 0
         assert s["collectives"] > 0 and s["collective_s"] > 0
+
+
+@pytest.mark.slow
+def test_vllm_qwen3_class(tmp_path):
+    """vLLM's Qwen3 class (per-head q/k RMSNorm) through the same path: greedy tokens of the FP32
+    Hugging Face model, up to top-2 ties."""
+    from transformers import Qwen3Config
+
+    torch.manual_seed(0)
+    config = Qwen3Config(hidden_size=144, intermediate_size=192, num_hidden_layers=2, head_dim=16,
+                         num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
+                         max_position_embeddings=256, tie_word_embeddings=False)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    model.save_pretrained(tmp_path / "qwen3")
+    AutoTokenizer.from_pretrained(smollm2_folder()).save_pretrained(tmp_path / "qwen3")
+    with torch.no_grad():
+        want = [model.generate(torch.tensor([p]), max_new_tokens=NEW, do_sample=False)[0, len(p):]
+                .tolist() for p in prompts()]
+    result = serve(tmp_path, tmp_path / "qwen3", tmp_path / "cache")
+    assert_same_greedy(tmp_path / "qwen3", result["tokens"], want)
+    [stats] = result["stats"]
+    assert stats["graph_fallback_runs"] == 0 and stats["graphs_compiled_after_warm_up"] == 0
