@@ -189,3 +189,40 @@ def test_small_llama_matches_cpu():
         out = torch.compile(model, backend="rbln")(input_ids=ids, use_cache=False).logits
     torch.testing.assert_close(out, ref, atol=5e-2, rtol=5e-2)
     assert stats.current().graph_runs >= 1 and stats.current().graph_fallback_runs == 0
+
+
+def test_parameter_data_reads_compile():
+    """`self.weight.data` inside forward (vLLM's RMSNorm does it) is the parameter itself: the
+    graph compiles for the device instead of falling back to the host."""
+    class Norm(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.rand(8) + 0.5)
+
+        def forward(self, x):
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight.data
+
+    model = Norm().eval()
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        out = torch.compile(model, backend="rbln")(x)
+    torch.testing.assert_close(out, model(x).detach(), atol=ATOL, rtol=RTOL)
+    rec = stats.current()
+    assert rec.graph_runs == 1 and rec.graph_fallback_runs == 0
+
+
+def test_device_option_places_cpu_graphs_on_a_die(monkeypatch):
+    """options={"device": i}: a tensor-parallel worker's CPU-tensor graphs run on rbln:i."""
+    import rebel
+    devices = []
+    real = rebel.Runtime
+
+    def spy(compiled, **kwargs):
+        devices.append(kwargs.get("device"))
+        return real(compiled, **kwargs)
+
+    monkeypatch.setattr(rebel, "Runtime", spy)
+    compiled = torch.compile(torch.nn.Linear(4, 4).eval(), backend="rbln", options={"device": 2})
+    with torch.no_grad():
+        compiled(torch.randn(2, 4))
+    assert devices == [2]

@@ -16,6 +16,8 @@ Options (torch.compile(..., options={...})):
   mode                   "default" (compile and run on the virtual NPU) or "compile_only" (compile,
                          fill the cache, and run the graph in Python on the host)
   max_shapes             compiled shapes kept per graph (default 8)
+  device                 the die that runs CPU-tensor graphs (default 0; rbln tensors run on their
+                         own device), e.g. one per tensor-parallel worker
 Works on CPU tensors and on eager "rbln" tensors (outputs return on the inputs' rbln device).
 Inference only: outputs carry no autograd history.
 """
@@ -41,7 +43,8 @@ log = logging.getLogger("torch_rbln")
 MODES = ("default", "compile_only")
 # torch.compile's own mode names mean nothing to this backend; they run as "default".
 TORCH_MODES = ("reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-OPTIONS = ("npu", "tensor_parallel_size", "device_dtype", "cache_dir", "mode", "max_shapes")
+OPTIONS = ("npu", "tensor_parallel_size", "device_dtype", "cache_dir", "mode", "max_shapes",
+           "device")
 DEFAULT_MAX_SHAPES = 8
 
 
@@ -67,6 +70,7 @@ def _parse_options(options: dict | None, mode: str | None) -> dict:
     opts.setdefault("device_dtype", None)
     opts.setdefault("npu", None)
     opts.setdefault("cache_dir", None)
+    opts.setdefault("device", None)
     max_shapes = opts.setdefault("max_shapes", DEFAULT_MAX_SHAPES)
     if not isinstance(max_shapes, int) or max_shapes < 1:
         raise RBLNError(f"torch.compile(backend='rbln'): max_shapes must be a positive int, got {max_shapes!r}")
@@ -110,7 +114,7 @@ class RBLNGraph:
     def __init__(self, gm: torch.fx.GraphModule, options: dict):
         RBLNGraph._counter += 1
         self.name = f"graph_{RBLNGraph._counter}"
-        self.gm = gm
+        self.gm = _drop_data_reads(gm)
         self.options = options
         self.const_pos = _constant_positions(gm)
         self.entries: dict[tuple, _Entry | None] = {}
@@ -204,7 +208,9 @@ class RBLNGraph:
         runtime = None
         if opts["mode"] == "default":
             device = _rbln_index(args)
-            runtime = rebel.Runtime(compiled, tensor_type="pt", device=device or 0)
+            if device is None:
+                device = opts["device"] or 0
+            runtime = rebel.Runtime(compiled, tensor_type="pt", device=device)
         return _Entry(runtime, compiled)
 
     def _warn(self, message: str) -> None:
@@ -216,6 +222,20 @@ class RBLNGraph:
     @property
     def compiled_shapes(self) -> int:
         return sum(1 for e in self.entries.values() if e is not None)
+
+
+def _drop_data_reads(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """`param.data` (Dynamo records `torch._C._autograd._get_data_attr`) is the parameter itself
+    for inference; torch.export cannot lift it (it leaves a fake constant), so use the parameter.
+    vLLM's RMSNorm reads its weight this way."""
+    reads = [n for n in gm.graph.nodes
+             if n.op == "call_function" and n.target is torch._C._autograd._get_data_attr]
+    for node in reads:
+        node.replace_all_uses_with(node.args[0])
+        gm.graph.erase_node(node)
+    if reads:
+        gm.recompile()
+    return gm
 
 
 def _constant_positions(gm: torch.fx.GraphModule) -> set[int]:

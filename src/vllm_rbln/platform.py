@@ -22,6 +22,14 @@ from . import metrics
 logger = init_logger("vllm.rbln.platform")  # under "vllm" so vLLM's handlers print it
 
 WORKER = "vllm_rbln.worker.RblnWorker"
+VLLM_MODEL_WORKER = "vllm_rbln.vllm_worker.RblnVllmWorker"
+USE_VLLM_MODEL = "VLLM_RBLN_USE_VLLM_MODEL"
+
+
+def use_vllm_model() -> bool:
+    """Path B: vLLM's own model classes on a Hugging Face folder (see vllm_worker.py), instead of
+    a folder compiled by optimum.rbln."""
+    return os.environ.get(USE_VLLM_MODEL, "0") == "1"
 
 
 class RblnPlatformError(ValueError):
@@ -96,12 +104,17 @@ class RblnPlatform(Platform):
 
     @classmethod
     def get_device_communicator_cls(cls) -> str:
+        if use_vllm_model():
+            return "vllm_rbln.communicator.RblnCommunicator"
         return "vllm.distributed.device_communicators.cpu_communicator.CpuCommunicator"
 
     @classmethod
     def get_attn_backend_cls(cls, selected_backend, attn_selector_config, num_heads=None) -> str:
         # vLLM never builds its own attention here (the worker runs compiled graphs), but config
         # checks ask for a backend; the CPU one describes host tensors correctly.
+        if use_vllm_model():
+            from . import attention
+            return attention.register()
         from vllm.v1.attention.backends.registry import AttentionBackendEnum
         return AttentionBackendEnum.CPU_ATTN.get_path()
 
@@ -128,6 +141,10 @@ class RblnPlatform(Platform):
 
         parallel, cache = vllm_config.parallel_config, vllm_config.cache_config
         scheduler, model = vllm_config.scheduler_config, vllm_config.model_config
+        if use_vllm_model():
+            from .vllm_config import check_and_update_config
+            check_and_update_config(vllm_config)
+            return
         if parallel.worker_cls == "auto":
             parallel.worker_cls = WORKER
         if parallel.distributed_executor_backend is None:

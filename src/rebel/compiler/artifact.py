@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import zipfile
 import zlib
 from datetime import datetime, timezone
@@ -54,7 +55,9 @@ def save_artifact(compiled: CompiledProgram, path: str | Path) -> Path:
         "files": {name: _sha256(blob) for name, blob in blobs.items()},
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    # one temporary name per process: processes that store the same artifact at once (tensor-
+    # parallel workers compiling a replicated graph into one cache) never share a half-written file
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as z:
         z.writestr(MANIFEST, json.dumps(manifest, indent=2))
         for name, blob in blobs.items():
