@@ -137,8 +137,7 @@ class Stage:
     name: str
     tp: int
     weights_bytes: int       # per die (its slices of split weights, all of the others)
-    activation_bytes: int    # per die, buffers reused once dead (peak_activation_bytes)
-    activation_no_reuse_bytes: int  # per die, every activation its own buffer (today's runtime)
+    activation_bytes: int    # per die, buffers reused once dead (runtime.activation_bytes)
     capacity_bytes: int      # usable DRAM of one die (16 GiB less the firmware reservation)
     latency_s: float         # one call, host copies included
     collective_s: float      # of which: all-reduce/all-gather on the link
@@ -158,7 +157,6 @@ def compile_stage(name: str, module, inputs, tp: int = 1, npu: str = NPU) -> Sta
     """Compile `module` on meta inputs at `tp` dies and predict one call from die 0 (a group of
     more dies than a card has collectives over the card-to-card link)."""
     from rebel.device.events import LINK
-    from rebel.runtime.runtime import peak_activation_bytes
     from rebel.runtime.timeline import die_group
 
     spec = load_spec(npu)
@@ -171,8 +169,7 @@ def compile_stage(name: str, module, inputs, tp: int = 1, npu: str = NPU) -> Sta
     timeline = predict(program, spec)
     collective = sum(e.dur_s for e in timeline.events if e.device == 0 and e.track == LINK)
     _, link = die_group(program, spec)
-    return Stage(name, tp, program.weight_bytes, peak_activation_bytes(program),
-                 activation_bytes(program), spec.die.memory.dram_usable_bytes,
+    return Stage(name, tp, program.weight_bytes, activation_bytes(program), spec.die.memory.dram_usable_bytes,
                  timeline.latency_s, collective, link.name if tp > 1 else "-", compile_s)
 
 
@@ -306,15 +303,13 @@ def format_stages(rows: list[Row]) -> str:
     out = []
     for s in (r.t5, r.vae):
         out.append(f"{s.name}: TP={s.tp}, DRAM/die {_gib(s.dram_bytes).strip()} GiB "
-                   f"(weights {_gib(s.weights_bytes).strip()} + activations {_gib(s.activation_bytes).strip()}; "
-                   f"{_gib(s.activation_no_reuse_bytes).strip()} GiB without buffer reuse), "
+                   f"(weights {_gib(s.weights_bytes).strip()} + activations {_gib(s.activation_bytes).strip()}), "
                    f"{'fits' if s.fits else 'does NOT fit'} in {_gib(s.capacity_bytes).strip()} GiB; "
                    f"{s.latency_s * 1e3:.1f} ms per call; compile {s.compile_s:.1f} s")
     for row in rows:
         t = row.transformer
         out.append(f"DiT TP={t.tp:2d} ({t.link}): weights {_gib(t.weights_bytes).strip()} + activations "
-                   f"{_gib(t.activation_bytes).strip()} GiB/die ({_gib(t.activation_no_reuse_bytes).strip()} "
-                   f"without reuse); compile {t.compile_s:.1f} s" + "".join(f"; {n}" for n in row.notes))
+                   f"{_gib(t.activation_bytes).strip()} GiB/die; compile {t.compile_s:.1f} s" + "".join(f"; {n}" for n in row.notes))
     return "\n".join(out)
 
 

@@ -495,14 +495,14 @@ def _release(held, state, shared_keys) -> None:
         shared_keys.clear()
 
 
-def peak_activation_bytes(program: Program) -> int:
+def activation_bytes(program: Program) -> int:
     """Device DRAM per die the activations need when buffers are reused once dead: the largest
     total, over the kernel sequence, of the activations live at one kernel (a value is live from
     the kernel that writes it, or its segment's start if the host copies it in, to the last kernel
     that reads it, or its segment's end if the host copies it out). Sizes are as one die holds
-    them (tensor-parallel splits applied, floats in the device dtype). `activation_bytes` is the
-    same set of tensors with no reuse, which is what the runtime allocates today; for a deep
-    model the difference is most of the layers' intermediates."""
+    them (tensor-parallel splits applied, floats in the device dtype), as a compiler's memory
+    planner lays them out. One buffer per tensor instead would count most of a deep model's
+    layer intermediates many times over (a 7B DiT: hundreds of GiB for a 2 GiB working set)."""
     p = program
     first: dict[str, int] = {}
     last: dict[str, int] = {}
@@ -539,15 +539,6 @@ def peak_activation_bytes(program: Program) -> int:
         live += deltas[i]
         peak = max(peak, live)
     return peak
-
-
-def activation_bytes(program: Program) -> int:
-    """Device DRAM a program's activations take: every non-weight tensor that is ever in DRAM."""
-    p = program
-    dram_values = {t.value for k in p.kernels for t in (*k.plan.dma_out, *k.plan.dma_in)
-                   if not t.weight}
-    dram_values |= {v for s in p.segments for v in s.copy_in}
-    return sum(p.values[v].nbytes() for v in dram_values if v in p.values)
 
 
 def _resolve(compiled_model) -> CompiledProgram:
