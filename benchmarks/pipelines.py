@@ -14,17 +14,15 @@ For each pipeline it prints
   the denoiser's row also gives the predicted time per denoising step;
 - how far the final latents (output_type="latent") are from FP32.
 
-Run in the vendor environment:
-    PYTHONPATH=<dir linking our src/rebel and src/torch_rbln> .venv-vendor/bin/python benchmarks/pipelines.py \
-        [--steps N] [--repeat N] [--only cosmos|sd] [--full]
+Run in the vendor environment (`make compat` builds it):
+    .venv-vendor/bin/python benchmarks/pipelines.py [--steps N] [--repeat N] [--only cosmos|sd] [--full]
 
 --full: also print the full-size Cosmos-1.0-7B-Text2World prediction of benchmarks/cosmos_predict.py
-(written separately; it is looked for beside this file and skipped with a message when absent).
+(meta weights, 1-8 ATOM-Max cards; about two minutes of compiling).
 """
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 import tempfile
@@ -179,26 +177,12 @@ def bench_sd(tmp: Path, steps: int, repeat: int) -> None:
 
 
 def full_size() -> None:
-    """--full: the full-size Cosmos prediction, from benchmarks/cosmos_predict.py when present.
-    It is called through `table()` (returning the table's text) or else `main()`."""
-    path = HERE / "cosmos_predict.py"
+    """--full: the full-size Cosmos-1.0-7B-Text2World prediction (benchmarks/cosmos_predict.py,
+    meta weights, a few minutes of compiling)."""
     print("\n== full-size Cosmos-1.0-7B-Text2World (benchmarks/cosmos_predict.py) ==")
-    if not path.is_file():
-        print(f"not available: {path} does not exist (it is written separately); nothing to print")
-        return
-    spec = importlib.util.spec_from_file_location("cosmos_predict", path)
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-    except ImportError as e:
-        print(f"not available: importing {path.name} failed in this environment ({e})")
-        return
-    if callable(getattr(module, "table", None)):
-        print(module.table())
-    elif callable(getattr(module, "main", None)):
-        module.main()
-    else:
-        print(f"{path.name} has neither table() nor main(): nothing to print")
+    sys.path.insert(0, str(HERE))
+    import cosmos_predict
+    cosmos_predict.main()
 
 
 def main(argv: list[str] | None = None) -> None:
