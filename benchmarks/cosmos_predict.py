@@ -340,8 +340,8 @@ def realtime_scan(resolutions=((704, 1280), (352, 640), (176, 320)), tp: int = 3
     return out
 
 
-def main() -> None:
-    argparse.ArgumentParser(description=__doc__).parse_args()
+def main(argv: list[str] | None = None) -> None:
+    argparse.ArgumentParser(description=__doc__).parse_args(argv)
     start = time.perf_counter()
     rows = full_size_table()
     print(format_table(rows))

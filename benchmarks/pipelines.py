@@ -182,7 +182,7 @@ def full_size() -> None:
     print("\n== full-size Cosmos-1.0-7B-Text2World (benchmarks/cosmos_predict.py) ==")
     sys.path.insert(0, str(HERE))
     import cosmos_predict
-    cosmos_predict.main()
+    cosmos_predict.main([])
 
 
 def main(argv: list[str] | None = None) -> None:
