@@ -154,6 +154,48 @@ def test_attention_is_one_fused_kernel_with_flash_traffic():
     assert kernel.plan.flops == pytest.approx(causal_flops)
 
 
+class CachedAttention(torch.nn.Module):
+    """Two layers, each a norm and then attention over its layer of a stacked KV cache
+    (cache[i] is a view): the shape of a decode step that reads a resident cache."""
+
+    def __init__(self, d=256, heads=8, kv_heads=4):
+        super().__init__()
+        self.heads, self.kv, self.hd = heads, kv_heads, d // heads
+        self.norms = torch.nn.ModuleList(torch.nn.RMSNorm(d, device="meta", dtype=torch.float16)
+                                         for _ in range(2))
+        self.q = torch.nn.ModuleList(torch.nn.Linear(d, d, bias=False, device="meta", dtype=torch.float16)
+                                     for _ in range(2))
+        self.o = torch.nn.ModuleList(torch.nn.Linear(d, d, bias=False, device="meta", dtype=torch.float16)
+                                     for _ in range(2))
+
+    def forward(self, x, k_cache, v_cache):
+        b = x.shape[0]
+        for i in range(2):
+            q = self.q[i](self.norms[i](x)).view(b, 1, self.heads, self.hd).transpose(1, 2)
+            a = F.scaled_dot_product_attention(q, k_cache[i], v_cache[i], enable_gqa=True)
+            x = x + self.o[i](a.transpose(1, 2).reshape(b, 1, -1))
+        return x
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_a_cache_is_loaded_once_per_layer_by_its_die_share(tp):
+    """Fusion may put the view cache[i] into the norm kernel before the attention: the norm
+    must not be charged for loading the cache (nor for writing the view out), and a die that
+    takes its heads' slice of the cache under tensor parallelism loads only that slice."""
+    b, ctx = 4, 512
+    cache = meta(2, b, 4, ctx, 32)
+    program = compile_module(CachedAttention(), [meta(b, 1, 256), cache, cache.clone()],
+                             npu="RBLN-CA25", tensor_parallel_size=tp).program
+    inputs = {"input_2", "input_3"}
+    views = {o.name for k in program.kernels for o in k.ops if o.refs and o.refs[0] in inputs}
+    loaded = sum(t.nbytes for k in program.kernels for t in k.plan.dma_in
+                 if t.value in inputs | views)
+    layer_bytes = b * 4 * ctx * 32 * 2  # one layer's keys (or values), fp16
+    assert loaded == 2 * 2 * layer_bytes // tp  # keys and values of 2 layers, this die's heads
+    written = sum(t.nbytes for k in program.kernels for t in k.plan.dma_out if t.value in views)
+    assert written == 0
+
+
 def test_tensor_parallel_timing_puts_collectives_on_the_link():
     compiled = rebel.compile_from_torch(Stack(512, 2), example_inputs=[torch.randn(4, 512)],
                                         tensor_parallel_size=4)
