@@ -163,7 +163,7 @@ def test_options_the_compiled_model_cannot_honour(folders, tmp_path):
                    "sampling": {"prompt_logprobs": 2}})
     errors = [c.get("error", "") for c in cases]
     assert "has no rbln_config.json" in errors[0]
-    assert "block_size=16 differs from the compiled rbln_kvcache_partition_len=32" in errors[1]
+    assert "block_size=16 differs from the compiled rbln_kvcache_block_size=32" in errors[1]
     assert "max_model_len=256 exceeds the compiled rbln_max_seq_len=128" in errors[2]
     assert "device='cuda'" in errors[3]
     assert "run vLLM with tensor_parallel_size=1" in errors[4]
