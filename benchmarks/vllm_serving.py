@@ -57,7 +57,7 @@ def main() -> None:
     size = model.rbln_config.batch_size
 
     llm = LLM(model=str(model._source), device="rbln", max_num_seqs=size, max_model_len=2048,
-              block_size=model.rbln_config.kvcache_partition_len)
+              block_size=model.rbln_config.block_size)
     start = time.perf_counter()
     llm.generate([{"prompt_token_ids": p} for p in prompts],
                  [SamplingParams(temperature=0.0, max_tokens=w, ignore_eos=True) for w in wants],

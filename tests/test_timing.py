@@ -376,3 +376,42 @@ def test_nchw_convolutions_pay_two_layout_transposes_on_the_gpu():
     expected = (2 * spec.die.compute.kernel_launch_s + task_dma_seconds(2 * act, spec)
                 + task_dma_seconds(2 * act, spec))
     assert with_t - without == pytest.approx(expected, rel=1e-6)
+
+
+class PagedDecode(torch.nn.Module):
+    """One decode step of `rbln::paged_attention` over a cache of `block`-token blocks (the
+    caches updated in place, as optimum.rbln's PagedCausalLM does)."""
+
+    def __init__(self, block: int, partition: int, seq: int, heads: int = 8, d: int = 64):
+        super().__init__()
+        from rebel.device import ops  # noqa: F401  (registers torch.ops.rbln)
+        self.partition = partition
+        shape = (seq // block, heads, block, d)
+        self.register_buffer("k_cache", torch.zeros(shape))
+        self.register_buffer("v_cache", torch.zeros(shape))
+
+    def forward(self, q, k, v, tables, positions):
+        out, kc, vc = torch.ops.rbln.paged_attention(q, k, v, self.k_cache, self.v_cache, tables,
+                                                     positions, self.partition, 0.125)
+        self.k_cache.copy_(kc)
+        self.v_cache.copy_(vc)
+        return out
+
+
+def test_paged_attention_time_follows_the_context_not_the_block_size():
+    """Decode time grows with the context read (partition by partition) and is the same for
+    blocks of a whole partition and of a quarter of one: the attention reads the same keys (the
+    longer block table is the only extra input, a few bytes)."""
+    seq, partition = 4096, 1024
+    latency = {}
+    for block in (partition, partition // 4):
+        model = PagedDecode(block, partition, seq)
+        example = [torch.randn(1, 8, 1, 64), torch.randn(1, 8, 1, 64), torch.randn(1, 8, 1, 64),
+                   torch.arange(seq // block).view(1, -1), torch.zeros(1, 1, dtype=torch.long)]
+        runtime = rebel.Runtime(rebel.compile_from_torch(model, example_inputs=[example]))
+        for context in (10, 1500, 4000):
+            runtime.run(*example[:4], torch.tensor([[context]]))
+            latency[block, context] = runtime.thread_last_report.latency_s
+    for context in (10, 1500, 4000):
+        assert latency[partition // 4, context] == pytest.approx(latency[partition, context], rel=1e-3)
+    assert latency[partition, 10] < latency[partition, 1500] < latency[partition, 4000]

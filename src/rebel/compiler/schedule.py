@@ -23,7 +23,9 @@ CACHE_UPDATE = "rbln_custom_ops.rbln_cache_update.default"
 
 def paged_operands(op: Op) -> dict | None:
     """Names of a paged-attention op's operands (q, k, v, kcache, vcache, tables, positions) and
-    its block size, for ours and the vendor's variants alike; None for other ops."""
+    its block size, for ours and the vendor's variants alike; None for other ops. For ours,
+    "block" is the attention partition (the unit in which it reads the cache), which may span
+    several cache blocks of kcache.shape[2] tokens each."""
     if op.target == PAGED_ATTENTION:
         q, k, v, kc, vc, tables, positions = (a.name for a in op.args[:7])
         return {"q": q, "k": k, "v": v, "kcache": kc, "vcache": vc, "tables": tables,
@@ -341,8 +343,9 @@ def _attention_shape(op: Op, values: dict[str, TensorSpec]):
     if op.target == PAGED_ATTENTION:
         # paged(q, k_new, v_new, k_cache, v_cache, block_tables, positions, P, scale): keys are
         # the sequence's blocks (counted full: the context length is only known at run time)
+        # (table entries x tokens per cache block: rbln_max_seq_len, whatever the block size)
         blocks = values[op.args[5].name].shape[-1]
-        k = (*k[:-2], blocks * int(op.args[7]), k[-1])
+        k = (*k[:-2], blocks * values[op.args[3].name].shape[2], k[-1])
         causal = False
     else:
         causal = bool(op.kwargs.get("is_causal", op.args[5] if len(op.args) > 5 else False))
