@@ -13,7 +13,7 @@ torch.utils.cpp_extension builds it at first use (about 20 s on 2 cores) and cac
 $TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions) in a folder named after the same key:
 checkouts with different shim sources, or venvs with different torch builds, neither rebuild over
 each other nor load each other's library, while two checkouts of the same sources share one
-build. The key holds no path, so where a checkout lies does not matter.
+build: the key holds no path, and the build compiles copies of the sources kept in its folder.
 
 Stdlib only at import (setup.py loads this file by path to name what it builds).
 """
@@ -23,6 +23,7 @@ import hashlib
 import importlib
 import importlib.util
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -57,15 +58,30 @@ def module_name(files: list[Path], include: Path, torch_version: str, torch_cuda
     return PREFIX + key.hexdigest()[:16]
 
 
+def _stage(folder: Path, files: list[Path]) -> Path:
+    """Copies of the sources in the build folder, so the compiler commands hold no checkout path:
+    another checkout of the same sources then finds the build up to date instead of rebuilding it
+    (cpp_extension and ninja compare the commands). Same key, same contents: copied once."""
+    staged = folder / "src"
+    staged.mkdir(parents=True, exist_ok=True)
+    for path in files:
+        target = staged / path.name
+        if not target.exists():
+            partial = staged / f".{path.name}.{os.getpid()}"
+            shutil.copyfile(path, partial)
+            os.replace(partial, target)  # atomic: a concurrent builder never reads half a file
+    return staged
+
+
 def _jit_build(name: str, files: list[Path], include: Path):
     from torch.utils import cpp_extension
 
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
     folder = Path(root) / f"rbln_shim-{name[len(PREFIX):]}"
-    folder.mkdir(parents=True, exist_ok=True)
+    staged = _stage(folder, [*files, include / "round16.h"])
     try:
         return cpp_extension.load(
-            name=name, sources=[str(f) for f in files], extra_include_paths=[str(include)],
+            name=name, sources=[str(staged / f.name) for f in files], extra_include_paths=[str(staged)],
             extra_cflags=["-O2"], build_directory=str(folder),
             verbose=os.environ.get("TORCH_RBLN_VERBOSE_BUILD", "0") == "1")
     except Exception as e:
