@@ -13,12 +13,16 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
+import warnings
 from pathlib import Path
 
-import torch
+# The build environment needs no numpy; torch warns at import when it is absent
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
+import torch  # noqa: E402
 from setuptools import Extension, setup
-from setuptools.command.build_ext import build_ext as setuptools_build_ext
-from torch.utils.cpp_extension import BuildExtension, CppExtension
+from setuptools.command.build_ext import build_ext as setuptools_build_ext  # noqa: E402
+from torch.utils.cpp_extension import BuildExtension, CppExtension  # noqa: E402
 
 ROOT = Path(__file__).parent
 SRC = Path("src")  # setuptools wants source paths relative to this file
@@ -46,6 +50,13 @@ class build_ext(BuildExtension):
     BuildExtension would compile it as C++ with torch's flags.
 
     Builds in place (`pip install -e`) first remove the libraries of earlier keys there."""
+
+    def initialize_options(self):
+        super().initialize_options()
+        # `pip install -e` compiles in a fresh temporary folder each time; objects kept in build/
+        # let ninja recompile only what changed (the Makefile's second install, for the vllm
+        # extra, then takes seconds instead of a minute). --build-temp still overrides it.
+        self.build_temp = os.path.join("build", f"native-{sys.implementation.cache_tag}")
 
     def run(self):
         if self.inplace or getattr(self, "editable_mode", False):
