@@ -20,7 +20,7 @@ from pathlib import Path
 # The build environment needs no numpy; torch warns at import when it is absent
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 import torch  # noqa: E402
-from setuptools import Extension, setup
+from setuptools import Extension, setup  # noqa: E402
 from setuptools.command.build_ext import build_ext as setuptools_build_ext  # noqa: E402
 from torch.utils.cpp_extension import BuildExtension, CppExtension  # noqa: E402
 
@@ -49,7 +49,9 @@ class build_ext(BuildExtension):
     """torch's BuildExtension for the shim; the rounder with the plain C compiler, since
     BuildExtension would compile it as C++ with torch's flags.
 
-    Builds in place (`pip install -e`) first remove the libraries of earlier keys there."""
+    Builds in place (`pip install -e`) first remove the libraries there: those of earlier keys, and
+    the current one too, so the new file is a new inode rather than one written over in place
+    while a running Python has it mapped (which would crash that process)."""
 
     def initialize_options(self):
         super().initialize_options()
@@ -60,11 +62,9 @@ class build_ext(BuildExtension):
 
     def run(self):
         if self.inplace or getattr(self, "editable_mode", False):
-            for package, prefix, keep in (("torch_rbln", shim.PREFIX, shim_name),
-                                          ("rebel/device", rounding.PREFIX, rounder_name)):
+            for package, prefix in (("torch_rbln", shim.PREFIX), ("rebel/device", rounding.PREFIX)):
                 for old in (ROOT / SRC / package).glob(prefix + "*"):
-                    if not old.name.startswith(keep + "."):
-                        old.unlink()
+                    old.unlink()
         super().run()
 
     def build_extensions(self):
