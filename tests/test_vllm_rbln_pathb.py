@@ -150,23 +150,31 @@ def test_vllm_model_tensor_parallel_three_dies(folder, expected, tmp_path):
 
 
 @pytest.mark.slow
-def test_vllm_qwen3_class(tmp_path):
-    """vLLM's Qwen3 class (per-head q/k RMSNorm) through the same path: greedy tokens of the FP32
-    Hugging Face model, up to top-2 ties."""
-    from transformers import Qwen3Config
+@pytest.mark.parametrize("family, extra", [("Qwen3", {"head_dim": 16}), ("Qwen2", {})])
+def test_vllm_qwen_classes(tmp_path, family, extra):
+    """vLLM's Qwen3 class (per-head q/k RMSNorm) and Qwen2 class (q/k/v biases) through the same
+    path: greedy tokens of the FP32 Hugging Face model, up to top-2 ties."""
+    import transformers
 
     torch.manual_seed(0)
-    config = Qwen3Config(hidden_size=144, intermediate_size=192, num_hidden_layers=2, head_dim=16,
-                         num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
-                         max_position_embeddings=256, tie_word_embeddings=False)
+    config = getattr(transformers, f"{family}Config")(
+        hidden_size=144, intermediate_size=192, num_hidden_layers=2, num_attention_heads=9,
+        num_key_value_heads=3, vocab_size=49152, max_position_embeddings=256,
+        tie_word_embeddings=False, **extra)
     model = AutoModelForCausalLM.from_config(config).eval()
-    model.save_pretrained(tmp_path / "qwen3")
-    AutoTokenizer.from_pretrained(smollm2_folder()).save_pretrained(tmp_path / "qwen3")
+    if family == "Qwen2":  # random biases, not the zeros they start as: the path must add them
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0, 0.5)
+    folder = tmp_path / family.lower()
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(smollm2_folder()).save_pretrained(folder)
     with torch.no_grad():
         want = [model.generate(torch.tensor([p]), max_new_tokens=NEW, do_sample=False)[0, len(p):]
                 .tolist() for p in prompts()]
-    result = serve(tmp_path, tmp_path / "qwen3", tmp_path / "cache")
-    assert_same_greedy(tmp_path / "qwen3", result["tokens"], want)
+    result = serve(tmp_path, folder, tmp_path / "cache")
+    assert_same_greedy(folder, result["tokens"], want)
     [stats] = result["stats"]
     assert stats["graph_fallback_runs"] == 0 and stats["graphs_compiled_after_warm_up"] == 0
 
