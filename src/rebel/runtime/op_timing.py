@@ -12,8 +12,8 @@ device DRAM (`resident_inputs`): the query, keys and values come from the device
 it, so no host copy is counted. Shapes are those one die sees: under tensor parallelism each
 worker passes its own heads and its own cache.
 
-Lowered programs are kept per op and shapes, and timings per program and fill, so a decode step
-at a context already seen costs two dictionary look-ups.
+Lowered programs are kept per op and shapes, and timings per program and fill, so a call at
+shapes and a context already seen costs the fill (from its positions) and two cache look-ups.
 """
 from __future__ import annotations
 
