@@ -142,7 +142,9 @@ def main() -> None:
         parser.error(f"unknown path(s) {unknown}; choose from {list(PATHS)}")
 
     from demo import compiled_smollm2  # the compiled folder `make demo` caches
-    model, _, _ = compiled_smollm2()
+    model, _, how = compiled_smollm2()
+    if how == "compiled":  # reload from the folder it saved: vLLM's Path A serves that folder
+        model, _, _ = compiled_smollm2()
     o = model.rbln_config
     prompts, wants = workload(args.requests)
     useful = sum(wants)
@@ -161,7 +163,8 @@ def main() -> None:
     for path in paths:
         r = results[path]
         made = sum(len(t) for t in r["tokens"])
-        line = f"{PATHS[path]:44s} {r['engine_s']:9.1f} {r['wall_s']:8.1f} {made / r['wall_s']:11.1f}"
+        line = (f"{PATHS[path]:44s} {r['engine_s']:9.1f} {r['wall_s']:8.1f} "
+                f"{made / r['wall_s']:11.1f}")
         if path != "cpu":
             seconds, share = predicted(path, r["stats"])
             line += f" {seconds:11.3f} {made / seconds:11.1f}"

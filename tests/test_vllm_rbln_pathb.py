@@ -165,7 +165,8 @@ def test_vllm_qwen_classes(tmp_path, family, extra):
     if family == "Qwen2":  # random biases, not the zeros they start as: the path must add them
         with torch.no_grad():
             for layer in model.model.layers:
-                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                attn = layer.self_attn
+                for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
                     proj.bias.normal_(0, 0.5)
     folder = tmp_path / family.lower()
     model.save_pretrained(folder)

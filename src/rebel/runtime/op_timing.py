@@ -77,7 +77,8 @@ def _describe(value, dtype: str):
     """An argument as the lowered graph depends on it: a tensor's shape and device dtype, or
     the literal itself."""
     if isinstance(value, torch.Tensor):
-        held = dtype if value.is_floating_point() and value.dtype != FP8 else dtype_name(value.dtype)
+        floating = value.is_floating_point() and value.dtype != FP8
+        held = dtype if floating else dtype_name(value.dtype)
         return ("tensor", tuple(value.shape), held)
     if value is not None and not isinstance(value, (bool, int, float)):
         raise CompileError(f"cannot time an attention argument of type {type(value).__name__}")
