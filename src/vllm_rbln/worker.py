@@ -82,16 +82,12 @@ class RblnWorker(WorkerBase):
 
     def _export_npu_time(self) -> None:
         """This step's predicted NPU time into the file the API server's /metrics reads."""
-        folder = os.environ.get(metrics.ENV)
-        if folder is None or self.runner.last_step is None:
+        if os.environ.get(metrics.ENV) is None or self.runner.last_step is None:
             return
         if not hasattr(self, "_metrics"):
             self._metrics = metrics.StepMetrics()
         self._metrics.observe(*self.runner.last_step)
-        try:
-            self._metrics.write(folder)
-        except OSError as error:  # the server removed it (shutting down): serving goes on
-            logger.warning("vllm_rbln: cannot write NPU-time metrics to %s: %s", folder, error)
+        metrics.export(self._metrics)
 
     def _log_npu_time(self) -> None:
         """Put the predicted NPU time per step in the server's log: at the first step, then at
