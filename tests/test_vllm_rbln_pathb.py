@@ -34,14 +34,19 @@ NEW = 8
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     """A small random Llama with SmolLM2's head layout (9 heads, 3 KV heads) and tokenizer."""
-    root = tmp_path_factory.mktemp("pathb")
+    return random_llama(tmp_path_factory.mktemp("pathb") / "hf", max_positions=256)
+
+
+def random_llama(path, max_positions: int):
+    """Save a 2-layer random Llama (hidden 144, SmolLM2's 9 heads / 3 KV heads, untied: a tied
+    random model repeats its input) with SmolLM2's tokenizer at `path`."""
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=144, intermediate_size=192, num_hidden_layers=2,
                          num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
-                         max_position_embeddings=256, tie_word_embeddings=False)
-    AutoModelForCausalLM.from_config(config).save_pretrained(root / "hf")
-    AutoTokenizer.from_pretrained(smollm2_folder()).save_pretrained(root / "hf")
-    return root / "hf"
+                         max_position_embeddings=max_positions, tie_word_embeddings=False)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    AutoTokenizer.from_pretrained(smollm2_folder()).save_pretrained(path)
+    return path
 
 
 def prompts() -> list[list[int]]:
@@ -185,12 +190,7 @@ def test_attention_share_of_the_step_grows_with_context(tmp_path):
     """Decode steps of one sequence at context ~64, then ~512: the attention calls' predicted
     time is part of each step's, and a larger part at the longer context (the graphs' work does
     not depend on the context; attention reads 8x the KV blocks)."""
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=144, intermediate_size=192, num_hidden_layers=2,
-                         num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
-                         max_position_embeddings=1024, tie_word_embeddings=False)
-    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "long")
-    AutoTokenizer.from_pretrained(smollm2_folder()).save_pretrained(tmp_path / "long")
+    random_llama(tmp_path / "long", max_positions=1024)
     g = torch.Generator().manual_seed(2)
     rounds = [[torch.randint(10, 49000, (n,), generator=g).tolist()] for n in (63, 511)]
     request = tmp_path / "request.json"
