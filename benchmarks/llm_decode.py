@@ -91,8 +91,7 @@ def short_prompt(folder, bucketed, bucketed_compile_s: float, tokens: int = 35, 
             walls[name].append(time.perf_counter() - t0)
             ttft[name] = sum(session.timing.prefill_s)
             session.close()
-    print(f"
-{tokens}-token prompt, prefill (median of {runs}, interleaved):")
+    print(f"\n{tokens}-token prompt, prefill (median of {runs}, interleaved):")
     print(f"{'prefill graphs':>22s} {'compile s':>10s} {'wall ms':>9s} {'predicted TTFT ms':>18s}")
     for name, label, compile_s in (("one", "[128]", whole_compile_s),
                                    ("buckets", str(bucketed.rbln_config.prefill_chunk_sizes),
