@@ -2,6 +2,8 @@
 
 - Llama-3-8B decode step (batch 1, context 1024) on one RBLN-CA25 (ATOM-Max) card, TP=1 and 4,
   its KV cache resident in device DRAM (as a serving engine keeps it)
+- Qwen3-4B on one RBLN-CA25 with TP=4: decode step at batch 1 and 8 (context 1024) and one
+  128-token prefill chunk (the first of a prompt: nothing cached yet)
 - BERT-large (seq 384, batch 1) and ResNet-50 (batch 1, 224x224) on one ATOM die (RBLN-CA12)
 all FP16. Prints per-run latency, device DRAM per die, and the share of time per kernel class.
 """
@@ -13,7 +15,7 @@ from collections import defaultdict
 
 import torch
 
-from llama_shapes import LlamaDecoder  # benchmarks/llama_shapes.py
+from llama_shapes import LlamaDecoder, qwen3_4b  # benchmarks/llama_shapes.py
 from rebel.compiler.compile import compile_module
 from rebel.device.engine import EventEngine
 from rebel.device.events import LINK, NEURAL_ENGINE
@@ -75,6 +77,12 @@ def main() -> None:
         inputs = [meta(1, 1, dtype=torch.long), meta(32, 1, 8, ctx, 128), meta(32, 1, 8, ctx, 128)]
         report(f"Llama-3-8B decode step (b1, ctx {ctx})", decoder, inputs, "RBLN-CA25", tp,
                resident=True)
+    for batch in (1, 8):
+        cache = meta(36, batch, 8, ctx, 128)
+        report(f"Qwen3-4B decode step (b{batch}, ctx {ctx})", qwen3_4b(),
+               [meta(batch, 1, dtype=torch.long), cache, cache.clone()], "RBLN-CA25", 4, resident=True)
+    report("Qwen3-4B prefill chunk (128 tokens)", qwen3_4b(), [meta(1, 128, dtype=torch.long)],
+           "RBLN-CA25", 4)
     model, inputs = bert_large()
     report("BERT-large (seq 384, b1)", model, inputs, "RBLN-CA12")
     model, inputs = resnet50()

@@ -193,6 +193,8 @@ def test_tensor_parallel_matches_single_die(llama_dir, llama):
     (dict(rbln_batch_size=2, rbln_decoder_batch_sizes=[4]), "between 1 and rbln_batch_size=2"),
     (dict(rbln_tensor_parallel_size=3), "must divide the model's 4 attention heads and 2 KV heads"),
     (dict(rbln_batch_size=0), "rbln_batch_size must be a positive integer"),
+    (dict(rbln_kvcache_block_size=12), "rbln_kvcache_block_size=12 must divide rbln_kvcache_partition_len=256"),
+    (dict(rbln_kvcache_block_size=0), "rbln_kvcache_block_size must be a positive integer"),
 ])
 def test_bad_options_fail_before_compiling(llama_dir, options, message, monkeypatch):
     def no_compile(*args, **kwargs):
@@ -305,3 +307,54 @@ def test_open_sessions_hold_slots_and_too_many_is_a_clear_error(llama):
     out = llama.generate(prompt(6, 7).unsqueeze(0), max_new_tokens=3)  # the one free slot
     held.close()
     assert torch.equal(out, llama.generate(prompt(6, 7).unsqueeze(0), max_new_tokens=3))
+
+
+# --- KV-cache blocks smaller than the attention partition -----------------------------------------
+
+def test_sub_partition_blocks_give_the_same_logits_and_tokens(llama_dir, llama, tmp_path):
+    """rbln_kvcache_block_size=8 with partitions of 32: four cache blocks per partition, the same
+    attention arithmetic, so the same logits bit for bit and the same greedy tokens, for prompts
+    past two partitions and a left-padded batch; save/reload keeps the option."""
+    small = RBLNLlamaForCausalLM.from_pretrained(llama_dir, export=True, **OPTIONS,
+                                                 rbln_kvcache_block_size=8)
+    o = small.rbln_config
+    assert (o.kvcache_block_size, o.kvcache_partition_len, o.blocks_per_sequence) == (8, 32, 16)
+    assert llama.rbln_config.blocks_per_sequence == 4
+    weights = small.compiled_models["model"].program.weights
+    assert tuple(weights["k_cache_0"].shape) == (4 * 16, 2, 8, 16)  # same bytes as 4 x 4 blocks of 32
+    tokens = prompt(75, 11)
+    a, b = small.start_session([tokens]), llama.start_session([tokens])
+    try:
+        assert torch.equal(a.prefill(), b.prefill())
+        for t in (5, 6, 7):
+            assert torch.equal(a.step(torch.tensor([t]), [0]), b.step(torch.tensor([t]), [0]))
+    finally:
+        a.close(), b.close()
+    batch = left_padded([prompt(70, 12), prompt(9, 13), prompt(33, 14)])
+    expected = llama.generate(*batch, max_new_tokens=12)
+    assert torch.equal(small.generate(*batch, max_new_tokens=12), expected)
+    # the timing model charges the context read, not the block size
+    assert small.last_generation_report.per_output_token_s == pytest.approx(
+        llama.last_generation_report.per_output_token_s, rel=1e-3)
+
+    folder = small.save_pretrained(tmp_path / "blocks8")
+    import json
+    assert json.loads((folder / "rbln_config.json").read_text())["kvcache_block_size"] == 8
+    loaded = RBLNLlamaForCausalLM.from_pretrained(folder)
+    assert loaded.rbln_config.kvcache_block_size == 8 and loaded.rbln_config.blocks_per_sequence == 16
+    assert torch.equal(loaded.generate(*batch, max_new_tokens=12), expected)
+
+
+def test_folder_from_before_the_block_size_option_loads(llama, tmp_path):
+    """A rbln_config.json without kvcache_block_size (written before the option): blocks of a
+    whole partition, as then."""
+    import json
+    folder = llama.save_pretrained(tmp_path / "old")
+    path = folder / "rbln_config.json"
+    data = json.loads(path.read_text())
+    assert data.pop("kvcache_block_size") == 32
+    path.write_text(json.dumps(data))
+    old = RBLNLlamaForCausalLM.from_pretrained(folder)
+    assert old.rbln_config.kvcache_block_size == 32 and old.rbln_config.blocks_per_sequence == 4
+    ids = prompt(40, 15).unsqueeze(0)
+    assert torch.equal(old.generate(ids, max_new_tokens=6), llama.generate(ids, max_new_tokens=6))

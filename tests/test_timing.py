@@ -154,6 +154,48 @@ def test_attention_is_one_fused_kernel_with_flash_traffic():
     assert kernel.plan.flops == pytest.approx(causal_flops)
 
 
+class CachedAttention(torch.nn.Module):
+    """Two layers, each a norm and then attention over its layer of a stacked KV cache
+    (cache[i] is a view): the shape of a decode step that reads a resident cache."""
+
+    def __init__(self, d=256, heads=8, kv_heads=4):
+        super().__init__()
+        self.heads, self.kv, self.hd = heads, kv_heads, d // heads
+        self.norms = torch.nn.ModuleList(torch.nn.RMSNorm(d, device="meta", dtype=torch.float16)
+                                         for _ in range(2))
+        self.q = torch.nn.ModuleList(torch.nn.Linear(d, d, bias=False, device="meta", dtype=torch.float16)
+                                     for _ in range(2))
+        self.o = torch.nn.ModuleList(torch.nn.Linear(d, d, bias=False, device="meta", dtype=torch.float16)
+                                     for _ in range(2))
+
+    def forward(self, x, k_cache, v_cache):
+        b = x.shape[0]
+        for i in range(2):
+            q = self.q[i](self.norms[i](x)).view(b, 1, self.heads, self.hd).transpose(1, 2)
+            a = F.scaled_dot_product_attention(q, k_cache[i], v_cache[i], enable_gqa=True)
+            x = x + self.o[i](a.transpose(1, 2).reshape(b, 1, -1))
+        return x
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_a_cache_is_loaded_once_per_layer_by_its_die_share(tp):
+    """Fusion may put the view cache[i] into the norm kernel before the attention: the norm
+    must not be charged for loading the cache (nor for writing the view out), and a die that
+    takes its heads' slice of the cache under tensor parallelism loads only that slice."""
+    b, ctx = 4, 512
+    cache = meta(2, b, 4, ctx, 32)
+    program = compile_module(CachedAttention(), [meta(b, 1, 256), cache, cache.clone()],
+                             npu="RBLN-CA25", tensor_parallel_size=tp).program
+    inputs = {"input_2", "input_3"}
+    views = {o.name for k in program.kernels for o in k.ops if o.refs and o.refs[0] in inputs}
+    loaded = sum(t.nbytes for k in program.kernels for t in k.plan.dma_in
+                 if t.value in inputs | views)
+    layer_bytes = b * 4 * ctx * 32 * 2  # one layer's keys (or values), fp16
+    assert loaded == 2 * 2 * layer_bytes // tp  # keys and values of 2 layers, this die's heads
+    written = sum(t.nbytes for k in program.kernels for t in k.plan.dma_out if t.value in views)
+    assert written == 0
+
+
 def test_tensor_parallel_timing_puts_collectives_on_the_link():
     compiled = rebel.compile_from_torch(Stack(512, 2), example_inputs=[torch.randn(4, 512)],
                                         tensor_parallel_size=4)
@@ -334,3 +376,42 @@ def test_nchw_convolutions_pay_two_layout_transposes_on_the_gpu():
     expected = (2 * spec.die.compute.kernel_launch_s + task_dma_seconds(2 * act, spec)
                 + task_dma_seconds(2 * act, spec))
     assert with_t - without == pytest.approx(expected, rel=1e-6)
+
+
+class PagedDecode(torch.nn.Module):
+    """One decode step of `rbln::paged_attention` over a cache of `block`-token blocks (the
+    caches updated in place, as optimum.rbln's PagedCausalLM does)."""
+
+    def __init__(self, block: int, partition: int, seq: int, heads: int = 8, d: int = 64):
+        super().__init__()
+        from rebel.device import ops  # noqa: F401  (registers torch.ops.rbln)
+        self.partition = partition
+        shape = (seq // block, heads, block, d)
+        self.register_buffer("k_cache", torch.zeros(shape))
+        self.register_buffer("v_cache", torch.zeros(shape))
+
+    def forward(self, q, k, v, tables, positions):
+        out, kc, vc = torch.ops.rbln.paged_attention(q, k, v, self.k_cache, self.v_cache, tables,
+                                                     positions, self.partition, 0.125)
+        self.k_cache.copy_(kc)
+        self.v_cache.copy_(vc)
+        return out
+
+
+def test_paged_attention_time_follows_the_context_not_the_block_size():
+    """Decode time grows with the context read (partition by partition) and is the same for
+    blocks of a whole partition and of a quarter of one: the attention reads the same keys (the
+    longer block table is the only extra input, a few bytes)."""
+    seq, partition = 4096, 1024
+    latency = {}
+    for block in (partition, partition // 4):
+        model = PagedDecode(block, partition, seq)
+        example = [torch.randn(1, 8, 1, 64), torch.randn(1, 8, 1, 64), torch.randn(1, 8, 1, 64),
+                   torch.arange(seq // block).view(1, -1), torch.zeros(1, 1, dtype=torch.long)]
+        runtime = rebel.Runtime(rebel.compile_from_torch(model, example_inputs=[example]))
+        for context in (10, 1500, 4000):
+            runtime.run(*example[:4], torch.tensor([[context]]))
+            latency[block, context] = runtime.thread_last_report.latency_s
+    for context in (10, 1500, 4000):
+        assert latency[partition // 4, context] == pytest.approx(latency[partition, context], rel=1e-3)
+    assert latency[partition, 10] < latency[partition, 1500] < latency[partition, 4000]

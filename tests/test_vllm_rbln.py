@@ -101,6 +101,65 @@ def test_chunked_prefill_and_prefix_caching_keep_results(folders, compiled, tmp_
     assert case["stats"]["prefill_chunks"] > sum(-(-len(p) // 16) for p in first)
 
 
+@pytest.fixture(scope="module")
+def prefix_folders(folders, tmp_path_factory):
+    """The same random Llama at 512 tokens, one attention partition of 512, compiled with KV-cache
+    blocks of 128 (sub-partition blocks) and of 512 (a block per partition, as before
+    rbln_kvcache_block_size)."""
+    root = tmp_path_factory.mktemp("prefix")
+    hf = AutoModelForCausalLM.from_pretrained(folders[0])
+    hf.config.max_position_embeddings = 512
+    hf.save_pretrained(root / "hf")
+    AutoTokenizer.from_pretrained(folders[0]).save_pretrained(root / "hf")
+    options = dict(rbln_batch_size=2, rbln_max_seq_len=512, rbln_kvcache_partition_len=512,
+                   rbln_prefill_chunk_size=128, rbln_decoder_batch_sizes=[1, 2])
+    out = {}
+    for block in (128, 512):
+        model = RBLNLlamaForCausalLM.from_pretrained(root / "hf", export=True, **options,
+                                                     rbln_kvcache_block_size=block)
+        out[block] = (model, model.save_pretrained(root / f"block{block}"))
+    return out
+
+
+PREFIX_METRICS = ["vllm:prefix_cache_queries", "vllm:prefix_cache_hits"]
+
+
+@pytest.mark.slow
+def test_prefix_cache_hits_with_sub_partition_blocks(prefix_folders, tmp_path):
+    """Two prompts sharing a 256-token prefix, the second sent after the first finished: with
+    blocks of 128 tokens (partitions of 512) vLLM's prefix cache supplies the two shared blocks
+    of the second prompt (256 hit tokens in vLLM's metrics and in the runner's stats), and the
+    greedy tokens are those with caching off and those of optimum's generate. With one block per
+    partition (512) a 256-token prefix is not a whole block: nothing to share."""
+    model, folder = prefix_folders[128]
+    _, whole = prefix_folders[512]
+    g = torch.Generator().manual_seed(7)
+    shared = torch.randint(10, 49000, (256,), generator=g).tolist()
+    first = shared + torch.randint(10, 49000, (20,), generator=g).tolist()
+    later = shared + torch.randint(10, 49000, (37,), generator=g).tolist()
+    engine = dict(device="rbln", max_num_seqs=2, max_model_len=512, disable_log_stats=False)
+    case = {"prompts": [first], "after": [later], "sampling": GREEDY, "metrics": PREFIX_METRICS}
+    on, off, one_block = serve(
+        tmp_path,
+        {**case, "llm": {"model": str(folder), **engine, "enable_prefix_caching": True}},
+        {**case, "llm": {"model": str(folder), **engine, "enable_prefix_caching": False}},
+        {**case, "llm": {"model": str(whole), **engine, "enable_prefix_caching": True}})
+    for c in (on, off, one_block):
+        assert "error" not in c, c.get("error")
+    tokens = [o["tokens"] for o in on["outputs"]]
+    assert tokens == [o["tokens"] for o in off["outputs"]] == [o["tokens"] for o in one_block["outputs"]]
+    assert tokens == [expected(model, p, 10) for p in (first, later)]
+    assert on["metrics"]["vllm:prefix_cache_hits"] == 256
+    assert on["metrics"]["vllm:prefix_cache_queries"] == len(first) + len(later)
+    assert on["stats"]["cached_prompt_tokens"] == 256
+    assert off["stats"]["cached_prompt_tokens"] == 0 and off["metrics"]["vllm:prefix_cache_hits"] == 0
+    assert one_block["stats"]["cached_prompt_tokens"] == 0
+    assert one_block["metrics"]["vllm:prefix_cache_hits"] == 0
+    # the later prompt's prefill ran only its 37 new tokens: one chunk instead of three
+    assert on["stats"]["prefill_chunks"] == off["stats"]["prefill_chunks"] - 2
+    assert on["stats"]["prefill_s"] < off["stats"]["prefill_s"]
+
+
 @pytest.mark.slow
 def test_short_prefill_chunks_keep_results_for_less_npu_time(folders, compiled, tmp_path):
     """A folder compiled with prefill chunks of 4, 8 and 16 tokens: vLLM's chunked prefill and
@@ -186,7 +245,7 @@ def test_options_the_compiled_model_cannot_honour(folders, tmp_path):
                    "sampling": {"prompt_logprobs": 2}})
     errors = [c.get("error", "") for c in cases]
     assert "has no rbln_config.json" in errors[0]
-    assert "block_size=16 differs from the compiled rbln_kvcache_partition_len=32" in errors[1]
+    assert "block_size=16 differs from the compiled rbln_kvcache_block_size=32" in errors[1]
     assert "max_model_len=256 exceeds the compiled rbln_max_seq_len=128" in errors[2]
     assert "device='cuda'" in errors[3]
     assert "run vLLM with tensor_parallel_size=1" in errors[4]

@@ -121,6 +121,11 @@ def test_vllm_model_compiled_matches_optimum_and_reuses_cache(folder, expected, 
     # every step ran compiled device graphs at a warmed-up bucket: nothing compiled or fell back
     assert stats["graphs_compiled_after_warm_up"] == 0 and stats["graph_fallback_runs"] == 0
     assert stats["graph_runs"] > 0 and stats["device_time_s"] > 0
+    # a step's predicted time: its graphs, the attention calls between them (every layer of
+    # every step), nothing else at one die
+    assert stats["attention_calls"] >= 2 * stats["steps"] and stats["attention_s"] > 0
+    assert stats["step_s"] == pytest.approx(stats["device_time_s"] + stats["attention_s"])
+    assert stats["step_s"] == pytest.approx(stats["prefill_s"] + stats["decode_s"])
     second = serve(tmp_path, folder, cache)
     assert second["tokens"] == first["tokens"]
     [again] = second["stats"]
@@ -138,25 +143,71 @@ def test_vllm_model_tensor_parallel_three_dies(folder, expected, tmp_path):
     for s in stats:
         assert s["graph_fallback_runs"] == 0 and s["graphs_compiled_after_warm_up"] == 0
         assert s["collectives"] > 0 and s["collective_s"] > 0
+        # each die attends with its own heads (3 of 9, 1 KV head of 3), timed on that die
+        assert s["attention_calls"] > 0 and s["attention_s"] > 0
+        assert s["step_s"] == pytest.approx(s["device_time_s"] + s["attention_s"] +
+                                            s["collective_s"])
 
 
 @pytest.mark.slow
-def test_vllm_qwen3_class(tmp_path):
-    """vLLM's Qwen3 class (per-head q/k RMSNorm) through the same path: greedy tokens of the FP32
-    Hugging Face model, up to top-2 ties."""
-    from transformers import Qwen3Config
+@pytest.mark.parametrize("family, extra", [("Qwen3", {"head_dim": 16}), ("Qwen2", {})])
+def test_vllm_qwen_classes(tmp_path, family, extra):
+    """vLLM's Qwen3 class (per-head q/k RMSNorm) and Qwen2 class (q/k/v biases) through the same
+    path: greedy tokens of the FP32 Hugging Face model, up to top-2 ties."""
+    import transformers
 
     torch.manual_seed(0)
-    config = Qwen3Config(hidden_size=144, intermediate_size=192, num_hidden_layers=2, head_dim=16,
-                         num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
-                         max_position_embeddings=256, tie_word_embeddings=False)
+    config = getattr(transformers, f"{family}Config")(
+        hidden_size=144, intermediate_size=192, num_hidden_layers=2, num_attention_heads=9,
+        num_key_value_heads=3, vocab_size=49152, max_position_embeddings=256,
+        tie_word_embeddings=False, **extra)
     model = AutoModelForCausalLM.from_config(config).eval()
-    model.save_pretrained(tmp_path / "qwen3")
-    AutoTokenizer.from_pretrained(smollm2_folder()).save_pretrained(tmp_path / "qwen3")
+    if family == "Qwen2":  # random biases, not the zeros they start as: the path must add them
+        with torch.no_grad():
+            for layer in model.model.layers:
+                attn = layer.self_attn
+                for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
+                    proj.bias.normal_(0, 0.5)
+    folder = tmp_path / family.lower()
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(smollm2_folder()).save_pretrained(folder)
     with torch.no_grad():
         want = [model.generate(torch.tensor([p]), max_new_tokens=NEW, do_sample=False)[0, len(p):]
                 .tolist() for p in prompts()]
-    result = serve(tmp_path, tmp_path / "qwen3", tmp_path / "cache")
-    assert_same_greedy(tmp_path / "qwen3", result["tokens"], want)
+    result = serve(tmp_path, folder, tmp_path / "cache")
+    assert_same_greedy(folder, result["tokens"], want)
     [stats] = result["stats"]
     assert stats["graph_fallback_runs"] == 0 and stats["graphs_compiled_after_warm_up"] == 0
+
+
+@pytest.mark.slow
+def test_attention_share_of_the_step_grows_with_context(tmp_path):
+    """Decode steps of one sequence at context ~64, then ~512: the attention calls' predicted
+    time is part of each step's, and a larger part at the longer context (the graphs' work does
+    not depend on the context; attention reads 8x the KV blocks)."""
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=144, intermediate_size=192, num_hidden_layers=2,
+                         num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
+                         max_position_embeddings=1024, tie_word_embeddings=False)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "long")
+    AutoTokenizer.from_pretrained(smollm2_folder()).save_pretrained(tmp_path / "long")
+    g = torch.Generator().manual_seed(2)
+    rounds = [[torch.randint(10, 49000, (n,), generator=g).tolist()] for n in (63, 511)]
+    request = tmp_path / "request.json"
+    request.write_text(json.dumps({"llm": {"model": str(tmp_path / "long"), **ENGINE,
+                                           "max_model_len": 640},
+                                   "rounds": rounds, "max_tokens": 4}))
+    env = {**os.environ, "VLLM_LOGGING_LEVEL": "WARNING", "TOKENIZERS_PARALLELISM": "false",
+           "VLLM_RBLN_CACHE_DIR": str(tmp_path / "cache")}
+    run = subprocess.run([sys.executable, str(SERVE), str(request)], capture_output=True,
+                         text=True, timeout=900, env=env)
+    lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
+    assert run.returncode == 0 and lines, run.stdout[-3000:] + run.stderr[-6000:]
+    [first], [second] = json.loads(lines[-1][len("RESULT "):])["rounds"]
+    shares = []
+    for before, after in ((None, first), (first, second)):
+        decode = {k: v - (before["phases"]["decode"][k] if before else 0.0)
+                  for k, v in after["phases"]["decode"].items()}
+        assert decode["attention_s"] > 0 and decode["device_time_s"] > 0
+        shares.append(decode["attention_s"] / sum(decode.values()))
+    assert shares[1] > shares[0], shares

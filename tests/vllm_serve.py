@@ -6,7 +6,8 @@ where REQUEST.json holds a list of cases, each {"llm": {LLM kwargs}, "prompts": 
 ids], "sampling": {SamplingParams kwargs, "choice": [...] for structured output} or a list of
 them, "after": optional prompts for a second generate call on the same engine, "stand_in":
 optional {"boost": {token id: logit}} to replace the compiled graphs' logits by
-`stand_in_logits`}. A case that raises prints its error instead; it prints `RESULT <json list>`
+`stand_in_logits`, "metrics": optional list of vLLM metric names (`llm.get_metrics()`, which
+needs "disable_log_stats": false) whose values to report}. A case that raises prints its error instead; it prints `RESULT <json list>`
 at the end.
 """
 from __future__ import annotations
@@ -87,7 +88,12 @@ def run(LLM, SamplingParams, StructuredOutputsParams, request: dict) -> dict:
             prompts = [{"prompt_token_ids": p} if isinstance(p, list) else p for p in batch]
             outputs += llm.generate(prompts, params[:len(prompts)], use_tqdm=False)
     [stats] = llm.collective_rpc("rbln_stats")
-    return {"outputs": [{"text": o.outputs[0].text, "tokens": list(o.outputs[0].token_ids),
+    wanted = request.get("metrics", [])
+    metrics = {name: 0 for name in wanted}
+    for metric in (llm.get_metrics() if wanted else []):
+        if metric.name in metrics:  # one sample per engine: add them up
+            metrics[metric.name] += metric.value
+    return {"metrics": metrics, "outputs": [{"text": o.outputs[0].text, "tokens": list(o.outputs[0].token_ids),
                          "logprobs": [{str(t): [lp.logprob, lp.rank] for t, lp in position.items()}
                                       for position in o.outputs[0].logprobs or []]}
                         for o in outputs], "stats": stats}

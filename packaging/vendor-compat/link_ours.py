@@ -4,7 +4,9 @@ Why: in the vendor environment `import optimum.rbln` must be the vendor's packag
 and `torch_rbln` are this repository's, live (edits show at once, as with `pip install -e`). A
 `.pth` pointing at `src/` would also expose our `src/optimum`, which shadows or merges with the
 vendor's. So this makes a folder inside the venv holding only links to those two packages and a
-`.pth` naming that folder. Run with the venv's python:
+`.pth` naming that folder. The native libraries in src/ (built there by .venv's `pip install -e`)
+come along with the links; where they are missing, rebel and torch_rbln compile them at first use.
+Run with the venv's python:
 
     .venv-vendor/bin/python packaging/vendor-compat/link_ours.py          # link
     .venv-vendor/bin/python packaging/vendor-compat/link_ours.py --deps   # print our runtime deps

@@ -13,6 +13,12 @@ A step whose requests all bring one token (decode) is one op call over the whole
 that brings several (a prefill chunk) is one call of its own, as the device runs a chunk of one
 sequence at a time. The op writes the new keys and values and attends in one call
 (`forward_includes_kv_cache_update`), so vLLM never calls a separate cache-update kernel.
+
+The op runs here on host tensors, outside the compiled graphs, so the graphs' predicted time does
+not include it: every call adds the device time the timing model predicts for it (`STATS`), by
+the same rules as the op's kernel inside a compiled graph (rebel.runtime.op_timing: the shapes
+this worker holds, i.e. its own heads under tensor parallelism, and the context its sequences
+have reached). The runner adds it to the step's predicted time.
 """
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ from vllm.v1.attention.backend import (AttentionBackend, AttentionImpl, Attentio
 from vllm.v1.kv_cache_interface import KVCacheLayout
 
 import rebel.device.vendor_ops  # noqa: F401  (registers torch.ops.rbln_custom_ops.*)
+from rebel.runtime.op_timing import attention_seconds
 
 # vLLM names backends by its enum; a plugin's backend is the CUSTOM member, registered to this
 # class's path by `register()` (the platform calls it in every process before selecting).
@@ -40,6 +47,23 @@ def register() -> str:
 
 class RblnAttentionError(ValueError):
     """An attention feature the device op does not have."""
+
+
+@dataclass
+class AttentionStats:
+    calls: int = 0
+    seconds: float = 0.0  # predicted device time of the calls
+
+
+STATS = AttentionStats()  # this worker process's attention calls (one worker per die)
+
+
+def _call(name: str, **args) -> torch.Tensor:
+    """Run device op `name` and count its predicted device time."""
+    out = getattr(torch.ops.rbln_custom_ops, name)(**args)
+    STATS.calls += 1
+    STATS.seconds += attention_seconds(name, args)
+    return out
 
 
 class RblnAttentionBackend(AttentionBackend):
@@ -128,15 +152,14 @@ class RblnAttentionImpl(AttentionImpl):
         m, d = attn_metadata, self.head_size
         kcache, vcache = kv_cache[..., :d].unsqueeze(2), kv_cache[..., d:].unsqueeze(2)
         block_size = kv_cache.shape[2]
-        ops = torch.ops.rbln_custom_ops
         if m.decode_only:
             n = len(m.query_start_loc) - 1
             q = query[:n].reshape(n, self.num_kv_heads, self.group, 1, d)
             k = key[:n].reshape(n, self.num_kv_heads, 1, 1, d)
             v = value[:n].reshape(n, self.num_kv_heads, 1, 1, d)
-            out = ops.paged_causal_attn_decode(q, k, v, kcache, vcache, m.computed.view(n, 1),
-                                               self.scale, m.block_table, block_size,
-                                               s_aux=self.sinks)
+            out = _call("paged_causal_attn_decode", q=q, k=k, v=v, kcache=kcache, vcache=vcache,
+                        seq=m.computed.view(n, 1), scale=self.scale, block_table=m.block_table,
+                        block_size=block_size, s_aux=self.sinks)
             output[:n] = out.reshape(n, self.num_heads, d).to(output.dtype)
             return output
         for i in range(len(m.query_start_loc) - 1):
@@ -145,9 +168,10 @@ class RblnAttentionImpl(AttentionImpl):
             q = query[a:b].reshape(s, self.num_kv_heads, self.group, d).permute(1, 2, 0, 3)[None]
             k = key[a:b].reshape(s, 1, self.num_kv_heads, d).permute(2, 1, 0, 3)[None]
             v = value[a:b].reshape(s, 1, self.num_kv_heads, d).permute(2, 1, 0, 3)[None]
-            out = ops.paged_causal_attn_prefill(q.contiguous(), k.contiguous(), v.contiguous(),
-                                                kcache, vcache, m.computed[i].view(1, 1),
-                                                self.scale, m.block_table[i:i + 1], block_size,
-                                                s_aux=self.sinks)
+            out = _call("paged_causal_attn_prefill", q=q.contiguous(), k=k.contiguous(),
+                        v=v.contiguous(), kcache=kcache, vcache=vcache,
+                        seq=m.computed[i].view(1, 1), scale=self.scale,
+                        block_table=m.block_table[i:i + 1], block_size=block_size,
+                        s_aux=self.sinks)
             output[a:b] = out[0].permute(2, 0, 1, 3).reshape(s, self.num_heads, d).to(output.dtype)
         return output

@@ -79,6 +79,20 @@ class StepMetrics:
         return total
 
 
+def export(m: StepMetrics) -> None:
+    """Write `m` into the directory the API server's /metrics reads, when serving under one
+    (VLLM_RBLN_METRICS_DIR set); offline use writes nothing."""
+    folder = os.environ.get(ENV)
+    if folder is None:
+        return
+    try:
+        m.write(folder)
+    except OSError as error:  # the server removed it (shutting down): serving goes on
+        from vllm.logger import init_logger
+        init_logger("vllm.rbln.metrics").warning(
+            "vllm_rbln: cannot write NPU-time metrics to %s: %s", folder, error)
+
+
 class NpuTimeCollector:
     """prometheus_client custom collector over the workers' files."""
 

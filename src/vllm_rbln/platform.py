@@ -2,9 +2,10 @@
 
 vLLM serves a folder written by `RBLN<Model>ForCausalLM.from_pretrained(..., export=True)
 .save_pretrained(folder)`. Its rbln_config.json fixes what vLLM must agree with: the KV-cache block
-size (rbln_kvcache_partition_len), the number of blocks (rbln_batch_size sequences of
-rbln_max_seq_len tokens, plus vLLM's null block), the longest sequence and the batch. Tensors on
-the vLLM side stay on the host ("cpu"); the virtual NPU runs inside the compiled model's runtime.
+size (rbln_kvcache_block_size, which defaults to rbln_kvcache_partition_len), the number of
+blocks (rbln_batch_size sequences of rbln_max_seq_len tokens, plus vLLM's null block), the longest
+sequence and the batch. Tensors on the vLLM side stay on the host ("cpu"); the virtual NPU runs
+inside the compiled model's runtime.
 """
 from __future__ import annotations
 
@@ -166,10 +167,13 @@ class RblnPlatform(Platform):
                 f"tensor/pipeline parallelism is compiled into the model "
                 f"(rbln_tensor_parallel_size={o['tensor_parallel_size']}); run vLLM with "
                 f"tensor_parallel_size=1 and pipeline_parallel_size=1")
-        block = o["kvcache_partition_len"]
+        block = o.get("kvcache_block_size") or o["kvcache_partition_len"]  # older folders: one
         if cache.user_specified_block_size and cache.block_size != block:
             raise RblnPlatformError(f"block_size={cache.block_size} differs from the compiled "
-                                    f"rbln_kvcache_partition_len={block}; pass block_size={block}")
+                                    f"rbln_kvcache_block_size={block}; pass block_size={block} "
+                                    f"(or recompile with rbln_kvcache_block_size="
+                                    f"{cache.block_size}, a divisor of rbln_kvcache_partition_len="
+                                    f"{o['kvcache_partition_len']})")
         cache.block_size = block
         blocks = o["batch_size"] * (o["max_seq_len"] // block)
         cache.num_gpu_blocks_override = blocks + 1  # block 0 is vLLM's null block

@@ -12,6 +12,8 @@ import os
 
 from vllm.logger import init_logger
 
+from . import metrics
+
 logger = init_logger("vllm.rbln.vllm_config")
 
 WORKER = "vllm_rbln.vllm_worker.RblnVllmWorker"
@@ -39,6 +41,7 @@ def check_and_update_config(vllm_config) -> None:
     # which Dynamo traces into ATen. vLLM decided this before our hook from its default mode
     # (VLLM_COMPILE + Inductor), so it is overridden here.
     compilation.ir_enable_torch_wrap = False
+    metrics.install_collector()  # the predicted NPU time per step on /metrics (see metrics.py)
     if not cache.user_specified_block_size or cache.block_size is None:
         cache.block_size = DEFAULT_BLOCK_SIZE
     if model is None:

@@ -12,6 +12,14 @@ serving, so nothing compiles on the hot path. Compiled graphs go to an on-disk c
 with the same model loads them and compiles nothing. `VLLM_RBLN_COMPILE=0` runs the model eagerly
 on host tensors instead (a reference for the compiled path).
 
+Predicted NPU time: a step's is what its device graphs, its attention calls (attention.py times
+each one, as the op's kernel in a compiled graph would be timed) and its collectives on the
+die-to-die link (communicator.py) are predicted to take on this worker's die, summed. The runner
+keeps it per step (`metrics.StepMetrics`, a step counted as prefill when any request brings more
+than one token, else decode), reports it in `rbln_stats`, and the first tensor-parallel rank
+writes it for `/metrics` (the dies run the same steps in lockstep, so one die's figure is the
+step's).
+
 One thing of vLLM's runner does not run on this host: the slot mapping of a step's tokens is a
 Triton kernel (vllm/v1/worker/block_table.py, `_COMPUTE_SLOT_MAPPING_KERNEL`), and Triton has no
 CPU target here. The runner computes the same mapping in PyTorch (`_slot_mapping`).
@@ -28,6 +36,8 @@ import torch
 from vllm.logger import init_logger
 from vllm.v1.attention.backends.utils import PAD_SLOT_ID
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+
+from . import metrics
 
 logger = init_logger("vllm.rbln.vllm_model_runner")
 
@@ -80,9 +90,53 @@ def _slot_mapping(self, num_reqs: int, query_start_loc: torch.Tensor,
     out[tokens:] = PAD_SLOT_ID
 
 
+# What a step's predicted NPU time is made of (counters of `_counters`): device graphs, attention
+# calls between them, collectives.
+PARTS = ("device_time_s", "attention_s", "collective_s")
+
+
 class RblnVllmModelRunner(CPUModelRunner):
     compiled = False
     sizes: list[int] = []
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.step_metrics = metrics.StepMetrics()
+        self.phases: dict[str, dict[str, float]] = {}  # phase -> PARTS -> predicted seconds
+        self.last_step: tuple[float, float] | None = None  # predicted (prefill, decode) seconds
+        self._step_start: dict | None = None
+
+    def execute_model(self, scheduler_output, intermediate_tensors=None):
+        """vLLM's step, with its predicted NPU time counted from here to the end of sampling."""
+        self.last_step = None
+        self._step_start = self._counters() if scheduler_output.total_num_scheduled_tokens \
+            else None
+        self._step_prefill = any(n > 1 for n in scheduler_output.num_scheduled_tokens.values())
+        output = super().execute_model(scheduler_output, intermediate_tensors)
+        if output is not None:  # no sampling follows
+            self._end_step()
+        return output
+
+    def sample_tokens(self, grammar_output):
+        output = super().sample_tokens(grammar_output)
+        self._end_step()
+        return output
+
+    def _end_step(self) -> None:
+        start, self._step_start = self._step_start, None
+        if start is None:
+            return
+        now = self._counters()
+        parts = {k: now[k] - start[k] for k in PARTS}
+        seconds = sum(parts.values())
+        self.last_step = (seconds, 0.0) if self._step_prefill else (0.0, seconds)
+        phase = self.phases.setdefault("prefill" if self._step_prefill else "decode",
+                                       dict.fromkeys(PARTS, 0.0))
+        for k, v in parts.items():
+            phase[k] += v
+        self.step_metrics.observe(*self.last_step)
+        if self._rank() == 0:
+            metrics.export(self.step_metrics)
 
     def load_model(self, load_dummy_weights: bool = False) -> None:
         super().load_model(load_dummy_weights)
@@ -107,6 +161,10 @@ class RblnVllmModelRunner(CPUModelRunner):
 
     def _die(self) -> int:
         """One worker per die: tensor-parallel rank r runs its graphs on rbln:r."""
+        return self._rank()
+
+    @staticmethod
+    def _rank() -> int:
         from vllm.distributed import get_tensor_model_parallel_rank
         return get_tensor_model_parallel_rank()
 
@@ -155,19 +213,27 @@ class RblnVllmModelRunner(CPUModelRunner):
     def _counters(self) -> dict:
         from torch_rbln import stats
 
+        from .attention import STATS as attention
         from .communicator import STATS as collectives
         r = stats.current()
         return {"graph_runs": r.graph_runs, "graph_fallback_runs": r.graph_fallback_runs,
                 "device_time_s": r.device_time_s, "graphs_compiled": len(r.graph_compiles),
+                "attention_calls": attention.calls, "attention_s": attention.seconds,
                 "collectives": collectives.calls, "collective_bytes": collectives.bytes,
                 "collective_s": collectives.seconds}
 
     def rbln_stats(self) -> dict:
         """Warm-up figures, then what serving did since: graphs compiled (0 when every step hit
         a bucket), device graph runs, graphs that ran on the host instead, predicted device time
-        of the graphs and of this worker's collectives on the die-to-die link."""
+        of the graphs (device_time_s), of the attention calls between them and of this worker's
+        collectives on the die-to-die link; the steps and their predicted time (the three
+        summed per step: step_s, split into prefill_s and decode_s; `phases` splits each phase
+        into the three)."""
         now, base = self._counters(), getattr(self, "_base", None) or {}
         since = {k: v - base.get(k, 0) for k, v in now.items()}
         since["graphs_compiled_after_warm_up"] = since.pop("graphs_compiled")
+        steps = self.step_metrics
         return {"compiled": self.compiled, "die": self._die(), **getattr(self, "warm", {}),
-                **since}
+                **since, "steps": steps.steps, "step_s": steps.step_s,
+                "prefill_s": steps.prefill_s, "decode_s": steps.decode_s,
+                "phases": {k: dict(v) for k, v in self.phases.items()}}

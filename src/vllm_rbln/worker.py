@@ -46,7 +46,7 @@ class RblnWorker(WorkerBase):
     def _kv_spec(self) -> FullAttentionSpec:
         kv_heads, head_dim = kv_heads_and_dim(self.model.config)
         o = self.model.rbln_config
-        return FullAttentionSpec(block_size=o.kvcache_partition_len, num_kv_heads=kv_heads,
+        return FullAttentionSpec(block_size=o.block_size, num_kv_heads=kv_heads,
                                  head_size=head_dim, dtype=getattr(torch, o.device_dtype))
 
     def get_kv_cache_spec(self) -> dict[str, KVCacheSpec]:
@@ -59,9 +59,12 @@ class RblnWorker(WorkerBase):
         return [layout.name for layout in get_supported_kv_cache_layouts([])]
 
     def determine_available_memory(self) -> int:
-        """The bytes of the KV cache the compiled model holds in device DRAM."""
+        """The bytes of the KV cache vLLM manages: the rbln_batch_size x blocks_per_sequence
+        blocks of rbln_kvcache_block_size tokens the compiled model holds in device DRAM, plus
+        vLLM's null block 0 (never given to a request; block id b is cache block b - 1). So
+        vLLM's own count from these bytes equals num_gpu_blocks_override (platform.py)."""
         o = self.model.rbln_config
-        blocks = o.batch_size * o.blocks_per_sequence
+        blocks = o.batch_size * o.blocks_per_sequence + 1
         return blocks * self._kv_spec().page_size_bytes * self.model.config.num_hidden_layers
 
     def initialize_from_config(self, kv_cache_config) -> None:
@@ -79,16 +82,12 @@ class RblnWorker(WorkerBase):
 
     def _export_npu_time(self) -> None:
         """This step's predicted NPU time into the file the API server's /metrics reads."""
-        folder = os.environ.get(metrics.ENV)
-        if folder is None or self.runner.last_step is None:
+        if os.environ.get(metrics.ENV) is None or self.runner.last_step is None:
             return
         if not hasattr(self, "_metrics"):
             self._metrics = metrics.StepMetrics()
         self._metrics.observe(*self.runner.last_step)
-        try:
-            self._metrics.write(folder)
-        except OSError as error:  # the server removed it (shutting down): serving goes on
-            logger.warning("vllm_rbln: cannot write NPU-time metrics to %s: %s", folder, error)
+        metrics.export(self._metrics)
 
     def _log_npu_time(self) -> None:
         """Put the predicted NPU time per step in the server's log: at the first step, then at

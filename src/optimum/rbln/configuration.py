@@ -24,7 +24,11 @@ class RBLNConfig:
     """Everything that shapes the compiled graphs, plus where to run them.
 
     batch_size: most sequences decoded together. max_seq_len: prompt + generated tokens.
-    kvcache_partition_len: KV-cache block (and attention partition) length; divides max_seq_len.
+    kvcache_partition_len: attention partition length (the device attends to the context one
+    partition at a time, combining partial softmaxes); divides max_seq_len.
+    kvcache_block_size: tokens per KV-cache block (the unit a serving engine allocates and its
+    prefix cache shares); divides kvcache_partition_len, defaults to it. Blocks smaller than a
+    partition let vLLM's prefix cache reuse whole blocks of a shared prompt prefix.
     prefill_chunk_size: prompt tokens per prefill run (longer prompts loop chunks on the host).
     prefill_chunk_sizes: prefill graphs to compile, the largest being prefill_chunk_size; a chunk
       runs in the smallest that holds it, so a short prompt (or a prompt's last chunk) pays a
@@ -38,6 +42,7 @@ class RBLNConfig:
     batch_size: int = 1
     max_seq_len: int | None = None
     kvcache_partition_len: int | None = None
+    kvcache_block_size: int | None = None
     prefill_chunk_size: int = 128
     prefill_chunk_sizes: list[int] | None = None
     decoder_batch_sizes: list[int] | None = None
@@ -78,8 +83,10 @@ class RBLNConfig:
             self.max_seq_len = min(max_position_embeddings or 2048, 8192)
         if self.kvcache_partition_len is None:
             self.kvcache_partition_len = min(self.max_seq_len, 4096)
+        if decoder and self.kvcache_block_size is None:
+            self.kvcache_block_size = self.kvcache_partition_len
         for name in ("batch_size", "max_seq_len", "kvcache_partition_len", "prefill_chunk_size",
-                     "tensor_parallel_size"):
+                     "tensor_parallel_size", *(("kvcache_block_size",) if decoder else ())):
             positive_int(name)
         if max_position_embeddings and self.max_seq_len > max_position_embeddings:
             raise RBLNConfigError(f"rbln_max_seq_len={self.max_seq_len} exceeds the model's "
@@ -92,6 +99,10 @@ class RBLNConfig:
         if self.max_seq_len % self.kvcache_partition_len:
             raise RBLNConfigError(f"rbln_kvcache_partition_len={self.kvcache_partition_len} must divide "
                                   f"rbln_max_seq_len={self.max_seq_len}")
+        if self.kvcache_partition_len % self.kvcache_block_size:
+            raise RBLNConfigError(f"rbln_kvcache_block_size={self.kvcache_block_size} must divide "
+                                  f"rbln_kvcache_partition_len={self.kvcache_partition_len} (a "
+                                  f"partition is a whole number of KV-cache blocks)")
         if self.prefill_chunk_size > self.max_seq_len or self.max_seq_len % self.prefill_chunk_size:
             raise RBLNConfigError(f"rbln_prefill_chunk_size={self.prefill_chunk_size} must divide "
                                   f"rbln_max_seq_len={self.max_seq_len}")
@@ -123,8 +134,16 @@ class RBLNConfig:
         return self
 
     @property
+    def block_size(self) -> int:
+        """Tokens per KV-cache block (folders compiled before rbln_kvcache_block_size existed
+        have blocks of a whole partition)."""
+        return self.kvcache_block_size or self.kvcache_partition_len
+
+    @property
     def blocks_per_sequence(self) -> int:
-        return self.max_seq_len // self.kvcache_partition_len
+        """KV-cache blocks one sequence of rbln_max_seq_len tokens owns (a block table's
+        entries)."""
+        return self.max_seq_len // self.block_size
 
     def to_json(self) -> dict:
         data = dataclasses.asdict(self)
@@ -151,7 +170,10 @@ class RBLNConfig:
         if "prefill_chunk_sizes" not in data and data.get("decoder_batch_sizes") is not None:
             # compiled before prefill buckets existed: its one prefill graph is the whole chunk
             data["prefill_chunk_sizes"] = [data.get("prefill_chunk_size", cls.prefill_chunk_size)]
-        return cls(**{k: v for k, v in data.items() if k in fields})
+        options = cls(**{k: v for k, v in data.items() if k in fields})
+        if options.kvcache_block_size is None and options.kvcache_partition_len is not None:
+            options.kvcache_block_size = options.kvcache_partition_len  # folder from before the option
+        return options
 
     def prefill_bucket(self, tokens: int) -> int:
         """The compiled prefill chunk a run of `tokens` prompt tokens pads to: the smallest that

@@ -15,7 +15,7 @@ from ..ir import GETITEM, Op, TensorSpec
 from ..npu.spec import ProductSpec
 from .program import Kernel
 from .support import classify
-from .tensor_parallel import Sharding
+from .tensor_parallel import SHARD, Sharding
 
 PAGED_ATTENTION = "rbln.paged_attention.default"
 CACHE_UPDATE = "rbln_custom_ops.rbln_cache_update.default"
@@ -23,7 +23,9 @@ CACHE_UPDATE = "rbln_custom_ops.rbln_cache_update.default"
 
 def paged_operands(op: Op) -> dict | None:
     """Names of a paged-attention op's operands (q, k, v, kcache, vcache, tables, positions) and
-    its block size, for ours and the vendor's variants alike; None for other ops."""
+    its block size, for ours and the vendor's variants alike; None for other ops. For ours,
+    "block" is the attention partition (the unit in which it reads the cache), which may span
+    several cache blocks of kcache.shape[2] tokens each."""
     if op.target == PAGED_ATTENTION:
         q, k, v, kc, vc, tables, positions = (a.name for a in op.args[:7])
         return {"q": q, "k": k, "v": v, "kcache": kc, "vcache": vc, "tables": tables,
@@ -74,17 +76,21 @@ class Scheduler:
         capacity = self.spec.die.memory.shared_sram_bytes
         sram: dict[str, int] = {}
         for i, (kernel, names) in enumerate(zip(kernels, reads)):
+            untouched, passed_views = _views_passed_through(kernel)
             dma_in = []
             for v in names:
-                if v in sram:
+                if v in sram or v in untouched:
                     continue
-                nbytes = self.logical_bytes(v) if v in host_copies else self.device_bytes(v)
-                nbytes = self._viewed_bytes(kernel, v, nbytes)
+                whole = self.logical_bytes(v) if v in host_copies else self.device_bytes(v)
+                nbytes = self._viewed_bytes(kernel, v, whole)
                 dma_in.append(Transfer(v, nbytes, weight=v in self.weights))
-                if v not in self.weights and last_use.get(v, -1) > i:
+                # only a tensor loaded whole is in SRAM for later kernels (not one view of it)
+                if v not in self.weights and last_use.get(v, -1) > i and nbytes == whole:
                     self._keep(sram, v, self.device_bytes(v), capacity)
             dma_out = []
             for v in kernel.outputs:
+                if v in passed_views:
+                    continue
                 host_dtype = kernel.kind == "cast_out"
                 nbytes = self.logical_bytes(v) if host_dtype else self.device_bytes(v)
                 needed_later = last_use.get(v, -1) > i  # O(1): no scan of later kernels
@@ -108,9 +114,11 @@ class Scheduler:
 
     def _viewed_bytes(self, kernel: Kernel, value: str, nbytes: int) -> int:
         """A kernel that reads a tensor only through views (k_cache[i], x[:, -1]) loads only
-        the viewed part."""
+        the viewed part; so does one that takes its die's slice of a replicated tensor (a
+        strided DMA of the slice, not of the whole tensor)."""
         readers = [o for o in kernel.ops if value in o.refs]
-        if not readers or any(o.kind != "alias" or o.name not in self.values for o in readers):
+        if not readers or any(not (o.kind == "alias" or o.target == SHARD) or o.name not in self.values
+                              for o in readers):
             return nbytes
         return min(nbytes, sum(self.device_bytes(o.name) for o in readers))
 
@@ -281,6 +289,34 @@ def _round_up(x: int, multiple: int) -> int:
     return max(multiple, math.ceil(x / multiple) * multiple)
 
 
+def _views_passed_through(kernel: Kernel) -> tuple[set[str], set[str]]:
+    """Views of a kernel's inputs that only pass through it. Fusion may put `k_cache[i]` (a
+    select of a resident cache) into the norm kernel before the attention that reads it; the
+    norm never touches those bytes, and the view's data stays where its base is, so neither
+    loading the base nor writing the view out is traffic of this kernel (the attention kernel
+    loads the view; a kernel of views alone moves nothing). Returns (inputs only such views
+    read, the views themselves)."""
+    made = {o.name for o in kernel.ops}
+    used = {r for o in kernel.ops if o.kind != "alias" for r in o.refs}
+    aliases = {o.name: o for o in kernel.ops if o.kind == "alias"}
+    frontier = [a for a in used if a in aliases]
+    while frontier:  # views that feed computation read their sources too
+        for r in aliases[frontier.pop()].refs:
+            if r not in used:
+                used.add(r)
+                if r in aliases:
+                    frontier.append(r)
+
+    def root(name: str) -> str:
+        while name in aliases and aliases[name].refs:
+            name = aliases[name].refs[0]
+        return name
+
+    passed = {a for a in aliases if a not in used and root(a) not in made}
+    untouched = {r for a in passed for r in aliases[a].refs if r not in made and r not in used}
+    return untouched, passed
+
+
 def _rows_read(op: Op, dma_in: tuple, out_bytes: int) -> tuple:
     """A lookup (embedding, index_select) reads only the rows it returns, not its whole table."""
     table = op.args[0].name  # embedding(weight, ids), index_select(table, dim, ids), gather(...)
@@ -307,8 +343,9 @@ def _attention_shape(op: Op, values: dict[str, TensorSpec]):
     if op.target == PAGED_ATTENTION:
         # paged(q, k_new, v_new, k_cache, v_cache, block_tables, positions, P, scale): keys are
         # the sequence's blocks (counted full: the context length is only known at run time)
+        # (table entries x tokens per cache block: rbln_max_seq_len, whatever the block size)
         blocks = values[op.args[5].name].shape[-1]
-        k = (*k[:-2], blocks * int(op.args[7]), k[-1])
+        k = (*k[:-2], blocks * values[op.args[3].name].shape[2], k[-1])
         causal = False
     else:
         causal = bool(op.kwargs.get("is_causal", op.args[5] if len(op.args) > 5 else False))

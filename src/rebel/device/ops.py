@@ -6,11 +6,15 @@ functional (returns updated copies of the caches); the device kernel writes the 
 which is equivalent because a compiled graph never reads a cache again after updating it.
 
 Semantics, per sequence b and query token j with absolute position p = positions[b, j]
-(p < 0 marks padding):
-  1. the token's key/value go to block block_table[b, p // P], slot p % P (P: partition length);
+(p < 0 marks padding), with cache blocks of bs = k_cache.shape[2] tokens and the attention
+partition P (a multiple of bs):
+  1. the token's key/value go to block block_table[b, p // bs], slot p % bs;
   2. the query attends to every cached position <= p of its sequence (causal within a chunk),
-     computed partition by partition: each partition yields a partial softmax (max, sum,
-     weighted values) and the partials are combined, as flash-decoding does on the chip.
+     computed partition by partition: partition i gathers its P / bs blocks (block-table
+     entries i * P / bs ...) into P consecutive keys, yields a partial softmax (max, sum,
+     weighted values), and the partials are combined, as flash-decoding does on the chip.
+Blocks smaller than a partition are what lets a serving engine's prefix cache share a prompt
+prefix block by block; the arithmetic per partition is the same whatever the block size.
 """
 from __future__ import annotations
 
@@ -40,7 +44,11 @@ def paged_attention_inplace(q, k, v, k_cache, v_cache, block_table, positions, p
     """Write the new keys/values into the caches (in place) and attend; returns
     (out, k_cache, v_cache) with the caches being the same tensors that were passed in."""
     b, heads, s, d = q.shape
-    kv_heads = k_cache.shape[1]
+    kv_heads, block_size = k_cache.shape[1], k_cache.shape[2]
+    if partition_len % block_size:
+        raise ValueError(f"paged_attention: cache blocks of {block_size} tokens must divide the "
+                         f"partition length {partition_len}")
+    per_partition = partition_len // block_size
     group = heads // kv_heads
     positions = positions.long()
     block_table = block_table.long()
@@ -49,8 +57,8 @@ def paged_attention_inplace(q, k, v, k_cache, v_cache, block_table, positions, p
     bi, ji = valid.nonzero(as_tuple=True)
     if bi.numel():
         pos = positions[bi, ji]
-        blocks = block_table[bi, pos // partition_len]
-        slots = pos % partition_len
+        blocks = block_table[bi, pos // block_size]
+        slots = pos % block_size
         k_cache[blocks, :, slots] = k[bi, :, ji].to(k_cache.dtype)
         v_cache[blocks, :, slots] = v[bi, :, ji].to(v_cache.dtype)
     # 2. attend partition by partition, combining partial softmaxes
@@ -62,9 +70,8 @@ def paged_attention_inplace(q, k, v, k_cache, v_cache, block_table, positions, p
     acc = torch.zeros((b, kv_heads, group, s, d))
     for p in range(parts):
         width = min(partition_len, context - p * partition_len)        # keys anyone can see
-        blocks = block_table[:, p]                                      # [b]
-        keys = k_cache[blocks, :, :width].float()                       # [b, kvh, width, d]
-        values = v_cache[blocks, :, :width].float()
+        keys, values = (_partition(cache, block_table, p, per_partition, width).float()
+                        for cache in (k_cache, v_cache))                # [b, kvh, width, d]
         key_pos = p * partition_len + torch.arange(width)
         scores = torch.einsum("bhgsd,bhpd->bhgsp", qf, keys) * scale
         visible = key_pos.view(1, 1, 1, 1, -1) <= positions.view(b, 1, 1, s, 1)
@@ -79,6 +86,19 @@ def paged_attention_inplace(q, k, v, k_cache, v_cache, block_table, positions, p
         m = m_new
     out = torch.where(denom > 0, acc / denom.clamp_min(1e-30), torch.zeros_like(acc))
     return out.view(b, heads, s, d).to(q.dtype), k_cache, v_cache
+
+
+def _partition(cache, block_table, p: int, per_partition: int, width: int) -> torch.Tensor:
+    """The first `width` keys (or values) of partition p of every sequence, [b, kvh, width, d]:
+    its blocks' slots laid end to end."""
+    if per_partition == 1:
+        return cache[block_table[:, p], :, :width]
+    block_size = cache.shape[2]
+    used = -(-width // block_size)                                      # blocks holding them
+    blocks = block_table[:, p * per_partition:p * per_partition + used]  # [b, used]
+    gathered = cache[blocks]                                            # [b, used, kvh, bs, d]
+    b, _, kvh, _, d = gathered.shape
+    return gathered.transpose(1, 2).reshape(b, kvh, used * block_size, d)[:, :, :width].contiguous()
 
 
 def scalar_index(t: torch.Tensor) -> torch.Tensor:

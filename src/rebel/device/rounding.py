@@ -4,15 +4,20 @@ Device tensors are FP32 tensors holding values the 16-bit dtype holds, so every 
 is rounded. `t.to(float16).to(float32)` does it with two casts and two allocations; `round_`
 rounds the tensor's own memory instead: a few lines of C (csrc/round16.c: F16C for FP16, the
 round-to-nearest-even bias for BF16), bit-identical to torch's conversions, loaded with ctypes.
-Plain C needs no torch headers, so it builds in well under a second, once per machine, into the
-same cache torch's extensions use; without a C compiler (or off x86) `round_` falls back to
-`t.copy_(t.to(dtype))`, which gives the same values. Both the compiled-model executor and the
-eager device (torch_rbln) import it from here, the lowest layer that rounds.
+`pip install` builds it (setup.py) beside this file as `_round16_<key>` + the extension suffix,
+the key a hash of the C source and its header, so a library built from other sources is never
+loaded. A checkout that was never installed builds it at first use instead: plain C needs no
+torch headers, so that takes well under a second, once per machine, into the same cache torch's
+extensions use. Without either (no C compiler, or off x86) `round_` falls back to
+`t.copy_(t.to(dtype))`, which gives the same values. The compiled-model executor rounds through
+here, the lowest layer that rounds; the eager device (torch_rbln) compiles the same C source into
+its shim.
 """
 from __future__ import annotations
 
 import ctypes
 import hashlib
+import importlib.machinery
 import os
 import shutil
 import subprocess
@@ -23,6 +28,8 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).parent / "csrc" / "round16.c"
+HEADER = SOURCE.with_name("round16.h")
+PREFIX = "_round16_"
 _lock = threading.Lock()
 _lib = None
 _loaded = False
@@ -34,15 +41,35 @@ def _cache_dir() -> Path:
     return Path(root)
 
 
+def key(source: Path = SOURCE, header: Path = HEADER) -> str:
+    """A hash of the C source and its header (setup.py names its build with it too)."""
+    digest = hashlib.sha256()
+    for path in (source, header):
+        data = path.read_bytes()
+        digest.update(f"{path.name} {len(data)}\n".encode())
+        digest.update(data)
+    return digest.hexdigest()[:16]
+
+
+def installed(folder: Path = Path(__file__).parent) -> Path | None:
+    """The library `pip install` built from these sources, if there is one."""
+    name = PREFIX + key()
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        if (folder / (name + suffix)).is_file():
+            return folder / (name + suffix)
+    return None
+
+
 def _build() -> ctypes.CDLL | None:
-    """Compile round16.c to a shared library (cached by source hash); None when impossible."""
+    """The installed library, else round16.c compiled now (cached by source hash); None when
+    impossible."""
     if os.environ.get("RBLN_NATIVE_ROUNDING", "1") == "0":
         return None
+    target = installed()
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
+    if target is None and compiler is None:
         return None
-    key = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
-    target = _cache_dir() / f"rbln_round16-{key}.so"
+    target = target or _cache_dir() / f"rbln_round16-{key()}.so"
     try:
         if not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)

@@ -59,8 +59,8 @@ class PagedSite:
     kernel: str
     positions: str      # the input holding each query token's position
     rows: int           # sequences in the graph
-    blocks: int         # KV blocks compiled per sequence
-    block: int          # tokens per block
+    blocks: int         # KV blocks (ours: attention partitions) compiled per sequence
+    block: int          # tokens per block (ours: per partition)
     span: int = 0       # vendor ops: positions holds each row's first new token, then `span`
 
 
@@ -79,6 +79,8 @@ def paged_sites(program: Program) -> list[PagedSite]:
             vendor = p.get("vendor")
             if vendor is not None and vendor.family == "sliding":
                 continue  # a fixed window: timed as compiled
+            if vendor is None:  # ours reads the cache partition by partition, whatever its blocks
+                blocks = blocks * program.values[p["kcache"]].shape[2] // p["block"]
             sites.append(PagedSite(k.name, p["positions"], rows, blocks, p["block"],
                                    q[-2] if vendor is not None else 0))
     return sites

@@ -28,9 +28,7 @@
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/library.h>
 
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
+#include "round16.h"  // rebel/device/csrc: the 16-bit rounder, shared with rebel's executor
 
 #include <atomic>
 #include <cstdlib>
@@ -273,30 +271,17 @@ at::Tensor adopt(const at::Tensor& t, int device) {
 // --- rounding to the device's 16-bit format -------------------------------------------------------
 // Every float32 value an eager op leaves on the device is rounded to FP16 (or BF16). Through ATen
 // that is a conversion to a temporary and a copy back (~2 us for 64x64, mostly op overhead); the
-// F16C round trip below does it in place in ~0.3 us, bit-identical (IEEE round-to-nearest-even,
-// the same instructions ATen's own vectorized conversion uses).
-
-#if defined(__x86_64__)
-__attribute__((target("avx,f16c"))) void round_half_f16c(float* p, int64_t n) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(p + i), _MM_FROUND_TO_NEAREST_INT);
-    _mm256_storeu_ps(p + i, _mm256_cvtph_ps(h));
-  }
-  for (; i < n; ++i) p[i] = _cvtsh_ss(_cvtss_sh(p[i], _MM_FROUND_TO_NEAREST_INT));
-}
-const bool g_has_f16c = __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c");
-#else
-void round_half_f16c(float*, int64_t) {}
-const bool g_has_f16c = false;
-#endif
+// F16C round trip of rebel's round16.c (compiled into this library: one rounder for the eager device
+// and the compiled-model executor) does it in place in ~0.3 us, bit-identical (IEEE
+// round-to-nearest-even, the same instructions ATen's own vectorized conversion uses).
+const bool g_has_f16c = rbln_has_f16c() != 0;
 
 // Round a float32 CPU tensor in place to values the 16-bit format holds; other dtypes untouched.
 void round_to_16bit(const at::Tensor& t, bool bf16) {
   if (t.scalar_type() != at::kFloat || t.numel() == 0) return;
   if (!bf16 && g_has_f16c && t.is_contiguous()) {
     float* p = t.data_ptr<float>();
-    at::parallel_for(0, t.numel(), 1 << 16, [p](int64_t b, int64_t e) { round_half_f16c(p + b, e - b); });
+    at::parallel_for(0, t.numel(), 1 << 16, [p](int64_t b, int64_t e) { rbln_round_half(p + b, e - b); });
     return;
   }
   at::Tensor(t).copy_(t.to(bf16 ? at::kBFloat16 : at::kHalf));
@@ -394,7 +379,12 @@ PyMethodDef methods[] = {
     {"set_device", py_set_current, METH_O, "set this thread's current device"},
     {nullptr, nullptr, 0, nullptr}};
 
-PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "rbln_shim", nullptr, -1, methods};
+// The module's name carries its build key (torch_rbln/_shim.py), so it comes from the build.
+#define RBLN_STR2(x) #x
+#define RBLN_STR(x) RBLN_STR2(x)
+#define RBLN_CAT2(a, b) a##b
+#define RBLN_CAT(a, b) RBLN_CAT2(a, b)
+PyModuleDef module_def = {PyModuleDef_HEAD_INIT, RBLN_STR(TORCH_EXTENSION_NAME), nullptr, -1, methods};
 
 }  // namespace
 
@@ -412,4 +402,4 @@ TORCH_LIBRARY_IMPL(aten, PrivateUse1, m) {
   m.impl("set_", TORCH_FN(set_empty));
 }
 
-PyMODINIT_FUNC PyInit_rbln_shim(void) { return PyModule_Create(&module_def); }
+PyMODINIT_FUNC RBLN_CAT(PyInit_, TORCH_EXTENSION_NAME)(void) { return PyModule_Create(&module_def); }

@@ -65,7 +65,8 @@ class RBLNDecoderOnlyModelForCausalLM(RBLNModel):
     def _compile(cls, model, options: RBLNConfig):
         o = options
         blocks = o.batch_size * o.blocks_per_sequence
-        paged = PagedCausalLM(model, num_blocks=blocks, block_size=o.kvcache_partition_len).eval()
+        paged = PagedCausalLM(model, num_blocks=blocks, block_size=o.block_size,
+                              partition_len=o.kvcache_partition_len).eval()
 
         def graph_inputs(batch: int, tokens: int):
             return [torch.zeros(batch, tokens, dtype=torch.long),

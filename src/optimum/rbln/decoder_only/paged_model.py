@@ -5,7 +5,9 @@ unchanged) and swaps the attention for `rbln::paged_attention` through transform
 `AttentionInterface`, so any model that routes attention through that interface (Llama, Qwen2,
 Qwen3, Mistral...) works without copying its code. The KV cache is one buffer pair per layer,
 [num_blocks, kv_heads, block_size, head_dim], that the graphs update in place; every compiled
-graph (the prefill chunk and each decode batch size) shares it, so it lives across runs.
+graph (the prefill chunk and each decode batch size) shares it, so it lives across runs. A block
+may be smaller than the attention partition (a partition is then several blocks of the block
+table), so a serving engine's prefix cache can share blocks of a prompt prefix.
 """
 from __future__ import annotations
 
@@ -48,7 +50,7 @@ def paged_attention_forward(module, query, key, value, attention_mask, scaling=N
     scale = float(scaling if scaling is not None else query.shape[-1] ** -0.5)
     out, k_cache, v_cache = torch.ops.rbln.paged_attention(
         query, key, value, owner.k_cache(layer), owner.v_cache(layer), rbln_paged.block_tables,
-        rbln_paged.positions, owner.block_size, scale)
+        rbln_paged.positions, owner.partition_len, scale)
     rbln_paged.updates[layer] = (k_cache, v_cache)
     return out.transpose(1, 2), None
 
@@ -62,13 +64,17 @@ class PagedCausalLM(torch.nn.Module):
     logits_index [b]) -> next-token logits [b, vocab] of the token at logits_index in each row.
     Positions < 0 mark padding: those tokens are neither cached nor attended to."""
 
-    def __init__(self, hf_model, num_blocks: int, block_size: int):
+    def __init__(self, hf_model, num_blocks: int, block_size: int, partition_len: int | None = None):
         super().__init__()
         config = hf_model.config
         config._attn_implementation = ATTENTION
         self.body = hf_model.get_decoder() if hasattr(hf_model, "get_decoder") else hf_model.model
         self.lm_head = hf_model.get_output_embeddings()
         self.block_size = block_size
+        self.partition_len = partition_len or block_size
+        if self.partition_len % block_size:
+            raise ValueError(f"KV-cache block size {block_size} must divide the attention "
+                             f"partition {self.partition_len}")
         self.num_layers = config.num_hidden_layers
         kv_heads, head_dim = kv_heads_and_dim(config)
         shape = (num_blocks, kv_heads, block_size, head_dim)

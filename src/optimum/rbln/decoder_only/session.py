@@ -80,7 +80,7 @@ class PagedGraphs:
         blocks = self.options.batch_size * bps
         if tables.shape[-1] != bps:
             raise InputError(f"block tables must have {bps} entries per sequence "
-                             f"(rbln_max_seq_len / rbln_kvcache_partition_len), got {tables.shape[-1]}")
+                             f"(rbln_max_seq_len / rbln_kvcache_block_size), got {tables.shape[-1]}")
         if int(tables.min()) < 0 or int(tables.max()) >= blocks:
             raise InputError(f"block ids must lie in 0..{blocks - 1}, got {tables.tolist()}")
         return tables.long()

@@ -5,9 +5,11 @@
  * place. Both are bit-identical to torch's own conversions (IEEE round to nearest even): FP16 uses
  * the F16C instructions ATen's vectorised conversion uses, BF16 the rounding-bias trick of
  * c10::BFloat16 (NaN becomes the canonical quiet NaN there too).
- * Plain C with no torch headers, so it builds in a fraction of a second wherever a C compiler is.
+ * Plain C with no torch headers, so it builds in a fraction of a second wherever a C compiler is;
+ * it is also valid C++, as which torch_rbln's shim compiles it in (round16.h gives C linkage).
  */
-#include <stdint.h>
+#include "round16.h"
+
 #include <string.h>
 
 #if defined(__x86_64__)
@@ -22,7 +24,6 @@ __attribute__((target("avx,f16c"))) static void half_f16c(float* p, int64_t n) {
 }
 #endif
 
-/* 1 when this CPU can round FP16 here (F16C), else 0: the caller then uses torch. */
 int rbln_has_f16c(void) {
 #if defined(__x86_64__)
   __builtin_cpu_init();
