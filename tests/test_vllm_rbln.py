@@ -161,6 +161,29 @@ def test_prefix_cache_hits_with_sub_partition_blocks(prefix_folders, tmp_path):
 
 
 @pytest.mark.slow
+def test_short_prefill_chunks_keep_results_for_less_npu_time(folders, compiled, tmp_path):
+    """A folder compiled with prefill chunks of 4, 8 and 16 tokens: vLLM's chunked prefill and
+    prefix caching run each chunk in the smallest graph that holds it. Tokens stay those of
+    generate (and of the one-chunk folder); the predicted prefill time drops."""
+    model = RBLNLlamaForCausalLM.from_pretrained(folders[0], export=True,
+                                                 **{**OPTIONS, "rbln_prefill_chunk_sizes": [4, 8, 16]})
+    short = model.save_pretrained(tmp_path / "short")
+    shared = prompts(4)[3][:64]
+    first, later = [shared + [101, 102, 103], prompts(2)[1], prompts(1)[0]], [shared + [7] * 9]
+    engine = {**ENGINE, "max_num_batched_tokens": 24}
+    cases = serve(tmp_path, *({"llm": {"model": str(f), **engine}, "prompts": first, "after": later,
+                               "sampling": GREEDY} for f in (folders[1], short)))
+    want = [expected(compiled, p, 10) for p in first + later]
+    assert [[o["tokens"] for o in case["outputs"]] for case in cases] == [want, want]
+    assert [expected(model, p, 10) for p in first + later] == want
+    whole, bucketed = (case["stats"] for case in cases)
+    assert bucketed["prefill_chunks"] == whole["prefill_chunks"]
+    assert bucketed["cached_prompt_tokens"] == whole["cached_prompt_tokens"] == 64
+    assert bucketed["prefill_s"] < whole["prefill_s"]
+    assert bucketed["decode_s"] == pytest.approx(whole["decode_s"])
+
+
+@pytest.mark.slow
 def test_sampling_options(folders, compiled, tmp_path):
     """Seeds, structured output (choice), logprobs and bad_words, in one engine."""
     prompt = prompts(3)[2]

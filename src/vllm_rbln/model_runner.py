@@ -1,8 +1,11 @@
 """One vLLM engine step on the compiled LLM: vLLM's own model runner keeps the requests (its
 persistent `InputBatch`: tokens, block tables, sampling parameters, seeded generators, logits
 processors) and samples (its v1 `Sampler`, grammar bitmask, logprobs and logprobs_mode); this
-subclass only replaces the forward pass with the compiled prefill graph (one chunk of one request
-at a time) and decode graph (every single-token request at once).
+subclass only replaces the forward pass with the compiled prefill graphs (one chunk of one request
+at a time, in the smallest compiled chunk that holds it) and decode graph (every single-token
+request at once: one call per step while they fit the largest decode batch). The step's inputs
+(tokens, positions, block tables) come from vLLM's persistent batch arrays in whole-batch numpy /
+torch operations, not per-request Python.
 
 It subclasses vLLM's CPU model runner, as the CPU platform does with the GPU one: the tensors on
 the vLLM side are host tensors, and the compiled model's runtime owns the device and its KV cache.
@@ -86,16 +89,17 @@ class RblnModelRunner(CPUModelRunner):
             return EMPTY_MODEL_RUNNER_OUTPUT
         batch = self.input_batch
         n = batch.num_reqs
-        counts = np.array([scheduler_output.num_scheduled_tokens[r] for r in batch.req_ids])
+        scheduled = scheduler_output.num_scheduled_tokens
+        counts = np.fromiter((scheduled[r] for r in batch.req_ids), dtype=np.int64, count=n)
         logits = torch.zeros(n, batch.vocab_size, dtype=torch.float32)
         before = self.stats.prefill_s, self.stats.decode_s
-        singles = [i for i in range(n) if counts[i] == 1]
-        for i in range(n):
-            if counts[i] > 1:
-                self._prefill(i, int(counts[i]), logits)
+        tables = self._tables(n)
+        for i in np.flatnonzero(counts > 1).tolist():
+            self._prefill(i, int(counts[i]), tables[i], logits)
+        singles = torch.from_numpy(np.flatnonzero(counts == 1))
         biggest = max(self.options.decoder_batch_sizes)
-        for start in range(0, len(singles), biggest):
-            self._decode(singles[start:start + biggest], logits)
+        for start in range(0, len(singles), biggest):  # one call a step when the batch fits
+            self._decode(singles[start:start + biggest], tables, logits)
         self.stats.steps += 1
         self.last_step = self.stats.prefill_s - before[0], self.stats.decode_s - before[1]
         # a chunk that does not end its prompt: vLLM samples the row and drops the token
@@ -106,34 +110,38 @@ class RblnModelRunner(CPUModelRunner):
             scheduler_output, logits, None, None, nothing, nothing, None, None, None, None)
         return None
 
-    def _tokens(self, i: int) -> torch.Tensor:
+    def _tables(self, n: int) -> torch.Tensor:
+        """The device block tables [n, blocks_per_sequence] of the batch's rows, from vLLM's
+        persistent block table (its numpy array, kept by `_update_states` as the scheduler hands
+        out blocks): vLLM's block b is cache block b - 1 (block 0 is its null block), and entries
+        past a row's blocks are 0."""
+        group = self.input_batch.block_table.block_tables[0]
+        width = min(group.block_table.np.shape[1], self.options.blocks_per_sequence)
+        used = np.arange(width) < group.num_blocks_per_row[:n, None]  # a row's own blocks only
+        tables = np.zeros((n, self.options.blocks_per_sequence), dtype=np.int64)
+        tables[:, :width] = np.where(used, group.block_table.np[:n, :width].astype(np.int64) - 1, 0)
+        return torch.from_numpy(tables)
+
+    def _prefill(self, i: int, count: int, table: torch.Tensor, logits: torch.Tensor) -> None:
+        """This step's `count` prompt tokens of row i, chunk by chunk (the prefill graphs run one
+        request: each chunk in the smallest compiled chunk that holds it)."""
         batch = self.input_batch
-        return torch.from_numpy(batch.token_ids_cpu[i, :batch.num_tokens_no_spec[i]].astype(np.int64))
-
-    def _table(self, i: int) -> torch.Tensor:
-        blocks = self.requests[self.input_batch.req_ids[i]].block_ids[0]
-        table = torch.zeros(self.options.blocks_per_sequence, dtype=torch.long)
-        table[:len(blocks)] = torch.tensor(blocks, dtype=torch.long) - 1
-        return table
-
-    def _prefill(self, i: int, count: int, logits: torch.Tensor) -> None:
-        table, tokens = self._table(i), self._tokens(i)
         chunk = self.options.prefill_chunk_size
-        begin = int(self.input_batch.num_computed_tokens_cpu[i])
-        end = begin + count
-        for start in range(begin, end, chunk):
-            last, report = self.graphs.prefill_chunk(tokens[start:min(start + chunk, end)], start,
+        begin = int(batch.num_computed_tokens_cpu[i])
+        tokens = torch.from_numpy(batch.token_ids_cpu[i, begin:begin + count].astype(np.int64))
+        for start in range(0, count, chunk):
+            last, report = self.graphs.prefill_chunk(tokens[start:start + chunk], begin + start,
                                                      table)
             self.stats.prefill_s += report.latency_s
             self.stats.prefill_chunks += 1
         logits[i] = last.float()
 
-    def _decode(self, rows: list[int], logits: torch.Tensor) -> None:
+    def _decode(self, rows: torch.Tensor, tables: torch.Tensor, logits: torch.Tensor) -> None:
+        """One decode graph run for these rows: each row's token at its next position."""
         batch = self.input_batch
-        positions = torch.tensor([int(batch.num_computed_tokens_cpu[i]) for i in rows])
-        tokens = torch.tensor([int(batch.token_ids_cpu[i, p]) for i, p in zip(rows, positions)])
-        tables = torch.stack([self._table(i) for i in rows])
-        out, report = self.graphs.decode(tokens, positions, tables)
+        positions = batch.num_computed_tokens_cpu_tensor[rows].long()
+        tokens = batch.token_ids_cpu_tensor[rows, positions].long()
+        out, report = self.graphs.decode(tokens, positions, tables[rows])
         self.stats.decode_s += report.latency_s
         self.stats.decode_batches += 1
         logits[rows] = out.float()

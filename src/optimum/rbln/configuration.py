@@ -6,10 +6,13 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rebel import RBLNError
+from rebel import InputError, RBLNError
 
 CONFIG_NAME = "rbln_config.json"
 CONFIG_VERSION = 1
+MIN_PREFILL_BUCKET = 64   # the default prefill graphs stop halving here (a chat prompt: 30-60 tokens)
+PREFILL_BUCKETS = 3       # at most this many default prefill graphs: each is one more capture of
+                          # the model (SmolLM2: 3 graphs compile in 1.0x, 5 in 1.9x the time)
 
 
 class RBLNConfigError(RBLNError, ValueError):
@@ -27,6 +30,12 @@ class RBLNConfig:
     prefix cache shares); divides kvcache_partition_len, defaults to it. Blocks smaller than a
     partition let vLLM's prefix cache reuse whole blocks of a shared prompt prefix.
     prefill_chunk_size: prompt tokens per prefill run (longer prompts loop chunks on the host).
+    prefill_chunk_sizes: prefill graphs to compile, the largest being prefill_chunk_size; a chunk
+      runs in the smallest that holds it, so a short prompt (or a prompt's last chunk) pays a
+      short chunk, not a whole one. Default: prefill_chunk_size and its halves down to
+      MIN_PREFILL_BUCKET tokens, at most PREFILL_BUCKETS graphs (128 -> [64, 128]): each graph
+      is one more compile of the model, so a few sizes, not every one. A folder compiled
+      before this option existed holds one prefill graph and loads as [prefill_chunk_size].
     decoder_batch_sizes: decode graphs to compile (default: just batch_size).
     """
 
@@ -35,6 +44,7 @@ class RBLNConfig:
     kvcache_partition_len: int | None = None
     kvcache_block_size: int | None = None
     prefill_chunk_size: int = 128
+    prefill_chunk_sizes: list[int] | None = None
     decoder_batch_sizes: list[int] | None = None
     tensor_parallel_size: int = 1
     npu: str | None = None
@@ -104,9 +114,23 @@ class RBLNConfig:
             raise RBLNConfigError(f"rbln_decoder_batch_sizes must be integers between 1 and "
                                   f"rbln_batch_size={self.batch_size}, got {sizes!r}")
         self.decoder_batch_sizes = sorted(set(sizes))
-        if self.prefill_chunk_size == 1 and 1 in self.decoder_batch_sizes:
-            raise RBLNConfigError("rbln_prefill_chunk_size=1 would give the prefill graph the same "
-                                  "shape as the batch-1 decode graph; use a chunk of 2 or more")
+        if self.prefill_chunk_sizes is None:
+            self.prefill_chunk_sizes = default_prefill_buckets(self.prefill_chunk_size)
+        chunks = self.prefill_chunk_sizes
+        if not isinstance(chunks, (list, tuple)) or not chunks or any(
+                isinstance(c, bool) or not isinstance(c, int) or not 1 <= c <= self.prefill_chunk_size
+                for c in chunks):
+            raise RBLNConfigError(f"rbln_prefill_chunk_sizes must be integers between 1 and "
+                                  f"rbln_prefill_chunk_size={self.prefill_chunk_size}, got {chunks!r}")
+        if self.prefill_chunk_size not in chunks:
+            raise RBLNConfigError(f"rbln_prefill_chunk_sizes={list(chunks)!r} must include "
+                                  f"rbln_prefill_chunk_size={self.prefill_chunk_size} (the chunk "
+                                  "longer prompts are cut into)")
+        self.prefill_chunk_sizes = sorted(set(chunks))
+        if self.prefill_chunk_sizes[0] == 1 and 1 in self.decoder_batch_sizes:
+            name = "rbln_prefill_chunk_size" if self.prefill_chunk_size == 1 else "rbln_prefill_chunk_sizes"
+            raise RBLNConfigError(f"{name}=1 would give a prefill graph the same shape as the "
+                                  "batch-1 decode graph; use a chunk of 2 or more")
         return self
 
     @property
@@ -143,7 +167,29 @@ class RBLNConfig:
         if data.pop("version", None) != CONFIG_VERSION:
             raise RBLNConfigError(f"{path} was written by an incompatible open-rbln version")
         fields = {f.name for f in dataclasses.fields(cls)}
+        if "prefill_chunk_sizes" not in data and data.get("decoder_batch_sizes") is not None:
+            # compiled before prefill buckets existed: its one prefill graph is the whole chunk
+            data["prefill_chunk_sizes"] = [data.get("prefill_chunk_size", cls.prefill_chunk_size)]
         options = cls(**{k: v for k, v in data.items() if k in fields})
         if options.kvcache_block_size is None and options.kvcache_partition_len is not None:
             options.kvcache_block_size = options.kvcache_partition_len  # folder from before the option
         return options
+
+    def prefill_bucket(self, tokens: int) -> int:
+        """The compiled prefill chunk a run of `tokens` prompt tokens pads to: the smallest that
+        holds them."""
+        for size in self.prefill_chunk_sizes or [self.prefill_chunk_size]:
+            if size >= tokens:
+                return size
+        raise InputError(f"a prefill chunk of {tokens} tokens exceeds "
+                         f"rbln_prefill_chunk_size={self.prefill_chunk_size}")
+
+
+def default_prefill_buckets(chunk: int) -> list[int]:
+    """`chunk` and its halves while they stay whole and at least MIN_PREFILL_BUCKET tokens, at
+    most PREFILL_BUCKETS sizes: 128 -> [64, 128], 2048 -> [512, 1024, 2048], 16 -> [16]."""
+    sizes = [chunk]
+    while (len(sizes) < PREFILL_BUCKETS and sizes[0] % 2 == 0
+           and sizes[0] // 2 >= MIN_PREFILL_BUCKET):
+        sizes.insert(0, sizes[0] // 2)
+    return sizes

@@ -1,5 +1,6 @@
-"""Decoder-only LLMs on the device: one compiled model holding a prefill graph (one chunk) and a
-decoder_batch_<b> graph per decode batch size, sharing weights and the paged KV cache."""
+"""Decoder-only LLMs on the device: one compiled model holding a prefill graph per prefill chunk
+size (rbln_prefill_chunk_sizes: a short prompt runs a short chunk) and a decoder_batch_<b> graph
+per decode batch size, sharing weights and the paged KV cache."""
 from __future__ import annotations
 
 import threading
@@ -73,8 +74,7 @@ class RBLNDecoderOnlyModelForCausalLM(RBLNModel):
                     torch.zeros(batch, o.blocks_per_sequence, dtype=torch.long),
                     torch.zeros(batch, dtype=torch.long)]
 
-        buckets = [graph_inputs(1, o.prefill_chunk_size)]
-        buckets += [graph_inputs(b, 1) for b in o.decoder_batch_sizes]
+        buckets = [graph_inputs(batch, tokens) for _, batch, tokens in graph_shapes(o)]
         compiled = rebel.compile_from_torch(paged, example_inputs=buckets, npu=o.npu,
                                             tensor_parallel_size=o.tensor_parallel_size,
                                             device_dtype=o.device_dtype)
@@ -82,8 +82,9 @@ class RBLNDecoderOnlyModelForCausalLM(RBLNModel):
 
     @property
     def graph_names(self) -> list[str]:
-        """The graphs in the compiled model, in bucket order."""
-        return ["prefill", *(f"decoder_batch_{b}" for b in self.rbln_config.decoder_batch_sizes)]
+        """The graphs in the compiled model, in bucket order: "prefill" (a whole chunk),
+        "prefill_<n>" per shorter prefill chunk, "decoder_batch_<b>" per decode batch."""
+        return [name for name, _, _ in graph_shapes(self.rbln_config)]
 
     @property
     def generation_config(self) -> GenerationConfig:
@@ -200,6 +201,15 @@ class RBLNDecoderOnlyModelForCausalLM(RBLNModel):
             probs = torch.softmax(scores, dim=-1)
             return torch.multinomial(probs, 1, generator=generator).squeeze(1)
         return scores.argmax(-1)
+
+
+def graph_shapes(o: RBLNConfig) -> list[tuple[str, int, int]]:
+    """(name, batch, tokens) of each compiled graph, in bucket order. The whole prefill chunk
+    comes first (bucket 0, as in folders compiled with one prefill graph), then the shorter
+    chunks, then the decode batches."""
+    shorter = [c for c in o.prefill_chunk_sizes if c != o.prefill_chunk_size]
+    return [("prefill", 1, o.prefill_chunk_size), *((f"prefill_{c}", 1, c) for c in shorter),
+            *((f"decoder_batch_{b}", b, 1) for b in o.decoder_batch_sizes)]
 
 
 def _processors(do_sample: bool, temperature, top_k, top_p) -> LogitsProcessorList:

@@ -1,6 +1,7 @@
 """Driving the compiled LLM graphs: `PagedGraphs` is their calling convention (one prefill chunk of
-one sequence, or one decode step of a batch, each given the block tables of the sequences it
-touches); `PagedSession` is a batch of sequences for `generate`.
+one sequence, in the smallest compiled chunk that holds it, or one decode step of a batch, each
+given the block tables of the sequences it touches); `PagedSession` is a batch of sequences for
+`generate`.
 
 A session's sequences each own a KV-cache slot (slot s: blocks [s * blocks_per_seq, (s+1) *
 blocks_per_seq)) reserved from the model's `SlotPool` for the session's life, so concurrent
@@ -32,16 +33,18 @@ class PagedGraphs:
     def prefill_chunk(self, tokens: torch.Tensor, start: int, table: torch.Tensor
                       ) -> tuple[torch.Tensor, RunReport]:
         """Cache `tokens` (at most one chunk) at positions start.. of the sequence whose blocks
-        are `table`; logits [vocab] of the last of them."""
+        are `table`; logits [vocab] of the last of them. Runs the smallest compiled prefill
+        chunk that holds them (rbln_prefill_chunk_sizes), padded with positions -1."""
         o = self.options
         n = len(tokens)
         if not 0 < n <= o.prefill_chunk_size:
             raise InputError(f"a prefill chunk holds 1..{o.prefill_chunk_size} tokens, got {n}")
         if start < 0 or start + n > o.max_seq_len:
             raise InputError(f"tokens {start}..{start + n - 1} exceed rbln_max_seq_len={o.max_seq_len}")
-        ids = torch.zeros(1, o.prefill_chunk_size, dtype=torch.long)
+        width = o.prefill_bucket(n)
+        ids = torch.zeros(1, width, dtype=torch.long)
         ids[0, :n] = tokens
-        positions = torch.full((1, o.prefill_chunk_size), -1, dtype=torch.long)
+        positions = torch.full((1, width), -1, dtype=torch.long)
         positions[0, :n] = torch.arange(start, start + n)
         logits = self.runtime.run(ids, positions, self._tables(table.view(1, -1)),
                                   torch.tensor([n - 1]))
