@@ -1,7 +1,8 @@
 """Wall time of `Runtime.run` against plain PyTorch CPU eager on the same model, side by side.
 
 The virtual NPU computes in FP32 and rounds to 16 bits, so the emulation should cost little more
-than eager PyTorch: the target is at most 1.3x. Prints one row per model and the ratio.
+than eager PyTorch: the target is at most 1.1x (issue 11; the transformer encoder block's row is in
+`emulation_speed.py`). Prints one row per model and the ratio.
 """
 from __future__ import annotations
 
@@ -74,7 +75,7 @@ def main() -> None:
     for r in rows:
         print(f"{r['model']:24s} {r['eager_ms']:10.3f} {r['rbln_ms']:15.3f} {r['ratio']:6.2f}x "
               f"{r['predicted_us']:17.1f}")
-    print(f"max ratio {max(r['ratio'] for r in rows):.2f}x (target <= 1.30x)")
+    print(f"max ratio {max(r['ratio'] for r in rows):.2f}x (target <= 1.10x)")
 
 
 if __name__ == "__main__":
