@@ -9,7 +9,6 @@ inside the compiled model's runtime.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -43,14 +42,22 @@ class RblnRequestError(VLLMValidationError, ValueError):
     `except ValueError` in offline callers working."""
 
 
-def compiled_options(folder: str | Path) -> dict:
-    path = Path(folder) / "rbln_config.json"
-    if not path.is_file():
+def compiled_options(folder: str | Path):
+    """The folder's `RBLNConfig` (its defaults filled as for a folder loaded to run it)."""
+    from optimum.rbln.configuration import CONFIG_NAME, RBLNConfig
+    if not (Path(folder) / CONFIG_NAME).is_file():
         raise RblnPlatformError(
             f"vllm_rbln serves compiled models: {folder} has no rbln_config.json. Compile it first, "
             f"e.g. RBLNLlamaForCausalLM.from_pretrained(model_id, export=True, rbln_batch_size=4)"
             f".save_pretrained(folder), then LLM(model=folder)")
-    return json.loads(path.read_text())
+    return RBLNConfig.load(Path(folder))
+
+
+def vllm_blocks(o) -> int:
+    """The KV-cache blocks vLLM manages for a compiled folder: its rbln_batch_size x
+    blocks_per_sequence device blocks plus vLLM's null block 0 (never given to a request; vLLM's
+    block id b is cache block b - 1)."""
+    return o.batch_size * o.blocks_per_sequence + 1
 
 
 class RblnPlatform(Platform):
@@ -165,24 +172,23 @@ class RblnPlatform(Platform):
         if parallel.world_size != 1:
             raise RblnPlatformError(
                 f"tensor/pipeline parallelism is compiled into the model "
-                f"(rbln_tensor_parallel_size={o['tensor_parallel_size']}); run vLLM with "
+                f"(rbln_tensor_parallel_size={o.tensor_parallel_size}); run vLLM with "
                 f"tensor_parallel_size=1 and pipeline_parallel_size=1")
-        block = o.get("kvcache_block_size") or o["kvcache_partition_len"]  # older folders: one
+        block = o.block_size
         if cache.user_specified_block_size and cache.block_size != block:
             raise RblnPlatformError(f"block_size={cache.block_size} differs from the compiled "
                                     f"rbln_kvcache_block_size={block}; pass block_size={block} "
                                     f"(or recompile with rbln_kvcache_block_size="
                                     f"{cache.block_size}, a divisor of rbln_kvcache_partition_len="
-                                    f"{o['kvcache_partition_len']})")
+                                    f"{o.kvcache_partition_len})")
         cache.block_size = block
-        blocks = o["batch_size"] * (o["max_seq_len"] // block)
-        cache.num_gpu_blocks_override = blocks + 1  # block 0 is vLLM's null block
-        if model.max_model_len > o["max_seq_len"]:
+        cache.num_gpu_blocks_override = vllm_blocks(o)
+        if model.max_model_len > o.max_seq_len:
             if model.original_max_model_len is not None:
                 raise RblnPlatformError(f"max_model_len={model.max_model_len} exceeds the compiled "
-                                        f"rbln_max_seq_len={o['max_seq_len']}")
-            model.max_model_len = o["max_seq_len"]
-        if scheduler.max_num_seqs > o["batch_size"]:
+                                        f"rbln_max_seq_len={o.max_seq_len}")
+            model.max_model_len = o.max_seq_len
+        if scheduler.max_num_seqs > o.batch_size:
             logger.info("max_num_seqs %d -> %d (the compiled rbln_batch_size)",
-                        scheduler.max_num_seqs, o["batch_size"])
-            scheduler.max_num_seqs = o["batch_size"]
+                        scheduler.max_num_seqs, o.batch_size)
+            scheduler.max_num_seqs = o.batch_size

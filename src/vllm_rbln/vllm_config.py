@@ -26,6 +26,10 @@ def check_and_update_config(vllm_config) -> None:
 
     parallel, cache = vllm_config.parallel_config, vllm_config.cache_config
     scheduler, model = vllm_config.scheduler_config, vllm_config.model_config
+    if parallel.decode_context_parallel_size != 1:
+        raise ValueError(f"decode_context_parallel_size={parallel.decode_context_parallel_size}: "
+                         "vllm_rbln Path B has no decode context parallelism; use 1 "
+                         "(tensor_parallel_size splits the model over dies)")
     if parallel.worker_cls == "auto":
         parallel.worker_cls = WORKER
     if parallel.distributed_executor_backend is None:

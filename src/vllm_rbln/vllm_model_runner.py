@@ -135,7 +135,7 @@ class RblnVllmModelRunner(CPUModelRunner):
         for k, v in parts.items():
             phase[k] += v
         self.step_metrics.observe(*self.last_step)
-        if self._rank() == 0:
+        if self._die() == 0:  # the first tensor-parallel rank speaks for the step
             metrics.export(self.step_metrics)
 
     def load_model(self, load_dummy_weights: bool = False) -> None:
@@ -161,10 +161,6 @@ class RblnVllmModelRunner(CPUModelRunner):
 
     def _die(self) -> int:
         """One worker per die: tensor-parallel rank r runs its graphs on rbln:r."""
-        return self._rank()
-
-    @staticmethod
-    def _rank() -> int:
         from vllm.distributed import get_tensor_model_parallel_rank
         return get_tensor_model_parallel_rank()
 
@@ -181,8 +177,6 @@ class RblnVllmModelRunner(CPUModelRunner):
         for table in self.input_batch.block_table.block_tables:
             if getattr(table, "_rbln_slots", False):
                 continue
-            if table.dcp_world_size != 1:
-                raise NotImplementedError("vllm_rbln: decode context parallelism is not supported")
             table.compute_slot_mapping = types.MethodType(_slot_mapping, table)
             table._rbln_slots = True
 

@@ -16,6 +16,7 @@ from optimum.rbln.decoder_only.paged_model import kv_heads_and_dim
 
 from . import metrics
 from .model_runner import RblnModelRunner
+from .platform import vllm_blocks
 
 logger = init_logger("vllm.rbln.worker")
 
@@ -59,13 +60,11 @@ class RblnWorker(WorkerBase):
         return [layout.name for layout in get_supported_kv_cache_layouts([])]
 
     def determine_available_memory(self) -> int:
-        """The bytes of the KV cache vLLM manages: the rbln_batch_size x blocks_per_sequence
-        blocks of rbln_kvcache_block_size tokens the compiled model holds in device DRAM, plus
-        vLLM's null block 0 (never given to a request; block id b is cache block b - 1). So
-        vLLM's own count from these bytes equals num_gpu_blocks_override (platform.py)."""
-        o = self.model.rbln_config
-        blocks = o.batch_size * o.blocks_per_sequence + 1
-        return blocks * self._kv_spec().page_size_bytes * self.model.config.num_hidden_layers
+        """The bytes of the KV-cache blocks vLLM manages (`vllm_blocks`: the compiled model's
+        device blocks plus vLLM's null block), so vLLM's own count from these bytes equals
+        num_gpu_blocks_override."""
+        return (vllm_blocks(self.model.rbln_config) * self._kv_spec().page_size_bytes
+                * self.model.config.num_hidden_layers)
 
     def initialize_from_config(self, kv_cache_config) -> None:
         self.cache_config.num_gpu_blocks = kv_cache_config.num_blocks
