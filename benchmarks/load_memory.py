@@ -1,0 +1,86 @@
+"""Peak RAM of loading SmolLM2's compiled folder, against the bytes of its weights.
+
+A loader that reads the artifact and then copies its weights holds them twice at the peak; ours
+reads the safetensors member into one buffer the tensors view (issue 11, item 5). Each figure
+is measured in a fresh Python process, so nothing loaded before counts:
+
+- `VmHWM` (the kernel's peak resident set, /proc/self/status) before and after
+  `RBLNLlamaForCausalLM.from_pretrained(folder)`, and after the first generated token (the
+  runtime is created then and binds the weights to its device memory);
+- tracemalloc's peak of Python allocations during the load.
+
+What to expect: the artifact's 16-bit weights once (the load), then the runtime's device
+storage. The emulated device holds each 16-bit value as FP32 (kernels compute in FP32 and round
+to 16 bits), in host RAM since there is no card, so runtime creation adds 2x the 16-bit bytes of
+the weights and of the KV caches (zero buffers: not stored in the artifact, made at load).
+
+The compiled folder is the one `make demo` caches (compiled here if missing).
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "examples"))
+
+MEASURE = r"""
+import json, sys, tracemalloc
+import torch
+from optimum.rbln import RBLNLlamaForCausalLM
+
+def hwm():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+before = hwm()
+tracemalloc.start()
+model = RBLNLlamaForCausalLM.from_pretrained(sys.argv[1])
+_, traced_peak = tracemalloc.get_traced_memory()
+tracemalloc.stop()
+loaded = hwm()
+model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=1, do_sample=False)
+print(json.dumps({"before": before, "loaded": loaded, "first_token": hwm(),
+                  "traced_peak": traced_peak}))
+"""
+
+
+def artifact_bytes(folder: Path) -> tuple[int, int]:
+    """(bytes of the stored weights, 16-bit bytes of the zero buffers made at load)."""
+    from rebel.compiler.artifact import load_artifact
+    with zipfile.ZipFile(folder / "model.rbln") as z:
+        zeros = set(json.loads(z.read("manifest.json")).get("zero_buffers", []))
+    weights = load_artifact(folder / "model.rbln").weights
+    stored = sum(t.numel() * t.element_size() for n, t in weights.items() if n not in zeros)
+    made = sum(t.numel() * t.element_size() for n, t in weights.items() if n in zeros)
+    return stored, made
+
+
+def main() -> None:
+    from demo import compiled_smollm2  # the compiled folder `make demo` caches
+    model, _, how = compiled_smollm2()
+    folder = Path(model._source)
+    del model
+    out = subprocess.run([sys.executable, "-c", MEASURE, str(folder)], check=True,
+                         capture_output=True, text=True).stdout
+    m = json.loads(out.strip().splitlines()[-1])
+    weights, zeros = artifact_bytes(folder)
+    mib = 2 ** 20
+    print(f"SmolLM2-135M compiled folder ({how}): {folder}")
+    print(f"weights stored in the artifact (16-bit)   {weights / mib:8.1f} MiB")
+    print(f"KV caches made at load (16-bit)           {zeros / mib:8.1f} MiB")
+    load = m["loaded"] - m["before"]
+    first = m["first_token"] - m["before"]
+    expected = 3 * (weights + zeros)
+    print(f"peak RSS growth, from_pretrained          {load / mib:8.1f} MiB  ({load / weights:.2f}x the weights)")
+    print(f"peak RSS growth, + first token            {first / mib:8.1f} MiB  ({first / weights:.2f}x the weights)")
+    print(f"  expected: 16-bit host copy + FP32 device storage of weights and caches = "
+          f"{expected / mib:.1f} MiB")
+    print(f"tracemalloc peak, from_pretrained         {m['traced_peak'] / mib:8.1f} MiB  "
+          f"({m['traced_peak'] / weights:.2f}x the weights)")
+
+if __name__ == "__main__":
+    main()
