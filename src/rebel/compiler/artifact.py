@@ -185,7 +185,10 @@ def _zero_buffers(manifest: dict, buckets: list[Program], path: Path) -> dict[st
     specs = {n: s for p in buckets for n, s in p.weights.items()}
     if not isinstance(names, list) or any(n not in specs for n in names):
         raise ArtifactError(f"{path} has a malformed manifest (zero_buffers names no program buffer)")
-    return {n: torch.zeros(specs[n].shape, dtype=to_torch_dtype(specs[n].dtype)) for n in names}
+    # One zero broadcast to the buffer's shape: the host never needs these bytes (the runtime
+    # makes the device's own zeroed storage), so a KV cache costs no host RAM until placed.
+    return {n: torch.zeros((), dtype=to_torch_dtype(specs[n].dtype)).expand(specs[n].shape)
+            for n in names}
 
 
 def _program_file(bucket: int) -> str:
