@@ -1,9 +1,14 @@
 """Predicted figures for models too large to run here, from meta tensors (shapes, no weights).
 
-- Llama-3-8B decode step (batch 1, context 1024) on one RBLN-CA25 (ATOM-Max) card, TP=1 and 4,
-  its KV cache resident in device DRAM (as a serving engine keeps it)
+- Llama-3-8B decode step (batch 1, context 1024) on one RBLN-CA25 (ATOM-Max) card, TP=1 and 4
 - Qwen3-4B on one RBLN-CA25 with TP=4: decode step at batch 1 and 8 (context 1024) and one
   128-token prefill chunk (the first of a prompt: nothing cached yet)
+
+The decoders are transformers' own `LlamaForCausalLM` / `Qwen3ForCausalLM`. A decode step runs
+them as the serving path does (optimum.rbln's `PagedCausalLM`: `rbln::paged_attention` over a
+KV cache held on the device as a persistent buffer, split by KV heads under tensor parallelism,
+one block of 1024 tokens per sequence, every position filled); a prefill chunk is the plain
+forward with the last token's logits only.
 - BERT-large (seq 384, batch 1) and ResNet-50 (batch 1, 224x224) on one ATOM die (RBLN-CA12)
 all FP16. Prints per-run latency, device DRAM per die, and the share of time per kernel class.
 """
@@ -15,7 +20,8 @@ from collections import defaultdict
 
 import torch
 
-from llama_shapes import LlamaDecoder, qwen3_4b  # benchmarks/llama_shapes.py
+from optimum.rbln.decoder_only.paged_model import PagedCausalLM
+from timing_models import LLAMA3_8B, LastLogits  # benchmarks/timing_models.py
 from rebel.compiler.compile import compile_module
 from rebel.device.engine import EventEngine
 from rebel.device.events import LINK, NEURAL_ENGINE
@@ -48,14 +54,36 @@ def resnet50():
     return model, [meta(1, 3, 224, 224)]
 
 
-def report(name: str, module, inputs, npu: str, tp: int = 1, resident: bool = False) -> None:
-    """resident: inputs are already in device DRAM (a KV cache kept on the device)."""
+QWEN3_4B = dict(hidden_size=2560, num_hidden_layers=36, num_attention_heads=32,
+                num_key_value_heads=8, head_dim=128, intermediate_size=9728, vocab_size=151936,
+                tie_word_embeddings=True)
+
+
+def causal_lm(name: str):
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    config_class, model_class, shape = {"llama3-8b": (LlamaConfig, LlamaForCausalLM, LLAMA3_8B),
+                                        "qwen3-4b": (Qwen3Config, Qwen3ForCausalLM, QWEN3_4B)}[name]
+    with torch.device("meta"):
+        return model_class(config_class(**shape, attn_implementation="sdpa")).to(HALF).eval()
+
+
+def decode_step(name: str, batch: int, context: int):
+    """One decode step at `context` tokens (the new one included) for `batch` sequences."""
+    with torch.device("meta"):
+        module = PagedCausalLM(causal_lm(name), num_blocks=batch, block_size=context).to(HALF)
+    ids = meta(batch, 1, dtype=torch.long)
+    return module, [ids, meta(batch, 1, dtype=torch.long), meta(batch, 1, dtype=torch.int32),
+                    meta(batch, dtype=torch.long)]
+
+
+def report(name: str, module, inputs, npu: str, tp: int = 1) -> None:
     spec = load_spec(npu)
     start = time.perf_counter()
     compiled = compile_module(module, inputs, npu=npu, tensor_parallel_size=tp, progress=False)
     compile_s = time.perf_counter() - start
     program = compiled.program
-    engine = EventEngine(spec, 0, group=tuple(range(tp)), resident_inputs=resident)
+    engine = EventEngine(spec, 0, group=tuple(range(tp)))
     timeline = engine.run(build_steps(program, spec))
     busy = defaultdict(float)
     kinds = {k.name: k.kind for k in program.kernels}
@@ -73,16 +101,13 @@ def main() -> None:
     argparse.ArgumentParser(description=__doc__).parse_args()
     ctx = 1024
     for tp in (1, 4):
-        decoder = LlamaDecoder()
-        inputs = [meta(1, 1, dtype=torch.long), meta(32, 1, 8, ctx, 128), meta(32, 1, 8, ctx, 128)]
-        report(f"Llama-3-8B decode step (b1, ctx {ctx})", decoder, inputs, "RBLN-CA25", tp,
-               resident=True)
+        report(f"Llama-3-8B decode step (b1, ctx {ctx})", *decode_step("llama3-8b", 1, ctx),
+               "RBLN-CA25", tp)
     for batch in (1, 8):
-        cache = meta(36, batch, 8, ctx, 128)
-        report(f"Qwen3-4B decode step (b{batch}, ctx {ctx})", qwen3_4b(),
-               [meta(batch, 1, dtype=torch.long), cache, cache.clone()], "RBLN-CA25", 4, resident=True)
-    report("Qwen3-4B prefill chunk (128 tokens)", qwen3_4b(), [meta(1, 128, dtype=torch.long)],
-           "RBLN-CA25", 4)
+        report(f"Qwen3-4B decode step (b{batch}, ctx {ctx})", *decode_step("qwen3-4b", batch, ctx),
+               "RBLN-CA25", 4)
+    report("Qwen3-4B prefill chunk (128 tokens)", LastLogits(causal_lm("qwen3-4b")),
+           [meta(1, 128, dtype=torch.long)], "RBLN-CA25", 4)
     model, inputs = bert_large()
     report("BERT-large (seq 384, b1)", model, inputs, "RBLN-CA12")
     model, inputs = resnet50()
