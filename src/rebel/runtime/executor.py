@@ -82,9 +82,34 @@ def _segment_reads(seg) -> set[str]:
 def place_weights(program: Program, weights: dict[str, torch.Tensor]) -> list[dict]:
     """Each die's weights as the device holds them (FP32 storage of 16-bit values)."""
     sharding = program.sharding
-    full = {n: (t.float() if t.is_floating_point() else t) for n, t in weights.items()}
-    return [{n: shard_weight(t, sharding.weights.get(n), rank, sharding.size) for n, t in full.items()}
-            for rank in range(sharding.size)]
+    size = sharding.size
+    placed = [{} for _ in range(size)]
+    for n, t in weights.items():
+        dim = sharding.weights.get(n)
+        if _is_broadcast_zero(t):  # a KV cache: each die gets its own zeroed storage
+            dtype = torch.float32 if t.is_floating_point() else t.dtype
+            for rank, die in enumerate(placed):
+                shape = t.shape if dim is None or size == 1 else t.chunk(size, dim)[rank].shape
+                die[n] = _zeroed(list(shape), dtype)
+            continue
+        full = t.float() if t.is_floating_point() else t
+        for rank, die in enumerate(placed):
+            die[n] = shard_weight(full, dim, rank, size)
+    return placed
+
+
+def _is_broadcast_zero(t: torch.Tensor) -> bool:
+    """The loader's zero buffers are one zero broadcast to their shape (artifact.py)."""
+    return t.numel() > 1 and t.dim() > 0 and all(s == 0 for s in t.stride()) \
+        and t.device.type == "cpu" and not bool(t.reshape(-1)[0])
+
+
+def _zeroed(shape: list[int], dtype: torch.dtype) -> torch.Tensor:
+    """Zeros in fresh memory from calloc (numpy): the OS maps zero pages lazily, so a KV cache's
+    untouched blocks cost neither the time to write them nor resident memory."""
+    import numpy as np
+
+    return torch.from_numpy(np.zeros(shape, dtype=torch.empty((), dtype=dtype).numpy().dtype))
 
 
 def execute(program: Program, segments: list, die_weights: list[dict], inputs: list[torch.Tensor],
