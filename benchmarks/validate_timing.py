@@ -99,12 +99,15 @@ def predict_ms(rec: dict, spec) -> float:
     else:
         module, inputs = build(rec)
         compiled = compile_module(module, inputs, npu=SPEC, device_dtype="bfloat16", progress=False)
+        # the op rows replay 20 calls of the op on the same input back to back
+        return device_span_ms(compiled.program, spec, replayed=True)
     return device_span_ms(compiled.program, spec)
 
 
-def device_span_ms(program, spec) -> float:
-    """What a CUDA-graph replay times: the device work of one run, inputs already in HBM."""
-    engine = EventEngine(spec, device=0, resident_inputs=True)
+def device_span_ms(program, spec, replayed: bool = False) -> float:
+    """What a CUDA-graph replay times: the device work of one run, inputs already in HBM
+    (and, `replayed`, left in the caches by the same run just before)."""
+    engine = EventEngine(spec, device=0, resident_inputs=True, replayed=replayed)
     events = [e for e in engine.run(build_steps(program, spec)).events
               if e.device is not None and e.track != HDMA]
     return (max(e.end_s for e in events) - min(e.start_s for e in events)) * 1e3
