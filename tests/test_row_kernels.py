@@ -15,7 +15,6 @@ from rebel.device.events import NEURAL_ENGINE, TASK_DMA
 from rebel.device.timing import KernelPlan, RowKernel, row_kernel_seconds
 from rebel.errors import SpecError
 from rebel.npu import load_spec
-from rebel.npu.spec import spec_from_dict, spec_to_dict
 from rebel.runtime.timeline import build_steps
 
 H100 = "NVIDIA-H100-SXM"
@@ -131,8 +130,8 @@ def test_the_engine_slice_is_launch_plus_row_time_with_its_traffic_inside():
     assert ne.args["passes"] == 2
 
 
-def test_replay_resident_fraction_is_checked():
-    table = spec_to_dict(load_spec(H100))
-    table["die"]["memory"]["replay_resident_fraction"] = 1.5
-    with pytest.raises(SpecError, match="replay_resident_fraction"):
-        spec_from_dict(table)
+def test_replay_resident_fraction_is_checked(tmp_path):
+    path = tmp_path / "h100-more-l2.toml"
+    path.write_text('base = "NVIDIA-H100-SXM"\n[die.memory]\nreplay_resident_fraction = 1.5\n')
+    with pytest.raises(SpecError, match="replay_resident_fraction .* at most 1"):
+        load_spec(path)
