@@ -5,7 +5,10 @@ PyTorch module on the meta device, compiled by the real compiler for the H100 sp
 (`rebel/npu/specs/nvidia-h100-sxm.toml`) and timed by the same event engine that times the ATOM.
 The prediction compared is the device time of the op's kernels (Task DMA + compute), as the
 measurement replays only the kernels (CUDA graphs, data already in HBM); copies are predicted
-from the host link. Prints the error per op, per kind, and `MAPE <percent>`. `--norm-fit`
+from the host link. Op rows are timed as replays (`EventEngine(replayed=True)`): the measured
+loop runs the op 20 times on one input, so an input that fits the L2's replay-resident share is
+read from there by the kernels that model their caches (softmax and norms, timed as PyTorch's
+block-per-row CUDA kernels). Prints the error per op, per kind, and `MAPE <percent>`. `--norm-fit`
 also prints how close any latency + bandwidth model gets to the norm rows when fitted to them.
 
 Records of kind "model" (`h100-models.jsonl`: whole models, CUDA-graph replay of the eager PyTorch
