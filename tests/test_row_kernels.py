@@ -102,7 +102,7 @@ def test_a_replayed_input_that_fits_l2_is_read_from_it():
         span_s(big.program, spec, replayed=False), rel=1e-12)
 
 
-def test_loads_in_flight_set_a_small_grid_s_time():
+def test_loads_in_flight_set_the_time_of_a_small_grid():
     """One row on one SM is latency-bound (Little's law): a loop with one load in flight per
     thread takes longer than the same row with all its loads issued at once."""
     spec = load_spec(H100)

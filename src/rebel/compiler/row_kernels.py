@@ -44,7 +44,8 @@ NORM_THREADS = 128                    # num_threads(): 32 x 4 (also the warp sof
 NORM_VECTOR_ELEMS = 4                 # vec_size in layer_norm_kernel.cu
 SOFTMAX_OPS, LAYER_NORM_OPS, RMS_NORM_OPS = 35.0, 12.0, 8.0
 
-SOFTMAX_TARGETS = ("aten._softmax.default", "aten._safe_softmax.default")
+# log-softmax runs the same host_softmax kernels with a log epilogue instead of the division
+SOFTMAX_TARGETS = ("aten._softmax.default", "aten._safe_softmax.default", "aten._log_softmax.default")
 LAYER_NORM = "aten.native_layer_norm.default"
 FUSED_RMS_NORM = "aten._fused_rms_norm.default"
 
