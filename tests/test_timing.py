@@ -239,12 +239,14 @@ def test_validate_timing_against_h100_measurements():
     last = out.strip().splitlines()[-1]
     assert last.startswith("MAPE ")
     mape = float(last.split()[1])
-    assert math.isfinite(mape) and mape < 17.0  # measured 15.8 when this test was written
+    # issue 12's targets: op MAPE <= 12% and no kind above 20% (measured 11.0 when the norm rows
+    # became block-per-row kernels; 15.8 before)
+    assert math.isfinite(mape) and mape <= 12.0
     kinds = {line.split()[0]: float(line.split()[2].rstrip("%")) for line in out.splitlines()
              if line.split() and line.split()[0] in ("gemm", "eltwise", "attention", "norm",
                                                      "h2d-pageable", "d2h-pageable")
              and line.split()[1].isdigit()}
-    assert kinds["gemm"] < 15 and kinds["attention"] < 25
+    assert kinds["gemm"] < 15 and max(kinds[k] for k in ("eltwise", "norm", "attention")) < 20
     # the calibration copies are all pageable (pinned=false); each is reported under its path
     assert kinds["h2d-pageable"] < 10 and kinds["d2h-pageable"] < 5
 

@@ -13,6 +13,7 @@ from ..device.vendor_ops import ATTENTION_TARGETS
 from ..errors import CompileError
 from ..ir import GETITEM, Op, TensorSpec
 from ..npu.spec import ProductSpec
+from . import row_kernels
 from .program import Kernel
 from .support import classify
 from .tensor_parallel import SHARD, Sharding
@@ -216,7 +217,14 @@ class Scheduler:
         else:
             per_pass = self.spec.die.compute.neural_engines * self.spec.die.memory.local_sram_bytes // 2
             tiles = max(1, math.ceil(moved / per_pass))
-        return KernelPlan(flops, gemm, vector_ops, sram_bytes, tiles, dma_in, dma_out, comm, comm_bytes)
+        rows = None
+        if gemm is None and not comm and self.spec.die.compute.row_kernels:
+            refs = {r for o in kernel.ops for r in o.refs if r in self.values}
+            rows = row_kernels.describe(kernel.ops, {r: self.local(r) for r in refs},
+                                        [self.local(t.value).shape for t in dma_in if t.weight],
+                                        self.spec, self.elem)
+        return KernelPlan(flops, gemm, vector_ops, sram_bytes, tiles, dma_in, dma_out, comm,
+                          comm_bytes, rows)
 
     def _local_numel(self, name: str, out: TensorSpec) -> int:
         return TensorSpec(self.sharding.local_shape(name, out.shape), out.dtype).numel

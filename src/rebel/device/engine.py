@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from ..npu.spec import LinkSpec, ProductSpec
 from .events import HDMA, HOST, LINK, NEURAL_ENGINE, TASK_DMA, Event
 from .timing import (KernelPlan, KernelTime, collective_seconds, hdma_seconds, host_memory,
-                     task_dma_seconds)
+                     row_kernel_seconds, task_dma_seconds)
 
 
 @dataclass(frozen=True)
@@ -59,13 +59,17 @@ class Timeline:
 
 class EventEngine:
     def __init__(self, spec: ProductSpec, device: int, prefetch: bool = True,
-                 resident_inputs: bool = False, group: tuple[int, ...] = (), link: LinkSpec | None = None):
+                 resident_inputs: bool = False, group: tuple[int, ...] = (), link: LinkSpec | None = None,
+                 replayed: bool = False):
         """prefetch: predictive DMA of weights (off measures its gain). resident_inputs: the
         inputs are already in device DRAM (no External HDMA in), as when a kernel's operands
         were produced on the device; used to time kernels alone. group, link: the dies of a
         tensor-parallel run (they do the same work in lockstep) and the link their collectives
-        use."""
+        use. replayed: the run repeats back to back on the same inputs (a CUDA-graph replay loop),
+        so inputs that fit the shared SRAM's replay-resident share are read from there by the
+        kernels that model their caches (block-per-row kernels)."""
         self.spec = spec
+        self.replayed = replayed
         self.device = device
         self.prefetch = prefetch
         self.resident_inputs = resident_inputs
@@ -160,6 +164,9 @@ class EventEngine:
 
     def _kernel(self, k: KernelStep, q: _Queues) -> None:
         spec = self.spec
+        if k.plan.rows is not None and spec.die.compute.row_kernels:
+            self._row_kernel(k, q)
+            return
         weights = [x for x in k.plan.dma_in if x.weight]
         acts = [x for x in k.plan.dma_in if not x.weight]
         w_bytes = sum(x.nbytes for x in weights)
@@ -242,6 +249,28 @@ class EventEngine:
             q.dma = ev.end_s
             for x in k.plan.dma_out:
                 q.in_dram[x.value] = ev.end_s
+
+
+    def _row_kernel(self, k: KernelStep, q: _Queues) -> None:
+        """A block-per-row kernel (GPU row reductions) issues its own loads and stores as it
+        runs: one engine slice from its start, after the previous kernel and its inputs, to
+        launch + its row time, with its memory traffic shown on Task DMA inside it."""
+        spec = self.spec
+        ready = [q.in_dram.get(x.value, q.t0) for x in k.plan.dma_in if not x.weight]
+        start = max([q.ne, q.dma, self._gate or q.t0] + ready)
+        seconds = row_kernel_seconds(k.plan.rows, spec, self.replayed)
+        row = k.plan.rows
+        ne = q.emit(NEURAL_ENGINE, k.name, start, k.time.launch_s + seconds, "kernel",
+                    {"ops": list(k.ops), "kind": k.kind, "flops": k.plan.flops, "tiles": k.plan.tiles,
+                     "row_kernel": row.family, "rows": row.rows, "cols": row.cols,
+                     "passes": row.passes})
+        q.emit(TASK_DMA, f"stream {k.name}", start + k.time.launch_s, seconds, "dma_in",
+               {"bytes": k.plan.bytes_in + k.plan.bytes_out,
+                "values": [x.value for x in (*k.plan.dma_in, *k.plan.dma_out)],
+                "in_kernel": True})
+        q.ne = q.dma = ne.end_s
+        for x in k.plan.dma_out:
+            q.in_dram[x.value] = ne.end_s
 
 
 @dataclass

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from ..npu.spec import ProductSpec
+from ..npu.spec import GB, US, ProductSpec
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,42 @@ class GemmTiling:
 
 
 @dataclass(frozen=True)
+class RowKernel:
+    """A row reduction run as one thread block per row (GPU row kernels, e.g. PyTorch's
+    softmax and layer/RMS norm): the structure of the kernel the library picks for the shape.
+
+    passes: dependent reads of the row (softmax without room for the row on chip reads it for
+    the max, again for the sum, again to write); loads_in_flight: loads one thread has
+    outstanding (an unrolled register kernel issues all of its row share at once, a loop one
+    per iteration); reductions: block-wide reductions (shuffles and barriers) per row;
+    weight_rows: row-length vectors (gamma, beta) read with the last pass; ops_per_element:
+    FP32 lane instructions per element (exp, division, casts).
+    """
+
+    family: str
+    rows: int
+    cols: int
+    elem_bytes: int
+    threads: int  # threads working on one row
+    load_bytes: int
+    loads_in_flight: int
+    passes: int
+    reductions: int
+    weight_rows: int = 0
+    ops_per_element: float = 0.0
+    rows_per_block: int = 1  # a warp per row packs several rows into one block
+
+    def to_json(self) -> list:
+        return [self.family, self.rows, self.cols, self.elem_bytes, self.threads, self.load_bytes,
+                self.loads_in_flight, self.passes, self.reductions, self.weight_rows,
+                self.ops_per_element, self.rows_per_block]
+
+    @staticmethod
+    def from_json(d: list) -> RowKernel:
+        return RowKernel(str(d[0]), *(int(x) for x in d[1:10]), float(d[10]), int(d[11]))
+
+
+@dataclass(frozen=True)
 class KernelPlan:
     flops: float = 0.0              # useful matrix FLOPs (reports)
     gemm: GemmTiling | None = None  # how the matrix work is tiled (timing)
@@ -63,6 +99,7 @@ class KernelPlan:
     dma_out: tuple[Transfer, ...] = field(default_factory=tuple)
     comm: str = ""                  # collective over the chip-to-chip link: all_reduce, all_gather
     comm_bytes: int = 0             # size of the full (reduced or gathered) tensor
+    rows: RowKernel | None = None   # a block-per-row kernel's structure (GPU row reductions)
 
     @property
     def bytes_in(self) -> int:
@@ -77,7 +114,8 @@ class KernelPlan:
                 "vector_ops": self.vector_ops, "sram_bytes": self.sram_bytes, "tiles": self.tiles,
                 "dma_in": [t.to_json() for t in self.dma_in],
                 "dma_out": [t.to_json() for t in self.dma_out],
-                "comm": self.comm, "comm_bytes": self.comm_bytes}
+                "comm": self.comm, "comm_bytes": self.comm_bytes,
+                "rows": self.rows.to_json() if self.rows else None}
 
     @staticmethod
     def from_json(d: dict) -> KernelPlan:
@@ -85,7 +123,8 @@ class KernelPlan:
                           float(d["vector_ops"]), float(d["sram_bytes"]), int(d["tiles"]),
                           tuple(Transfer.from_json(t) for t in d["dma_in"]),
                           tuple(Transfer.from_json(t) for t in d["dma_out"]),
-                          str(d.get("comm", "")), int(d.get("comm_bytes", 0)))
+                          str(d.get("comm", "")), int(d.get("comm_bytes", 0)),
+                          RowKernel.from_json(d["rows"]) if d.get("rows") else None)
 
 
 @dataclass(frozen=True)
@@ -127,6 +166,67 @@ def kernel_time(plan: KernelPlan, spec: ProductSpec, dtype: str, kind: str = "")
     return KernelTime(c.kernel_launch_s, compute_s,
                       task_dma_seconds(plan.bytes_in / tiles, spec, kind) if plan.dma_in else 0.0,
                       task_dma_seconds(plan.bytes_out / tiles, spec, kind) if plan.dma_out else 0.0)
+
+
+def row_kernel_seconds(row: RowKernel, spec: ProductSpec, replayed: bool = False) -> float:
+    """Device time of a block-per-row kernel after its launch, from its structure and the
+    engine's caches.
+
+    The rows are spread over the engines; each engine holds as many blocks as its thread and
+    block limits allow, and its blocks go through the kernel's phases one after another
+    (passes over the row, block reductions, stores, arithmetic; each phase ends at a barrier,
+    so with a handful of resident blocks one block's phase does not hide another's). A pass
+    costs one latency of the level it reads from per round of resident blocks, plus its bytes
+    at the lower of the engine's share of that level's bandwidth and what the loads in flight
+    sustain over its latency (Little's law: bytes in flight / latency). The first pass reads
+    the input from DRAM, or from the shared SRAM when `replayed` (the same kernel ran just
+    before on the same input) and the input fits the replay-resident share; later passes
+    re-read the row from L1 while the engine's resident rows fit it, else from the shared SRAM
+    while every engine's resident rows fit there, else from DRAM. Results are written to DRAM.
+    """
+    c, m, d = spec.die.compute, spec.die.memory, spec.die.dma
+    engines = c.neural_engines
+    active = min(engines, max(1, row.rows))
+    per_engine = max(1, row.rows) / active
+    # rows resident on one engine: its block limit or its thread limit
+    resident = max(1, min(c.max_blocks_per_engine * row.rows_per_block,
+                          c.max_threads_per_engine // row.threads))
+    blocks = min(resident, math.ceil(per_engine))
+    rounds = max(1.0, per_engine / blocks)
+    row_bytes = row.cols * row.elem_bytes
+    in_flight = blocks * row.threads * row.load_bytes * row.loads_in_flight
+    levels = {  # latency (s), bandwidth of the whole level (bytes/s)
+        "l1": (m.l1_latency_us * US, m.l1_bandwidth_gbps * GB * engines),
+        "shared": (m.shared_sram_latency_us * US, m.shared_sram_bandwidth),
+        "dram": (d.task_dma_setup_s, d.task_dma_bandwidth),
+    }
+
+    def pass_s(level: str, nbytes_per_engine: float, flight: float) -> float:
+        latency, bandwidth = levels[level]
+        rate = min(bandwidth / active, flight / latency)
+        return rounds * latency + nbytes_per_engine / rate
+
+    fits_replay = replayed and row.rows * row_bytes <= m.replay_resident_bytes
+    first = "shared" if fits_replay else "dram"
+    if blocks * row_bytes <= m.l1_bytes:
+        again = "l1"
+    elif active * blocks * row_bytes <= m.replay_resident_bytes:
+        again = "shared"
+    else:
+        again = "dram"
+    seconds = pass_s(first, per_engine * row_bytes, in_flight)
+    seconds += (row.passes - 1) * pass_s(again, per_engine * row_bytes, in_flight)
+    if row.weight_rows:
+        # gamma/beta: every engine reads them once from the shared SRAM (one round of
+        # latency-bound loads), then from its L1 for the rest of its rows
+        latency, bandwidth = levels["shared"]
+        flight = in_flight * row.weight_rows
+        seconds += latency + row_bytes * row.weight_rows / min(bandwidth / active, flight / latency)
+    seconds += rounds * row.reductions * c.block_reduction_us * US
+    seconds += per_engine * row_bytes / (d.task_dma_bandwidth / active)  # results to DRAM
+    # one FP32 lane instruction per cycle per lane: the datasheet's FP32 rate counts an FMA as two
+    seconds += per_engine * row.cols * row.ops_per_element / (c.vector_flops / 2 / engines)
+    return seconds
 
 
 def layout_transposes_seconds(plan: KernelPlan, spec: ProductSpec) -> float:

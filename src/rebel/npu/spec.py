@@ -41,6 +41,25 @@ class ComputeSpec:
     # transposes its input before and its output after (two more passes over memory, each
     # its own launch): cuDNN on tensor cores with PyTorch's default memory format.
     conv_layout_transposes: bool = False
+    # Row reductions (softmax, layer/RMS norm) run as one thread block per row, the way
+    # PyTorch's CUDA kernels do (SoftMax.cu, layer_norm_kernel.cu): the compiler then records
+    # each such kernel's structure (threads per block, dependent passes over the row,
+    # block-wide reductions) and the timing model follows it instead of a streaming rule.
+    # The figures below describe the engine (an SM) those blocks are resident on; a spec
+    # without them (an NPU) keeps the streaming rule.
+    block_per_row_kernels: bool = False
+    max_threads_per_engine: int | None = None   # resident threads per engine (SM)
+    max_blocks_per_engine: int | None = None    # resident thread blocks per engine
+    max_threads_per_block: int | None = None
+    shared_mem_per_block_kib: float | None = None  # without the opt-in for more
+    block_reduction_us: float | None = None     # one block-wide reduction (shuffles + barriers)
+
+    @property
+    def row_kernels(self) -> bool:
+        """Whether row reductions are timed as block-per-row kernels (all figures present)."""
+        return self.block_per_row_kernels and None not in (
+            self.max_threads_per_engine, self.max_blocks_per_engine, self.max_threads_per_block,
+            self.shared_mem_per_block_kib, self.block_reduction_us)
 
     def peak_flops(self, dtype: str) -> float:
         """Matrix-unit peak in operations per second for a device dtype."""
@@ -71,6 +90,24 @@ class MemorySpec:
     dram_reserved_mib: float
     dram_bandwidth_gbps: float
     shared_sram_bandwidth_gbps: float
+    # Caches a block-per-row kernel's loads hit (see ComputeSpec.block_per_row_kernels):
+    # a per-engine L1 (re-reads of rows it holds) and the shared SRAM (L2) as a cache in
+    # front of DRAM. replay_resident_fraction: the share of the shared SRAM that holds data
+    # read by every engine from one run to the next (a partitioned L2 keeps such lines in
+    # both halves), so a replayed kernel whose inputs fit it reads them from there.
+    l1_kib: float | None = None
+    l1_latency_us: float | None = None
+    l1_bandwidth_gbps: float | None = None      # per engine
+    shared_sram_latency_us: float | None = None
+    replay_resident_fraction: float | None = None
+
+    @property
+    def l1_bytes(self) -> int:
+        return int((self.l1_kib or 0.0) * 1024)
+
+    @property
+    def replay_resident_bytes(self) -> int:
+        return int(self.shared_sram_bytes * (self.replay_resident_fraction or 0.0))
 
     @property
     def local_sram_bytes(self) -> int:
@@ -360,7 +397,7 @@ def _convert(hint, value, key: str, where: str):
             raise SpecError(f"{key} in {where} must be a number, got {value!r}")
         if value < 0 or (value == 0 and not key.endswith("_us")):
             raise SpecError(f"{key} in {where} must be positive, got {value!r}")
-        if key.endswith("efficiency") and value > 1:
+        if (key.endswith("efficiency") or key.endswith("fraction")) and value > 1:
             raise SpecError(f"{key} in {where} is a fraction of peak and must be at most 1, got {value!r}")
         return float(value)
     if hint is bool:
