@@ -17,6 +17,7 @@ from optimum.rbln.decoder_only.paged_model import kv_heads_and_dim
 from . import metrics
 from .model_runner import RblnModelRunner
 from .platform import vllm_blocks
+from .threads import set_serving_threads
 
 logger = init_logger("vllm.rbln.worker")
 
@@ -37,6 +38,7 @@ class RblnWorker(WorkerBase):
         self.runner = RblnModelRunner(self.vllm_config, self.device)
         self.runner.attach(self.model.paged_graphs())
         logger.info("loaded %r", self.model)
+        set_serving_threads()  # the graphs compute on the host's cores: threads.py says why
 
     def get_model(self):
         return self.model
