@@ -26,7 +26,7 @@ import math
 import torch
 
 from ..ir import GETITEM, Op, Ref, TensorSpec, resolve_target, to_torch_dtype
-from .ops import DEVICE_IMPLS, INPLACE_RESULTS
+from .ops import DEVICE_IMPLS, INPLACE_RESULTS, PLANNED
 from .rounding import round_, rounded
 
 # ATen ops whose result always shares its input's memory (a layout, not a computation).
@@ -68,7 +68,10 @@ class _Emitter:
         key = id(value)
         if key not in self.consts:
             self.consts[key] = f"k{len(self.consts)}"
-            self.globals[self.consts[key]] = value
+            # An ATen op is bound as the callable its OpOverload forwards to: the same kernel,
+            # one Python frame less per call (thousands per LLM step).
+            self.globals[self.consts[key]] = value._op if isinstance(value, torch._ops.OpOverload) \
+                else value
         return self.consts[key]
 
     def expr(self, value) -> str:
@@ -134,6 +137,8 @@ def _generate(kernels, keep: set[str], name: str, shared: frozenset) -> tuple[st
             loaded.add(ref)
             stmts.append((f"{em.var(ref)} = env[{ref!r}]", []))
 
+    plans: dict[tuple, str] = {}  # a planned kernel's shared per-run work, by its arguments
+
     for index, (ops, outputs) in enumerate(kernels):
         inside: dict[str, Op] = {}
         if not ops:  # a cast kernel: rounded copies, as the device's cast writes a new buffer
@@ -148,8 +153,18 @@ def _generate(kernels, keep: set[str], name: str, shared: frozenset) -> tuple[st
                 load(r)
             fn = DEVICE_IMPLS.get(op.target) or (None if op.target == GETITEM else resolve_target(op.target))
             out = em.var(op.name)
+            planned = PLANNED.get(op.target)
             if op.target == GETITEM:
                 line = f"{out} = {em.expr(op.args[0])}[{em.expr(op.args[1])}]"
+            elif planned is not None and not op.kwargs and len(op.args) > max(planned[1]):
+                make, at, kernel = planned
+                key = (op.target,) + tuple(em.expr(op.args[i]) for i in at)
+                if key not in plans:  # once per run, before the first kernel that uses it
+                    plans[key] = f"plan{len(plans)}"
+                    reads = [a.name for i in at if isinstance(a := op.args[i], Ref)]
+                    stmts.append((f"{plans[key]} = {em.const(make)}({', '.join(key[1:])})", reads))
+                args = [plans[key]] + [em.expr(a) for i, a in enumerate(op.args) if i not in at]
+                line = f"{out} = {em.const(kernel)}({', '.join(args)})"
             else:
                 args = [em.expr(a) for a in op.args]
                 args += [f"{k}={em.expr(v)}" for k, v in op.kwargs.items()]

@@ -101,6 +101,124 @@ def _partition(cache, block_table, p: int, per_partition: int, width: int) -> to
     return gathered.transpose(1, 2).reshape(b, kvh, used * block_size, d)[:, :, :width].contiguous()
 
 
+class PagedPlan:
+    """What every layer's paged attention in one run shares, derived once from the block tables
+    and positions (the graph's inputs; every layer reads the same ones): which tokens are new
+    and where they go, the context reached (the one host sync of the run), and per partition
+    the blocks to gather and the keys each query must not see. The generated executor builds
+    one per run (`PLANNED` below) and hands it to every layer's kernel; before, each layer
+    re-derived all of it, syncing with the host each time. Pieces that depend on the cache's
+    block size or the partition length are made at first use and kept by those."""
+
+    def __init__(self, block_table: torch.Tensor, positions: torch.Tensor):
+        self.positions = positions.long()
+        self.block_table = block_table.long()
+        self.bi, self.ji = (self.positions >= 0).nonzero(as_tuple=True)
+        self.any = self.bi.numel() > 0
+        self.new_pos = self.positions[self.bi, self.ji]
+        self.context = int(self.positions.max().item()) + 1 if self.any else 0
+        self._writes: dict[int, tuple] = {}
+        self._parts: dict[tuple[int, int], list] = {}
+
+    def writes(self, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(blocks, slots) of the new tokens (in nonzero order) for caches of this block size."""
+        got = self._writes.get(block_size)
+        if got is None:
+            got = self._writes[block_size] = (
+                self.block_table[self.bi, self.new_pos // block_size], self.new_pos % block_size)
+        return got
+
+    def partitions(self, block_size: int, partition_len: int) -> list:
+        """(width, gather, hidden) per partition: the keys anyone can see, the block-table
+        entries (per_partition 1) or columns to gather, and the mask of keys hidden from each
+        query, [b, 1, 1, s, width]."""
+        key = (block_size, partition_len)
+        got = self._parts.get(key)
+        if got is None:
+            b, s = self.positions.shape
+            per_partition = partition_len // block_size
+            parts = max(1, -(-self.context // partition_len))
+            got = []
+            for p in range(parts):
+                width = min(partition_len, self.context - p * partition_len)
+                if per_partition == 1:
+                    gather = self.block_table[:, p]
+                else:
+                    used = -(-width // block_size)
+                    gather = self.block_table[:, p * per_partition:p * per_partition + used]
+                key_pos = p * partition_len + torch.arange(width)
+                visible = key_pos.view(1, 1, 1, 1, -1) <= self.positions.view(b, 1, 1, s, 1)
+                got.append((width, gather, ~visible))
+            self._parts[key] = got
+        return got
+
+
+def paged_attention_planned(plan: PagedPlan, q, k, v, k_cache, v_cache, partition_len: int,
+                            scale: float):
+    """`paged_attention_inplace` with the run's shared work done once (`plan`): the same ATen
+    arithmetic in the same order, so bit-identical results (tests compare with torch.equal).
+    With one partition (a context within the first partition: short prompts, decode at small
+    context) the combination of partials reduces to its first step, done directly: the running
+    maximum starts at -inf, so its correction factor is exp(-inf) = 0 and the sums start at
+    0 * 0 + x. `acc` keeps the `+ 0.0` that turns a -0.0 into the +0.0 the general form gives."""
+    b, heads, s, d = q.shape
+    kv_heads, block_size = k_cache.shape[1], k_cache.shape[2]
+    if partition_len % block_size:
+        raise ValueError(f"paged_attention: cache blocks of {block_size} tokens must divide the "
+                         f"partition length {partition_len}")
+    per_partition = partition_len // block_size
+    group = heads // kv_heads
+    if plan.any:
+        blocks, slots = plan.writes(block_size)
+        k_cache[blocks, :, slots] = k[plan.bi, :, plan.ji].to(k_cache.dtype)
+        v_cache[blocks, :, slots] = v[plan.bi, :, plan.ji].to(v_cache.dtype)
+    parts = plan.partitions(block_size, partition_len)
+    qf = q.float().view(b, kv_heads, group, s, d)
+    if len(parts) == 1:
+        width, gather, hidden = parts[0]
+        keys, values = (_gathered(cache, gather, per_partition, width).float()
+                        for cache in (k_cache, v_cache))
+        scores = _einsum("bhgsd,bhpd->bhgsp", (qf, keys)) * scale
+        scores = scores.masked_fill(hidden, NEG_INF)
+        m_new = scores.amax(-1, keepdim=True)
+        safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
+        weights = torch.exp(scores - safe)
+        denom = weights.sum(-1, keepdim=True)
+        acc = _einsum("bhgsp,bhpd->bhgsd", (weights, values)).add_(0.0)
+    else:
+        m = torch.full((b, kv_heads, group, s, 1), NEG_INF)
+        denom = torch.zeros((b, kv_heads, group, s, 1))
+        acc = torch.zeros((b, kv_heads, group, s, d))
+        for width, gather, hidden in parts:
+            keys, values = (_gathered(cache, gather, per_partition, width).float()
+                            for cache in (k_cache, v_cache))
+            scores = _einsum("bhgsd,bhpd->bhgsp", (qf, keys)) * scale
+            scores = scores.masked_fill(hidden, NEG_INF)
+            m_part = scores.amax(-1, keepdim=True)
+            m_new = torch.maximum(m, m_part)
+            safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
+            weights = torch.exp(scores - safe)
+            correction = torch.exp(torch.where(torch.isinf(m), torch.full_like(m, NEG_INF), m - safe))
+            denom = denom * correction + weights.sum(-1, keepdim=True)
+            acc = acc * correction + _einsum("bhgsp,bhpd->bhgsd", (weights, values))
+            m = m_new
+    out = torch.where(denom > 0, acc / denom.clamp_min(1e-30), torch.zeros_like(acc))
+    return out.view(b, heads, s, d).to(q.dtype), k_cache, v_cache
+
+
+_einsum = torch._VF.einsum  # torch.einsum without its Python wrapper (two operands: no path search)
+
+
+def _gathered(cache, gather, per_partition: int, width: int) -> torch.Tensor:
+    """`_partition` with the partition's block-table entries already selected."""
+    if per_partition == 1:
+        return cache[gather, :, :width]
+    block_size = cache.shape[2]
+    gathered = cache[gather]                                            # [b, used, kvh, bs, d]
+    b, used, kvh, _, d = gathered.shape
+    return gathered.transpose(1, 2).reshape(b, kvh, used * block_size, d)[:, :, :width].contiguous()
+
+
 def scalar_index(t: torch.Tensor) -> torch.Tensor:
     """`.item()` on the device: the scalar stays a 0-d tensor that the dynamic index (select,
     slice) reading it takes at run time."""
@@ -112,3 +230,6 @@ DEVICE_IMPLS = {"rbln.paged_attention.default": paged_attention_inplace,
                 "aten._local_scalar_dense.default": scalar_index, **vendor_ops.DEVICE_IMPLS}
 # Results of those kernels that are their inputs updated in place (indices into the output tuple).
 INPLACE_RESULTS = {"rbln.paged_attention.default": (1, 2), **vendor_ops.INPLACE_RESULTS}
+# Kernels whose per-run shared work the generated executor does once per run: target ->
+# (make the plan from these argument positions, kernel(plan, other arguments in order)).
+PLANNED = {"rbln.paged_attention.default": (PagedPlan, (5, 6), paged_attention_planned)}
