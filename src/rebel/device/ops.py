@@ -39,17 +39,21 @@ def _(q, k, v, k_cache, v_cache, block_table, positions, partition_len, scale):
     return q.new_empty(q.shape), torch.empty_like(k_cache), torch.empty_like(v_cache)
 
 
-def paged_attention_inplace(q, k, v, k_cache, v_cache, block_table, positions, partition_len: int,
-                            scale: float):
-    """Write the new keys/values into the caches (in place) and attend; returns
-    (out, k_cache, v_cache) with the caches being the same tensors that were passed in."""
+def _paged_shapes(q, k_cache, partition_len: int):
+    """(b, heads, s, d, kv_heads, block_size, blocks per partition, query heads per KV head)."""
     b, heads, s, d = q.shape
     kv_heads, block_size = k_cache.shape[1], k_cache.shape[2]
     if partition_len % block_size:
         raise ValueError(f"paged_attention: cache blocks of {block_size} tokens must divide the "
                          f"partition length {partition_len}")
-    per_partition = partition_len // block_size
-    group = heads // kv_heads
+    return b, heads, s, d, kv_heads, block_size, partition_len // block_size, heads // kv_heads
+
+
+def paged_attention_inplace(q, k, v, k_cache, v_cache, block_table, positions, partition_len: int,
+                            scale: float):
+    """Write the new keys/values into the caches (in place) and attend; returns
+    (out, k_cache, v_cache) with the caches being the same tensors that were passed in."""
+    b, heads, s, d, kv_heads, block_size, per_partition, group = _paged_shapes(q, k_cache, partition_len)
     positions = positions.long()
     block_table = block_table.long()
     valid = positions >= 0
@@ -161,13 +165,7 @@ def paged_attention_planned(plan: PagedPlan, q, k, v, k_cache, v_cache, partitio
     context) the combination of partials reduces to its first step, done directly: the running
     maximum starts at -inf, so its correction factor is exp(-inf) = 0 and the sums start at
     0 * 0 + x. `acc` keeps the `+ 0.0` that turns a -0.0 into the +0.0 the general form gives."""
-    b, heads, s, d = q.shape
-    kv_heads, block_size = k_cache.shape[1], k_cache.shape[2]
-    if partition_len % block_size:
-        raise ValueError(f"paged_attention: cache blocks of {block_size} tokens must divide the "
-                         f"partition length {partition_len}")
-    per_partition = partition_len // block_size
-    group = heads // kv_heads
+    b, heads, s, d, kv_heads, block_size, per_partition, group = _paged_shapes(q, k_cache, partition_len)
     if plan.any:
         blocks, slots = plan.writes(block_size)
         k_cache[blocks, :, slots] = k[plan.bi, :, plan.ji].to(k_cache.dtype)
