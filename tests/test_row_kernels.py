@@ -3,7 +3,9 @@ follows the row length, its passes and loads in flight set its time, and a repla
 fits the L2's replay-resident share is read from there. NPU specs keep the streaming rule."""
 from __future__ import annotations
 
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,18 +19,13 @@ from rebel.errors import SpecError
 from rebel.npu import load_spec
 from rebel.runtime.timeline import build_steps
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+try:
+    import validate_timing  # the op rows' modules, as the check builds them
+finally:
+    sys.path.pop(0)
+
 H100 = "NVIDIA-H100-SXM"
-
-
-class Fn(torch.nn.Module):
-    def __init__(self, fn, **params):
-        super().__init__()
-        self.fn = fn
-        for name, p in params.items():
-            self.register_parameter(name, torch.nn.Parameter(p, requires_grad=False))
-
-    def forward(self, x):
-        return self.fn(self, x)
 
 
 def meta(*shape):
@@ -36,11 +33,8 @@ def meta(*shape):
 
 
 def row_module(op: str, cols: int):
-    if op == "softmax":
-        return Fn(lambda m, x: torch.softmax(x, -1))
-    if op == "rmsnorm":
-        return Fn(lambda m, x: F.rms_norm(x, (cols,), m.w), w=meta(cols))
-    return Fn(lambda m, x: F.layer_norm(x, (cols,), m.w, m.b), w=meta(cols), b=meta(cols))
+    """The module validate_timing.py builds for a norm row (its row count does not change it)."""
+    return validate_timing.build({"kind": "norm", "op": op, "rows": 1, "cols": cols})[0]
 
 
 def row_kernel(op: str, rows: int, cols: int, npu: str = H100):

@@ -80,16 +80,20 @@ def paged_attention_inplace(q, k, v, k_cache, v_cache, block_table, positions, p
         scores = torch.einsum("bhgsd,bhpd->bhgsp", qf, keys) * scale
         visible = key_pos.view(1, 1, 1, 1, -1) <= positions.view(b, 1, 1, s, 1)
         scores = scores.masked_fill(~visible, NEG_INF)
-        m_part = scores.amax(-1, keepdim=True)
-        m_new = torch.maximum(m, m_part)
-        safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
-        weights = torch.exp(scores - safe)
-        correction = torch.exp(torch.where(torch.isinf(m), torch.full_like(m, NEG_INF), m - safe))
-        denom = denom * correction + weights.sum(-1, keepdim=True)
-        acc = acc * correction + torch.einsum("bhgsp,bhpd->bhgsd", weights, values)
-        m = m_new
+        m, denom, acc = _merge_partition(m, denom, acc, scores, values, torch.einsum)
     out = torch.where(denom > 0, acc / denom.clamp_min(1e-30), torch.zeros_like(acc))
     return out.view(b, heads, s, d).to(q.dtype), k_cache, v_cache
+
+
+def _merge_partition(m, denom, acc, scores, values, einsum):
+    """One partition's scores folded into the running softmax (max m, sum denom, output acc)."""
+    m_new = torch.maximum(m, scores.amax(-1, keepdim=True))
+    safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
+    weights = torch.exp(scores - safe)
+    correction = torch.exp(torch.where(torch.isinf(m), torch.full_like(m, NEG_INF), m - safe))
+    denom = denom * correction + weights.sum(-1, keepdim=True)
+    acc = acc * correction + einsum("bhgsp,bhpd->bhgsd", weights, values)
+    return m_new, denom, acc
 
 
 def _partition(cache, block_table, p: int, per_partition: int, width: int) -> torch.Tensor:
@@ -192,14 +196,8 @@ def paged_attention_planned(plan: PagedPlan, q, k, v, k_cache, v_cache, partitio
                             for cache in (k_cache, v_cache))
             scores = _einsum("bhgsd,bhpd->bhgsp", (qf, keys)) * scale
             scores = scores.masked_fill(hidden, NEG_INF)
-            m_part = scores.amax(-1, keepdim=True)
-            m_new = torch.maximum(m, m_part)
-            safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
-            weights = torch.exp(scores - safe)
-            correction = torch.exp(torch.where(torch.isinf(m), torch.full_like(m, NEG_INF), m - safe))
-            denom = denom * correction + weights.sum(-1, keepdim=True)
-            acc = acc * correction + _einsum("bhgsp,bhpd->bhgsd", (weights, values))
-            m = m_new
+            m, denom, acc = _merge_partition(m, denom, acc, scores, values,
+                                             lambda eq, a, b: _einsum(eq, (a, b)))
     out = torch.where(denom > 0, acc / denom.clamp_min(1e-30), torch.zeros_like(acc))
     return out.view(b, heads, s, d).to(q.dtype), k_cache, v_cache
 
