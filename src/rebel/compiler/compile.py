@@ -114,7 +114,8 @@ def lower_graph(graph: Graph, spec: ProductSpec, dtype: str, shown: CompileProgr
     outputs = [o.name for o in graph.outputs if isinstance(o, Ref)]
     for name in [*outputs, *graph.buffer_updates]:
         users.setdefault(name, []).append(OUTPUT)
-    scheduler = Scheduler(spec, dtype, values, set(graph.weights), sharding)
+    scheduler = Scheduler(spec, dtype, values, set(graph.weights), sharding,
+                          producers={o.name: o for o in graph.ops})
     counter = iter(range(1 << 30))
     # Last segment reading each value, so a segment finds its values needed later in O(ops).
     last_reader = {r: i for i, s in enumerate(segments) for o in s.ops for r in o.refs}

@@ -83,6 +83,11 @@ def describe(ops: list[Op], values: dict[str, TensorSpec], weight_shapes: list[t
     return None
 
 
+def softmax_kernel(rows: int, cols: int, spec: ProductSpec, elem_bytes: int) -> RowKernel:
+    """The softmax kernel PyTorch picks for `rows` rows of `cols` elements of `elem_bytes`."""
+    return _softmax(rows, cols, spec, elem_bytes)
+
+
 def _shape(op: Op, values: dict[str, TensorSpec]) -> tuple:
     src = op.refs[0] if op.refs else None
     return tuple(values[src].shape) if src in values else ()

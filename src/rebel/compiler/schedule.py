@@ -13,7 +13,7 @@ from ..device.vendor_ops import ATTENTION_TARGETS
 from ..errors import CompileError
 from ..ir import GETITEM, Op, TensorSpec
 from ..npu.spec import ProductSpec
-from . import row_kernels
+from . import eager_attention, row_kernels
 from .program import Kernel
 from .support import classify
 from .tensor_parallel import SHARD, Sharding
@@ -44,8 +44,10 @@ def paged_operands(op: Op) -> dict | None:
 
 class Scheduler:
     def __init__(self, spec: ProductSpec, device_dtype: str, values: dict[str, TensorSpec],
-                 weights: set[str], sharding: Sharding | None = None):
+                 weights: set[str], sharding: Sharding | None = None,
+                 producers: dict[str, Op] | None = None):
         self.spec = spec
+        self.producers = producers or {}  # op making each value (views, masks: eager kernel choice)
         self.dtype = device_dtype
         self.values = values
         self.weights = weights
@@ -167,7 +169,7 @@ class Scheduler:
 
     def _compute_plan(self, kernel: Kernel, dma_in, dma_out) -> KernelPlan:
         flops, vector_ops, sram_bytes, gemm = 0.0, 0.0, 0.0, None
-        comm, comm_bytes = "", 0
+        comm, comm_bytes, parts = "", 0, ()
         if kernel.kind in ("cast_in", "cast_out"):
             vector_ops = sum(self.values[v].numel for v in kernel.outputs)
         made = set()
@@ -191,6 +193,10 @@ class Scheduler:
                 bh, rows, skv, d, fraction = _attention_shape(op, self._local_values(op))
                 gemm = self.tile_attention(bh, rows, skv, d, fraction)
                 flops += 4.0 * bh * rows * skv * d * gemm.work_fraction
+                if eager_attention.falls_back(op, self.producers, self.values, self.spec):
+                    parts = eager_attention.math_parts(
+                        op, self._local_values(op), self.producers, self.spec, self.dtype,
+                        self.elem, self.tile_gemm, dma_in, dma_out)
                 if paged_operands(op) is not None:
                     dma_in, dma_out = self._paged_traffic(op, kernel, dma_in, dma_out)
             elif kind == "elementwise" and out is not None:
@@ -224,7 +230,7 @@ class Scheduler:
                                         [self.local(t.value).shape for t in dma_in if t.weight],
                                         self.spec, self.elem)
         return KernelPlan(flops, gemm, vector_ops, sram_bytes, tiles, dma_in, dma_out, comm,
-                          comm_bytes, rows)
+                          comm_bytes, rows, parts)
 
     def _local_numel(self, name: str, out: TensorSpec) -> int:
         return TensorSpec(self.sharding.local_shape(name, out.shape), out.dtype).numel

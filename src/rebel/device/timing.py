@@ -89,6 +89,26 @@ class RowKernel:
 
 
 @dataclass(frozen=True)
+class KernelPart:
+    """One of the kernels a library launches for a single graph op (e.g. the math composite
+    PyTorch runs for an attention its fused kernels refuse): the timing model launches and
+    times each part as a kernel of its own, in order; the op still runs as one functional
+    kernel. dtype: the precision the part computes in (the math composite upcasts to FP32)."""
+
+    label: str
+    kind: str
+    dtype: str
+    plan: "KernelPlan"
+
+    def to_json(self) -> list:
+        return [self.label, self.kind, self.dtype, self.plan.to_json()]
+
+    @staticmethod
+    def from_json(d: list) -> "KernelPart":
+        return KernelPart(str(d[0]), str(d[1]), str(d[2]), KernelPlan.from_json(d[3]))
+
+
+@dataclass(frozen=True)
 class KernelPlan:
     flops: float = 0.0              # useful matrix FLOPs (reports)
     gemm: GemmTiling | None = None  # how the matrix work is tiled (timing)
@@ -100,6 +120,7 @@ class KernelPlan:
     comm: str = ""                  # collective over the chip-to-chip link: all_reduce, all_gather
     comm_bytes: int = 0             # size of the full (reduced or gathered) tensor
     rows: RowKernel | None = None   # a block-per-row kernel's structure (GPU row reductions)
+    parts: tuple[KernelPart, ...] = ()  # the kernels the op launches, when more than one
 
     @property
     def bytes_in(self) -> int:
@@ -115,7 +136,8 @@ class KernelPlan:
                 "dma_in": [t.to_json() for t in self.dma_in],
                 "dma_out": [t.to_json() for t in self.dma_out],
                 "comm": self.comm, "comm_bytes": self.comm_bytes,
-                "rows": self.rows.to_json() if self.rows else None}
+                "rows": self.rows.to_json() if self.rows else None,
+                **({"parts": [p.to_json() for p in self.parts]} if self.parts else {})}
 
     @staticmethod
     def from_json(d: dict) -> KernelPlan:
@@ -124,7 +146,8 @@ class KernelPlan:
                           tuple(Transfer.from_json(t) for t in d["dma_in"]),
                           tuple(Transfer.from_json(t) for t in d["dma_out"]),
                           str(d.get("comm", "")), int(d.get("comm_bytes", 0)),
-                          RowKernel.from_json(d["rows"]) if d.get("rows") else None)
+                          RowKernel.from_json(d["rows"]) if d.get("rows") else None,
+                          tuple(KernelPart.from_json(p) for p in d.get("parts", ())))
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,15 @@ class ComputeSpec:
     max_threads_per_block: int | None = None
     shared_mem_per_block_kib: float | None = None  # without the opt-in for more
     block_reduction_us: float | None = None     # one block-wide reduction (shuffles + barriers)
+    # FP32 matrix rate without tensor cores (a GPU's SGEMM with TF32 off); None: no FP32 matmul.
+    fp32_matmul_tflops: float | None = None
+    # The fused attention kernels read the mask with unit stride along the keys and refuse any
+    # other (PyTorch's sdp_utils.cpp for flash, memory-efficient and cuDNN attention); an
+    # attention whose mask is broadcast along the keys (stride 0) then runs the math composite
+    # (compiler/eager_attention.py), in FP32 when `math_attention_fp32` (PyTorch's default
+    # `allow_fp16_bf16_reduction_math_sdp(False)`). Both off: attention is one fused kernel.
+    attention_mask_unit_stride: bool = False
+    math_attention_fp32: bool = False
 
     @property
     def row_kernels(self) -> bool:
@@ -65,6 +74,8 @@ class ComputeSpec:
         """Matrix-unit peak in operations per second for a device dtype."""
         table = {"float16": self.fp16_tflops, "bfloat16": self.bf16_tflops,
                  "int8": self.int8_tops, "int4": self.int4_tops}
+        if self.fp32_matmul_tflops is not None:
+            table["float32"] = self.fp32_matmul_tflops
         if dtype not in table:
             raise SpecError(f"no matrix peak for device dtype {dtype!r}; known: {sorted(table)}")
         return table[dtype] * 1e12

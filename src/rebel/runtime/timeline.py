@@ -32,9 +32,8 @@ def build_steps(program: Program, spec: ProductSpec, fill: dict[str, float] | No
         if seg.kind == "device":
             plans = [(k, _scaled(k.plan, fill[k.name], caches) if fill and k.name in fill else k.plan)
                      for k in seg.kernels]
-            kernels = tuple(KernelStep(k.name, k.kind, tuple(o.target for o in k.ops), plan,
-                                       kernel_time(plan, spec, program.device_dtype, k.kind))
-                            for k, plan in plans)
+            kernels = tuple(step for k, plan in plans
+                            for step in _kernel_steps(k, plan, spec, program.device_dtype))
             steps.append(DeviceStep(
                 seg.name, tuple((v, program.values[v].nbytes()) for v in seg.copy_in), kernels,
                 tuple((v, program.values[v].nbytes()) for v in seg.copy_out)))
@@ -50,6 +49,16 @@ def build_steps(program: Program, spec: ProductSpec, fill: dict[str, float] | No
                                       {"op": op.target, "reason": op.host_reason}))
             steps.append(HostStep(seg.name, tuple(ops)))
     return steps
+
+
+def _kernel_steps(k, plan: KernelPlan, spec: ProductSpec, dtype: str) -> list[KernelStep]:
+    """The kernel launches of one program kernel: itself, or the parts its plan lists (a
+    library op that launches several kernels, each timed as its own launch)."""
+    targets = tuple(o.target for o in k.ops)
+    if not plan.parts:
+        return [KernelStep(k.name, k.kind, targets, plan, kernel_time(plan, spec, dtype, k.kind))]
+    return [KernelStep(f"{k.name}.{p.label}", p.kind, targets, p.plan,
+                       kernel_time(p.plan, spec, p.dtype, p.kind)) for p in plan.parts]
 
 
 @dataclass(frozen=True)
