@@ -76,12 +76,18 @@ class Scheduler:
         last_use = {v: i for i, names in enumerate(reads) for v in names}
         last_writer = {v: i for i, k in enumerate(kernels) for v in k.outputs}  # cast_out rewrites
         host_copies = set(host_copies)
-        capacity = self.spec.die.memory.shared_sram_bytes
+        memory = self.spec.die.memory
+        cache = memory.shared_sram_is_cache
+        capacity = memory.replay_resident_bytes if cache and memory.replay_resident_fraction \
+            else memory.shared_sram_bytes
         sram: dict[str, int] = {}
         for i, (kernel, names) in enumerate(zip(kernels, reads)):
             untouched, passed_views = _views_passed_through(kernel)
             dma_in = []
+            cached = 0  # bytes this kernel reads and writes in the shared SRAM when it is a cache
             for v in names:
+                if v in sram and v not in untouched:
+                    cached += sram[v]
                 if v in sram or v in untouched:
                     continue
                 whole = self.logical_bytes(v) if v in host_copies else self.device_bytes(v)
@@ -100,9 +106,12 @@ class Scheduler:
                 leaf = v in leaves and last_writer[v] == i
                 if leaf or (needed_later and not self._keep(sram, v, nbytes, capacity)):
                     dma_out.append(Transfer(v, nbytes))
+                elif needed_later:
+                    cached += nbytes
             for v in [v for v in sram if last_use.get(v, -1) <= i and v not in leaves]:
                 del sram[v]
-            kernel.plan = self._compute_plan(kernel, tuple(dma_in), tuple(dma_out))
+            kernel.plan = self._compute_plan(kernel, tuple(dma_in), tuple(dma_out),
+                                             cached if cache else 0)
             if kernel.kind == "cast_in":
                 host_copies -= set(kernel.outputs)
 
@@ -167,7 +176,10 @@ class Scheduler:
         sram[value] = nbytes
         return True
 
-    def _compute_plan(self, kernel: Kernel, dma_in, dma_out) -> KernelPlan:
+    def _compute_plan(self, kernel: Kernel, dma_in, dma_out, cached: int = 0) -> KernelPlan:
+        """cached: bytes the kernel reads and writes in a shared SRAM that is a cache (an L2):
+        streamed at its bandwidth by kernels that are not matrix kernels (those overlap their
+        operand loads with the matrix work)."""
         flops, vector_ops, sram_bytes, gemm = 0.0, 0.0, 0.0, None
         comm, comm_bytes, parts = "", 0, ()
         if kernel.kind in ("cast_in", "cast_out"):
@@ -217,6 +229,8 @@ class Scheduler:
                     sram_bytes += moved_bytes - out_bytes
                 elif kind == "gather":
                     dma_in = _rows_read(op, dma_in, out_bytes)
+        if cached and gemm is None and not comm:
+            sram_bytes += cached
         moved = sum(t.nbytes for t in dma_in) + sum(t.nbytes for t in dma_out)
         if gemm is not None:
             tiles = gemm.out_tiles * gemm.k_steps

@@ -111,6 +111,11 @@ class MemorySpec:
     l1_bandwidth_gbps: float | None = None      # per engine
     shared_sram_latency_us: float | None = None
     replay_resident_fraction: float | None = None
+    # The shared SRAM is a hardware cache (a GPU's L2), not a scratchpad: a tensor the
+    # schedule keeps there is still read and written by every kernel that uses it, at the
+    # shared SRAM's bandwidth, and only the replay-resident share of it holds tensors that
+    # every engine reads (the scheduler keeps at most that much).
+    shared_sram_is_cache: bool = False
 
     @property
     def l1_bytes(self) -> int:
