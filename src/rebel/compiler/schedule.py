@@ -7,13 +7,14 @@ Weights always start in DRAM: the runtime placed them there when it was created.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 from ..device.timing import GemmTiling, KernelPlan, Transfer, matrix_seconds
 from ..device.vendor_ops import ATTENTION_TARGETS
 from ..errors import CompileError
 from ..ir import GETITEM, Op, TensorSpec
 from ..npu.spec import ProductSpec
-from . import eager_attention, row_kernels
+from . import eager_attention, eager_kernels, row_kernels
 from .program import Kernel
 from .support import classify
 from .tensor_parallel import SHARD, Sharding
@@ -243,8 +244,23 @@ class Scheduler:
             rows = row_kernels.describe(kernel.ops, {r: self.local(r) for r in refs},
                                         [self.local(t.value).shape for t in dma_in if t.weight],
                                         self.spec, self.elem)
-        return KernelPlan(flops, gemm, vector_ops, sram_bytes, tiles, dma_in, dma_out, comm,
+        plan = KernelPlan(flops, gemm, vector_ops, sram_bytes, tiles, dma_in, dma_out, comm,
                           comm_bytes, rows, parts)
+        return self._eager_parts(kernel, plan) if not parts else plan
+
+    def _eager_parts(self, kernel: Kernel, plan: KernelPlan) -> KernelPlan:
+        """A conv or eval batch norm the spec's library runs as several kernels
+        (`eager_kernels`): the plan with those kernels as its parts."""
+        c = self.spec.die.compute
+        for op in kernel.ops:
+            if op.target == eager_kernels.CONVOLUTION and c.conv_layout_transposes:
+                return replace(plan, parts=eager_kernels.conv_parts(
+                    op, plan, self._local_values(op), self.spec, self.dtype, self.elem))
+            if op.target == eager_kernels.BATCH_NORM_EVAL and c.batch_norm_native_eval and \
+                    eager_kernels.batch_norm_native(op, self.values):
+                return replace(plan, parts=eager_kernels.batch_norm_parts(
+                    op, plan, self._local_values(op), self.dtype))
+        return plan
 
     def _local_numel(self, name: str, out: TensorSpec) -> int:
         return TensorSpec(self.sharding.local_shape(name, out.shape), out.dtype).numel

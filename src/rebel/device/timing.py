@@ -183,7 +183,7 @@ def kernel_time(plan: KernelPlan, spec: ProductSpec, dtype: str, kind: str = "")
     sram_s = plan.sram_bytes / m.shared_sram_bandwidth
     # An element-wise epilogue runs on the vector units while the next tile's GEMM runs.
     compute_s = max(matrix_s, vector_s) + sram_s
-    if kind == "conv" and c.conv_layout_transposes:
+    if kind == "conv" and c.conv_layout_transposes and not plan.parts:
         compute_s += layout_transposes_seconds(plan, spec)
     tiles = max(1, plan.tiles)
     return KernelTime(c.kernel_launch_s, compute_s,

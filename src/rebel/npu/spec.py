@@ -41,6 +41,11 @@ class ComputeSpec:
     # transposes its input before and its output after (two more passes over memory, each
     # its own launch): cuDNN on tensor cores with PyTorch's default memory format.
     conv_layout_transposes: bool = False
+    # ... and the filter too, on every call (compiler/eager_kernels.py)
+    conv_filter_transposes: bool = False
+    # Eval BatchNorm on half tensors with half weights runs three native kernels (copy of the
+    # running mean, invstd, element-wise), not one cuDNN kernel (compiler/eager_kernels.py).
+    batch_norm_native_eval: bool = False
     # Row reductions (softmax, layer/RMS norm) run as one thread block per row, the way
     # PyTorch's CUDA kernels do (SoftMax.cu, layer_norm_kernel.cu): the compiler then records
     # each such kernel's structure (threads per block, dependent passes over the row,
