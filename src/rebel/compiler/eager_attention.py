@@ -65,8 +65,9 @@ def _transposed(name: str, producers: dict[str, Op]) -> bool:
     op = producers.get(name)
     if op is None or op.target != PERMUTE:
         return False
-    dims = [int(d) for d in op.args[1]]
-    return dims[:-2] != sorted(dims[:-2])
+    dims = [int(d) % len(op.args[1]) for d in op.args[1]]
+    lead = dims[:-2]  # the batch dims: they merge only if they were adjacent and in order
+    return bool(lead) and lead != list(range(lead[0], lead[0] + len(lead)))
 
 
 def falls_back(op: Op, producers: dict[str, Op], values: dict[str, TensorSpec], spec) -> bool:

@@ -14,6 +14,11 @@ functional kernel.
   kernels: a copy of the running mean, `batch_norm_calc_invstd` from the running variance,
   and `batch_norm_elementwise`, a streaming element-wise kernel (not a reduction).
 
+- Views (`eager_views`): `permute` and `transpose` return strided views, and `F.dropout` in
+  eval returns its input (`_dropout_impl`: `if (p == 0 || !train ...) return input`,
+  aten/src/ATen/native/Dropout.cpp); the graph has them as copies (a permute, a `clone` made
+  by dropout), but eager launches no kernel for them: their readers read the strided source.
+
 Intermediates (the transposed tensors) stay in the shared SRAM while they fit its resident
 share, else they go through DRAM, as for every other tensor.
 """
@@ -89,6 +94,18 @@ def conv_parts(op: Op, plan: KernelPlan, values: dict[str, TensorSpec], spec, dt
         sram_bytes=cached, dma_in=tuple(t for t in moved if t is y_t),
         dma_out=tuple(t for t in moved if t is out))))
     return tuple(parts)
+
+
+VIEW_TARGETS = ("aten.permute.default", "aten.transpose.int", "aten.t.default")
+
+
+def only_views(ops: list[Op]) -> bool:
+    """Whether a kernel of `ops` is what eager runs as views only (no kernel): permutes and
+    the clone an eval-mode dropout leaves in the graph (label "dropout"), besides aliases."""
+    work = [o for o in ops if o.kind != "alias"]
+    return bool(work) and all(o.target in VIEW_TARGETS or
+                              (o.target == "aten.clone.default" and o.label == "dropout")
+                              for o in work)
 
 
 def batch_norm_native(op: Op, values: dict[str, TensorSpec]) -> bool:

@@ -252,6 +252,8 @@ class Scheduler:
         """A conv or eval batch norm the spec's library runs as several kernels
         (`eager_kernels`): the plan with those kernels as its parts."""
         c = self.spec.die.compute
+        if c.eager_views and eager_kernels.only_views(kernel.ops):
+            return replace(plan, dma_in=(), dma_out=(), launches=False)
         for op in kernel.ops:
             if op.target == eager_kernels.CONVOLUTION and c.conv_layout_transposes:
                 return replace(plan, parts=eager_kernels.conv_parts(

@@ -121,6 +121,7 @@ class KernelPlan:
     comm_bytes: int = 0             # size of the full (reduced or gathered) tensor
     rows: RowKernel | None = None   # a block-per-row kernel's structure (GPU row reductions)
     parts: tuple[KernelPart, ...] = ()  # the kernels the op launches, when more than one
+    launches: bool = True           # False: the library runs the op as a view (no kernel)
 
     @property
     def bytes_in(self) -> int:
@@ -137,7 +138,8 @@ class KernelPlan:
                 "dma_out": [t.to_json() for t in self.dma_out],
                 "comm": self.comm, "comm_bytes": self.comm_bytes,
                 "rows": self.rows.to_json() if self.rows else None,
-                **({"parts": [p.to_json() for p in self.parts]} if self.parts else {})}
+                **({"parts": [p.to_json() for p in self.parts]} if self.parts else {}),
+                **({} if self.launches else {"launches": False})}
 
     @staticmethod
     def from_json(d: dict) -> KernelPlan:
@@ -147,7 +149,8 @@ class KernelPlan:
                           tuple(Transfer.from_json(t) for t in d["dma_out"]),
                           str(d.get("comm", "")), int(d.get("comm_bytes", 0)),
                           RowKernel.from_json(d["rows"]) if d.get("rows") else None,
-                          tuple(KernelPart.from_json(p) for p in d.get("parts", ())))
+                          tuple(KernelPart.from_json(p) for p in d.get("parts", ())),
+                          bool(d.get("launches", True)))
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,8 @@ class ComputeSpec:
     # Eval BatchNorm on half tensors with half weights runs three native kernels (copy of the
     # running mean, invstd, element-wise), not one cuDNN kernel (compiler/eager_kernels.py).
     batch_norm_native_eval: bool = False
+    # Eager views: permute/transpose and eval dropout launch no kernel (compiler/eager_kernels.py)
+    eager_views: bool = False
     # Row reductions (softmax, layer/RMS norm) run as one thread block per row, the way
     # PyTorch's CUDA kernels do (SoftMax.cu, layer_norm_kernel.cu): the compiler then records
     # each such kernel's structure (threads per block, dependent passes over the row,

@@ -55,6 +55,8 @@ def _kernel_steps(k, plan: KernelPlan, spec: ProductSpec, dtype: str) -> list[Ke
     """The kernel launches of one program kernel: itself, or the parts its plan lists (a
     library op that launches several kernels, each timed as its own launch)."""
     targets = tuple(o.target for o in k.ops)
+    if not plan.launches:
+        return []
     if not plan.parts:
         return [KernelStep(k.name, k.kind, targets, plan, kernel_time(plan, spec, dtype, k.kind))]
     return [KernelStep(f"{k.name}.{p.label}", p.kind, targets, p.plan,
