@@ -125,7 +125,10 @@ def math_parts(op: Op, values: dict[str, TensorSpec], producers: dict[str, Op], 
         p.add(label, kind, ins, outs, vector_ops=float(numel))
 
     nq, nk, nv = b * heads * sq * d, b * kv_heads * skv * d, b * kv_heads * skv * dv
-    cur = {"q": loaded.get(q), "k": loaded.get(k), "v": loaded.get(v)}
+    # inputs the scheduler keeps in the shared SRAM are read from there (intermediate-named)
+    cur = {"q": loaded.get(q) or p.value("q_in", nq, elem),
+           "k": loaded.get(k) or p.value("k_in", nk, elem),
+           "v": loaded.get(v) or p.value("v_in", nv, elem)}
     if fp32:
         for name, n in (("q", nq), ("k", nk), ("v", nv)):
             up = p.value(f"{name}_f32", n, acc)
@@ -142,10 +145,11 @@ def math_parts(op: Op, values: dict[str, TensorSpec], producers: dict[str, Op], 
             zeros, inv = p.value("mask_zeros", m.numel, acc), p.value("mask_not", m.numel, 1)
             add_mask = p.value("mask_add", m.numel, acc)
             ew("mask_zeros_like", [], [zeros], m.numel)
-            ew("mask_logical_not", [loaded.get(mask)], [inv], m.numel)
+            ew("mask_logical_not", [loaded.get(mask) or p.value("mask_in", m.numel, 1)], [inv],
+               m.numel)
             ew("mask_masked_fill", [zeros, inv], [add_mask], m.numel)
         else:
-            add_mask = loaded.get(mask)
+            add_mask = loaded.get(mask) or p.value("mask_in", m.numel, elem)
     if kv_heads != heads:  # GQA: repeat_interleave to the query heads
         for name, n in (("k", nk), ("v", nv)):
             rep = p.value(f"{name}_repeat", n * heads // kv_heads, acc)
@@ -181,9 +185,10 @@ def math_parts(op: Op, values: dict[str, TensorSpec], producers: dict[str, Op], 
     ew("zero_fill", [], [], 1)
     safe = p.value("safe", bh * sq * skv, acc)
     ew("where", [allrows, probs], [safe], bh * sq * skv)
-    out = p.value("out", bh * sq * dv, acc) if fp32 else stored.get(op.name)
+    result = stored.get(op.name) or p.value("result", bh * sq * dv, elem)
+    out = p.value("out", bh * sq * dv, acc) if fp32 else result
     p.add("bmm_pv", "gemm", [safe, cur["v"]], [out], acc_dtype,
           flops=2.0 * bh * sq * skv * dv, gemm=tile_gemm(bh, sq, dv, skv))
     if fp32:
-        ew("out_to_half", [out], [stored.get(op.name)], bh * sq * dv)
+        ew("out_to_half", [out], [result], bh * sq * dv)
     return tuple(p.parts)
