@@ -161,10 +161,21 @@ class KernelTime:
     last_out_s: float     # the last tile's results leave after compute ends
 
 
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "int4": 0.5}
+
+
 def matrix_seconds(gemm: GemmTiling, spec: ProductSpec, dtype: str, kind: str = "gemm") -> float:
     c = spec.die.compute
     efficiency = c.attention_fraction if kind == "attention" else c.matmul_efficiency
     per_engine = c.peak_flops(dtype) * efficiency / c.neural_engines
+    if c.tile_operands_from_shared_sram and kind != "attention":
+        # Each K step stages both operand panels ((tm + tn) x tk) from the shared SRAM: a
+        # tile does 2 tm tn / ((tm + tn) elem) FLOPs per byte, and an engine's share of that
+        # level's bandwidth caps what a small tile sustains.
+        elem = _DTYPE_BYTES.get(dtype, 2)
+        intensity = 2.0 * gemm.tm * gemm.tn / ((gemm.tm + gemm.tn) * elem)
+        per_engine = min(per_engine, intensity * spec.die.memory.shared_sram_bandwidth
+                         / c.neural_engines)
     per_tile = 2.0 * gemm.tm * gemm.tn * gemm.tk / per_engine
     waves = math.ceil(gemm.out_tiles * gemm.split_k / c.neural_engines)
     steps = math.ceil(gemm.k_steps / gemm.split_k)

@@ -48,6 +48,10 @@ class ComputeSpec:
     batch_norm_native_eval: bool = False
     # Eager views: permute/transpose and eval dropout launch no kernel (compiler/eager_kernels.py)
     eager_views: bool = False
+    # GEMM tiles stage their operands from the shared SRAM each K step (a GPU's L2 -> shared
+    # memory): a tile's rate is capped by its arithmetic intensity times the engine's share of
+    # the shared SRAM bandwidth (device/timing.py matrix_seconds).
+    tile_operands_from_shared_sram: bool = False
     # Row reductions (softmax, layer/RMS norm) run as one thread block per row, the way
     # PyTorch's CUDA kernels do (SoftMax.cu, layer_norm_kernel.cu): the compiler then records
     # each such kernel's structure (threads per block, dependent passes over the row,
