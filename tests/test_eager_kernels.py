@@ -6,13 +6,14 @@ the L2 is a cache whose held tensors still cost their bytes. NPU specs keep one 
 from __future__ import annotations
 
 import json
+import pytest
 import torch
 import torch.nn.functional as F
 
 from rebel.compiler.compile import compile_module
 from rebel.device.engine import EventEngine
 from rebel.device.events import HDMA
-from rebel.device.timing import KernelPlan
+from rebel.device.timing import GemmTiling, KernelPlan, matrix_seconds
 from rebel.npu import load_spec
 from rebel.runtime.timeline import build_steps
 
@@ -89,7 +90,8 @@ def test_npu_specs_keep_one_attention_kernel():
     assert not attention_kernel(c.program).plan.parts
     spec = load_spec(ATOM).die.compute
     assert not (spec.attention_mask_unit_stride or spec.math_attention_fp32 or spec.eager_views
-                or spec.batch_norm_native_eval or spec.conv_filter_transposes)
+                or spec.batch_norm_native_eval or spec.conv_filter_transposes
+                or spec.tile_operands_from_shared_sram)
     assert not load_spec(ATOM).die.memory.shared_sram_is_cache
 
 
@@ -189,3 +191,23 @@ def test_fusion_off_is_never_faster_for_the_eager_mechanisms():
     on = compiled(conv_bn(), [meta(8, 64, 56, 56)], fusion=True)
     off = compiled(conv_bn(), [meta(8, 64, 56, 56)], fusion=False)
     assert span_s(off.program) >= span_s(on.program) * (1 - 1e-9)
+
+
+def test_small_gemm_tiles_are_capped_by_their_operand_traffic_through_the_l2():
+    spec = load_spec(H100)
+    c = spec.die.compute
+    per_engine = c.peak_flops("float16") * c.matmul_efficiency / c.neural_engines
+    share = spec.die.memory.shared_sram_bandwidth / c.neural_engines
+    big = GemmTiling(256, 256, 1024, c.neural_engines, 1)
+    small = GemmTiling(64, 64, 1024, c.neural_engines, 1)
+    # a 256x256 tile does 128 FLOPs per staged byte: the tensor cores bound it
+    assert matrix_seconds(big, spec, "float16") == pytest.approx(2 * 256 * 256 * 1024 / per_engine)
+    # a 64x64 tile does 32: staging its (64 + 64) x 1024 half operands bounds it
+    assert matrix_seconds(small, spec, "float16") == pytest.approx((64 + 64) * 1024 * 2 / share)
+    assert matrix_seconds(small, spec, "float16") > 2 * 64 * 64 * 1024 / per_engine
+    # the ATOM's tiles are fed by its DMA, not staged through a cache: no such cap
+    atom = load_spec(ATOM)
+    a = atom.die.compute
+    assert matrix_seconds(small, atom, "float16") == pytest.approx(
+        2 * 64 * 64 * 1024 / (a.peak_flops("float16") * a.matmul_efficiency / a.neural_engines)
+        * (-(-c.neural_engines // a.neural_engines)))
