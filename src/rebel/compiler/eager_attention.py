@@ -3,7 +3,8 @@
 `F.scaled_dot_product_attention` on CUDA picks flash, memory-efficient or cuDNN attention when
 their checks pass (PyTorch 2.11 `aten/src/ATen/native/transformers/cuda/sdp_utils.cpp`); one
 check every fused kernel shares is that an attention mask has unit stride along the keys
-(`check_attn_mask_stride`-style checks: `attn_mask.stride(-1) == 1`). A mask made by broadcasting
+(`check_last_dim_stride_equals_1_dense` in `sdp_utils_cpp.h`: off the CPU,
+`attn_mask.stride(-1) == 1`). A mask made by broadcasting
 a per-query column, e.g. the `[1, 1, S, 1]` validity mask transformers 5 builds when it cannot
 skip the mask (it treats a CUDA-graph capture as tracing) expanded to `[B, 1, S, S]`, has stride
 0 there, so SDPA falls back to `_scaled_dot_product_attention_math`
