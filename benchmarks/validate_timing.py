@@ -14,7 +14,10 @@ also prints how close any latency + bandwidth model gets to the norm rows when f
 Records of kind "model" (`h100-models.jsonl`: whole models, CUDA-graph replay of the eager PyTorch
 module) are predicted by the same method: the same module (`timing_models.py`) compiled with
 `fusion=False`, since eager PyTorch launches one kernel per op, and timed as one device run with
-its inputs resident. Prints the error per model and `e2e MAPE <percent>` on its own line. A model
+its inputs resident. Ops the library runs as several kernels on the H100 spec (SDPA's math
+composite for a mask broadcast along the keys, NCHW convolutions' layout transposes, native eval
+batch norm) are timed as those kernels, and views (permutes, eval dropout) as none
+(`rebel/compiler/eager_attention.py`, `eager_kernels.py`; plan parts). Prints the error per model and `e2e MAPE <percent>` on its own line. A model
 record without `ms_median` is predicted only (printed, not in the MAPE).
 """
 from __future__ import annotations
