@@ -23,6 +23,7 @@ import rebel
 from optimum.rbln import RBLNLlamaForCausalLM
 from optimum.rbln.decoder_only.paged_model import PagedCausalLM
 from optimum.rbln.offline import smollm2_folder
+from rebel.runtime.threads import run_threads, run_threads_set
 
 QUESTIONS = ["What is the capital of France?", "Name three primary colors.",
              "Write a haiku about the sea.", "How many legs does a spider have?"]
@@ -40,7 +41,7 @@ def batch(tokenizer, n: int):
     return ids, mask
 
 
-def smollm2(new_tokens: int):
+def smollm2(new_tokens: int, repeats: int = 3):
     folder = smollm2_folder()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     hf = AutoModelForCausalLM.from_pretrained(folder).eval()
@@ -56,20 +57,30 @@ def smollm2(new_tokens: int):
     for n in (1, 4):
         ids, mask = batch(tokenizer, n)
         kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
-        with torch.no_grad():
+        hf_runs, rbln_runs = [], []
+        # HF eager computes with the thread count the runtime's runs use (threads.py), so the
+        # ratio compares the two stacks, not two thread settings; runs interleave, median
+        with torch.no_grad(), run_threads_set():
             hf.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=2)  # warm up
+        rbln.generate(ids, attention_mask=mask, max_new_tokens=2, eos_token_id=[])
+        for _ in range(repeats):
+            with torch.no_grad(), run_threads_set():
+                t0 = time.perf_counter()
+                hf.generate(ids, attention_mask=mask, do_sample=False,
+                            pad_token_id=tokenizer.pad_token_id, **kwargs)
+                hf_runs.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            hf.generate(ids, attention_mask=mask, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                        **kwargs)
-            hf_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        rbln.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, eos_token_id=[])
-        rbln_s = time.perf_counter() - t0
+            rbln.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, eos_token_id=[])
+            rbln_runs.append(time.perf_counter() - t0)
+        hf_s, rbln_s = statistics.median(hf_runs), statistics.median(rbln_runs)
+        ratio = statistics.median(h / r for h, r in zip(hf_runs, rbln_runs))
         r = rbln.last_generation_report
         tokens = n * new_tokens
-        print(f"{n:5d} {tokens / hf_s:15.1f} {tokens / rbln_s:20.1f} {hf_s / rbln_s:6.2f}x "
+        print(f"{n:5d} {tokens / hf_s:15.1f} {tokens / rbln_s:20.1f} {ratio:6.2f}x "
               f"{r.predicted_tokens_per_s:20.1f} {r.time_to_first_token_s * 1e3:8.2f} "
               f"{r.per_output_token_s * 1e3:9.3f}")
+    print(f"(median of {repeats} interleaved runs; ratio = median of per-run HF/RBLN wall; torch "
+          f"threads {run_threads() or torch.get_num_threads()} for both)")
     return folder, rbln, compile_s
 
 
@@ -127,9 +138,10 @@ def llama3_8b(context: int = 1024, tp: int = 4) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per batch (median)")
     args = parser.parse_args()
     torch.manual_seed(0)
-    folder, rbln, compile_s = smollm2(args.new_tokens)
+    folder, rbln, compile_s = smollm2(args.new_tokens, args.repeats)
     short_prompt(folder, rbln, compile_s)
     llama3_8b()
 

@@ -139,7 +139,7 @@ class PagedPlan:
     def partitions(self, block_size: int, partition_len: int) -> list:
         """(width, gather, hidden) per partition: the keys anyone can see, the block-table
         entries (per_partition 1) or columns to gather, and the mask of keys hidden from each
-        query, [b, 1, 1, s, width]."""
+        query, [b, 1, 1, s, width] (None when it hides nothing)."""
         key = (block_size, partition_len)
         got = self._parts.get(key)
         if got is None:
@@ -156,7 +156,10 @@ class PagedPlan:
                     gather = self.block_table[:, p * per_partition:p * per_partition + used]
                 key_pos = p * partition_len + torch.arange(width)
                 visible = key_pos.view(1, 1, 1, 1, -1) <= self.positions.view(b, 1, 1, s, 1)
-                got.append((width, gather, ~visible))
+                hidden = ~visible
+                # None when every query sees every key of the partition (the common decode
+                # case): masking would change nothing, so the kernel skips it
+                got.append((width, gather, hidden if bool(hidden.any()) else None))
             self._parts[key] = got
         return got
 
@@ -172,21 +175,25 @@ def paged_attention_planned(plan: PagedPlan, q, k, v, k_cache, v_cache, partitio
     b, heads, s, d, kv_heads, block_size, per_partition, group = _paged_shapes(q, k_cache, partition_len)
     if plan.any:
         blocks, slots = plan.writes(block_size)
-        k_cache[blocks, :, slots] = k[plan.bi, :, plan.ji].to(k_cache.dtype)
-        v_cache[blocks, :, slots] = v[plan.bi, :, plan.ji].to(v_cache.dtype)
+        if k.dtype is not k_cache.dtype:
+            k, v = k.to(k_cache.dtype), v.to(v_cache.dtype)
+        # the same writes as `cache[blocks, :, slots] = new[bi, :, ji]`, one call each
+        _index_put_(k_cache, (blocks, None, slots), _index(k, (plan.bi, None, plan.ji)))
+        _index_put_(v_cache, (blocks, None, slots), _index(v, (plan.bi, None, plan.ji)))
     parts = plan.partitions(block_size, partition_len)
     qf = q.float().view(b, kv_heads, group, s, d)
     if len(parts) == 1:
         width, gather, hidden = parts[0]
-        keys, values = (_gathered(cache, gather, per_partition, width).float()
-                        for cache in (k_cache, v_cache))
-        scores = _einsum("bhgsd,bhpd->bhgsp", (qf, keys)) * scale
-        scores = scores.masked_fill(hidden, NEG_INF)
+        keys = _gathered(k_cache, gather, per_partition, width).float()
+        values = _gathered(v_cache, gather, per_partition, width).float()
+        scores = _scores(qf, keys).mul_(scale)
+        if hidden is not None:
+            scores.masked_fill_(hidden, NEG_INF)
         m_new = scores.amax(-1, keepdim=True)
-        safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
-        weights = torch.exp(scores - safe)
+        safe = torch.where(torch.isinf(m_new), _ZERO, m_new)
+        weights = scores.sub_(safe).exp_()
         denom = weights.sum(-1, keepdim=True)
-        acc = _einsum("bhgsp,bhpd->bhgsd", (weights, values)).add_(0.0)
+        acc = _weighted(weights, values).add_(0.0)
     else:
         m = torch.full((b, kv_heads, group, s, 1), NEG_INF)
         denom = torch.zeros((b, kv_heads, group, s, 1))
@@ -194,15 +201,45 @@ def paged_attention_planned(plan: PagedPlan, q, k, v, k_cache, v_cache, partitio
         for width, gather, hidden in parts:
             keys, values = (_gathered(cache, gather, per_partition, width).float()
                             for cache in (k_cache, v_cache))
-            scores = _einsum("bhgsd,bhpd->bhgsp", (qf, keys)) * scale
-            scores = scores.masked_fill(hidden, NEG_INF)
-            m, denom, acc = _merge_partition(m, denom, acc, scores, values,
-                                             lambda eq, a, b: _einsum(eq, (a, b)))
-    out = torch.where(denom > 0, acc / denom.clamp_min(1e-30), torch.zeros_like(acc))
+            scores = _scores(qf, keys).mul_(scale)
+            if hidden is not None:
+                scores.masked_fill_(hidden, NEG_INF)
+            m, denom, acc = _merge_partition(m, denom, acc, scores, values, _pair_einsum)
+    out = torch.where(denom > 0, acc / denom.clamp_min(1e-30), _ZERO)
     return out.view(b, heads, s, d).to(q.dtype), k_cache, v_cache
 
 
 _einsum = torch._VF.einsum  # torch.einsum without its Python wrapper (two operands: no path search)
+_ZERO = torch.zeros(())  # where()'s zeros: a 0-d float32 broadcasts as zeros_like did, no allocation
+_index = torch.ops.aten.index.Tensor._op  # what `t[bi, :, ji]` calls, without the indexing parse
+_index_put_ = torch.ops.aten.index_put_.default._op  # `t[blocks, :, slots] = ...` likewise
+
+
+def _scores(qf, keys):
+    """einsum("bhgsd,bhpd->bhgsp", qf, keys) as the one bmm einsum reduces it to: the same
+    kernel on the same operands (tests/test_paged_plan.py checks torch.equal over layouts and
+    sizes), without einsum's equation parsing. A single key (p == 1) takes einsum itself, which
+    then multiplies instead of calling bmm."""
+    b, h, g, s, d = qf.shape
+    p = keys.shape[2]
+    if p == 1:
+        return _einsum("bhgsd,bhpd->bhgsp", (qf, keys))
+    return torch.bmm(qf.reshape(b * h, g * s, d),
+                     keys.reshape(b * h, p, d).transpose(1, 2)).view(b, h, g, s, p)
+
+
+def _weighted(weights, values):
+    """einsum("bhgsp,bhpd->bhgsd", weights, values) as its bmm (see `_scores`)."""
+    b, h, g, s, p = weights.shape
+    if p == 1:
+        return _einsum("bhgsp,bhpd->bhgsd", (weights, values))
+    d = values.shape[3]
+    return torch.bmm(weights.reshape(b * h, g * s, p),
+                     values.reshape(b * h, p, d)).view(b, h, g, s, d)
+
+
+def _pair_einsum(equation: str, a, b):
+    return _weighted(a, b) if equation == "bhgsp,bhpd->bhgsd" else _einsum(equation, (a, b))
 
 
 def _gathered(cache, gather, per_partition: int, width: int) -> torch.Tensor:

@@ -36,6 +36,7 @@ from . import device_state
 from .executor import bind_segments, execute, place_weights
 from .host_memory import is_pinned
 from .report import RunReport
+from .threads import run_threads_set
 from .timeline import TimelineCache, group_link, paged_fill, paged_sites
 
 TENSOR_TYPES = ("pt", "np")
@@ -266,7 +267,8 @@ class Runtime:
             self.program, self._segments = bucket.program, bucket.segments
             self._out_spec, self._timeline = bucket.out_spec, bucket.timeline
             start = time.perf_counter()
-            outputs = self._execute(tensors)
+            with run_threads_set():  # usable cores - 1: see threads.py
+                outputs = self._execute(tensors)
             wall = time.perf_counter() - start
             # Attention work follows the context reached, and pinned inputs take another copy
             # path: the run's timeline and report, memoised by exactly what its timing reads.

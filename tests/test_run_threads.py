@@ -1,0 +1,68 @@
+"""Runs compute with `rebel.runtime.threads.run_threads()` torch threads (usable cores - 1, or
+RBLN_NUM_THREADS; OMP_NUM_THREADS left alone), restore the caller's count afterwards, and give
+the same results at any count."""
+from __future__ import annotations
+
+import threading
+
+import torch
+
+import rebel
+from rebel.runtime import threads
+
+
+class _Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(96, 256)
+        self.b = torch.nn.Linear(256, 64)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x))).softmax(-1)
+
+
+def test_policy(monkeypatch):
+    monkeypatch.delenv(threads.THREADS_ENV, raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert threads.run_threads() == max(1, threads.usable_cores() - 1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert threads.run_threads() is None  # the user's choice: torch already follows it
+    monkeypatch.setenv(threads.THREADS_ENV, "2")
+    assert threads.run_threads() == 2
+
+
+def test_count_set_inside_and_restored():
+    before = torch.get_num_threads()
+    with threads.run_threads_set(1):
+        assert torch.get_num_threads() == 1
+        with threads.run_threads_set(before + 1):  # nested: the outer run's count holds
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    done = []
+
+    def other_thread():  # each thread sets and restores its own count
+        with threads.run_threads_set(1):
+            done.append(torch.get_num_threads())
+        done.append(torch.get_num_threads())
+
+    with threads.run_threads_set(1):
+        worker = threading.Thread(target=other_thread)
+        worker.start()
+        worker.join()
+    assert done[0] == 1 and torch.get_num_threads() == before
+
+
+def test_results_do_not_depend_on_thread_count(monkeypatch):
+    torch.manual_seed(0)
+    compiled = rebel.compile_from_torch(_Net().eval(), example_inputs=[torch.randn(64, 96)])
+    runtime = rebel.Runtime(compiled, tensor_type="pt")
+    x = torch.randn(64, 96)
+    outputs = []
+    for count in ("1", "2"):
+        monkeypatch.setenv(threads.THREADS_ENV, count)
+        outputs.append(runtime.run(x))
+    assert torch.equal(outputs[0], outputs[1])
+    before = torch.get_num_threads()
+    runtime.run(x)
+    assert torch.get_num_threads() == before
