@@ -52,14 +52,17 @@ def smollm2(new_tokens: int, repeats: int = 3):
     compile_s = time.perf_counter() - start
     print(f"SmolLM2-135M-Instruct compiled for {rbln.compiled_models['model'].npu} in "
           f"{compile_s:.1f} s (graphs: {', '.join(rbln.graph_names)})")
+    same, default = run_threads() or torch.get_num_threads(), torch.get_num_threads()
     print(f"{'batch':>5s} {'HF eager tok/s':>15s} {'RBLN emulated tok/s':>20s} {'ratio':>7s} "
-          f"{'predicted NPU tok/s':>20s} {'TTFT ms':>8s} {'ms/token':>9s}")
+          f"{'HF default tok/s':>17s} {'ratio':>7s} {'predicted NPU tok/s':>20s} {'TTFT ms':>8s} "
+          f"{'ms/token':>9s}")
     for n in (1, 4):
         ids, mask = batch(tokenizer, n)
         kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
-        hf_runs, rbln_runs = [], []
+        hf_runs, rbln_runs, hf_default_runs = [], [], []
         # HF eager computes with the thread count the runtime's runs use (threads.py), so the
-        # ratio compares the two stacks, not two thread settings; runs interleave, median
+        # first ratio compares the two stacks, not two thread settings; the second is HF at
+        # torch's default count, as a user runs it. Runs interleave; medians.
         with torch.no_grad(), run_threads_set():
             hf.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=2)  # warm up
         rbln.generate(ids, attention_mask=mask, max_new_tokens=2, eos_token_id=[])
@@ -72,15 +75,24 @@ def smollm2(new_tokens: int, repeats: int = 3):
             t0 = time.perf_counter()
             rbln.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, eos_token_id=[])
             rbln_runs.append(time.perf_counter() - t0)
+            if default != same:
+                with torch.no_grad():
+                    t0 = time.perf_counter()
+                    hf.generate(ids, attention_mask=mask, do_sample=False,
+                                pad_token_id=tokenizer.pad_token_id, **kwargs)
+                    hf_default_runs.append(time.perf_counter() - t0)
+        hf_default_runs = hf_default_runs or hf_runs
         hf_s, rbln_s = statistics.median(hf_runs), statistics.median(rbln_runs)
         ratio = statistics.median(h / r for h, r in zip(hf_runs, rbln_runs))
+        ratio_default = statistics.median(h / r for h, r in zip(hf_default_runs, rbln_runs))
         r = rbln.last_generation_report
         tokens = n * new_tokens
         print(f"{n:5d} {tokens / hf_s:15.1f} {tokens / rbln_s:20.1f} {ratio:6.2f}x "
+              f"{tokens / statistics.median(hf_default_runs):17.1f} {ratio_default:6.2f}x "
               f"{r.predicted_tokens_per_s:20.1f} {r.time_to_first_token_s * 1e3:8.2f} "
               f"{r.per_output_token_s * 1e3:9.3f}")
     print(f"(median of {repeats} interleaved runs; ratio = median of per-run HF/RBLN wall; torch "
-          f"threads {run_threads() or torch.get_num_threads()} for both)")
+          f"threads {same} for both; HF default: torch's {default} threads)")
     return folder, rbln, compile_s
 
 
