@@ -270,12 +270,7 @@ class Runtime:
             with run_threads_set():  # usable cores - 1: see threads.py
                 outputs = self._execute(tensors)
             wall = time.perf_counter() - start
-            # Attention work follows the context reached, and pinned inputs take another copy
-            # path: the run's timeline and report, memoised by exactly what its timing reads.
-            fill = paged_fill(bucket.paged, {n: t for (n, _), t in zip(self.program.inputs, tensors)}) \
-                if bucket.paged else None
-            self._timeline, report = bucket.timelines.get(self._engine, self.program, self.spec,
-                                                          fill, pinned, self.device)
+            fill, (self._timeline, report) = self._timed(bucket, tensors, pinned)
             events = self._timeline.events
             # Each run's report owns its containers (the memoised one stays as predicted).
             self.last_report = replace(
@@ -296,6 +291,30 @@ class Runtime:
             recorder(RunRecord(self, bucket.program, fill, pinned, report, inputs, result,
                                entered, time.perf_counter()))
         return result
+
+    def predict(self, *inputs, **named_inputs) -> RunReport:
+        """The report `run` would give for these inputs, without computing anything: the
+        predicted timeline only (what a serving simulation costs a step by). Inputs are checked
+        as `run` checks them; only their shapes, the positions paged attention reads and whether
+        they are pinned matter. wall_time_s is 0."""
+        if named_inputs:
+            inputs = self._bind_named(inputs, named_inputs)
+        bucket = self._select_bucket(inputs)
+        pinned = frozenset(name for (name, _), value in zip(bucket.program.inputs, inputs)
+                           if is_pinned(value))
+        expected = list(zip(self._input_names(bucket.program), (s for _, s in bucket.program.inputs)))
+        tensors = self._check_inputs(inputs, expected)
+        with self._lock:
+            return self._timed(bucket, tensors, pinned)[1][1]
+
+    def _timed(self, bucket: _Bucket, tensors: list, pinned: frozenset):
+        """The paged fill of a run with these inputs, and its (timeline, report): attention work
+        follows the context reached, and pinned inputs take another copy path, so both are
+        memoised by exactly what the timing reads."""
+        fill = paged_fill(bucket.paged, {n: t for (n, _), t in zip(bucket.program.inputs, tensors)}) \
+            if bucket.paged else None
+        return fill, bucket.timelines.get(self._engine, bucket.program, self.spec, fill, pinned,
+                                          self.device)
 
     def __call__(self, *inputs, out=None, **named_inputs):
         return self.run(*inputs, out=out, **named_inputs)

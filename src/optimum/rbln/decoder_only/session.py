@@ -35,6 +35,17 @@ class PagedGraphs:
         """Cache `tokens` (at most one chunk) at positions start.. of the sequence whose blocks
         are `table`; logits [vocab] of the last of them. Runs the smallest compiled prefill
         chunk that holds them (rbln_prefill_chunk_sizes), padded with positions -1."""
+        logits = self.runtime.run(*self._prefill_inputs(tokens, start, table))
+        return logits[0], self.runtime.thread_last_report
+
+    def predict_prefill_chunk(self, n: int, start: int) -> RunReport:
+        """The report `prefill_chunk` of n tokens at positions start.. would give, predicted
+        without computing (a serving simulation's cost of the chunk)."""
+        return self.runtime.predict(*self._prefill_inputs(
+            torch.zeros(n, dtype=torch.long), start,
+            torch.zeros(self.options.blocks_per_sequence, dtype=torch.long)))
+
+    def _prefill_inputs(self, tokens: torch.Tensor, start: int, table: torch.Tensor) -> tuple:
         o = self.options
         n = len(tokens)
         if not 0 < n <= o.prefill_chunk_size:
@@ -46,14 +57,25 @@ class PagedGraphs:
         ids[0, :n] = tokens
         positions = torch.full((1, width), -1, dtype=torch.long)
         positions[0, :n] = torch.arange(start, start + n)
-        logits = self.runtime.run(ids, positions, self._tables(table.view(1, -1)),
-                                  torch.tensor([n - 1]))
-        return logits[0], self.runtime.thread_last_report
+        return ids, positions, self._tables(table.view(1, -1)), torch.tensor([n - 1])
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, tables: torch.Tensor
                ) -> tuple[torch.Tensor, RunReport]:
         """Cache tokens[j] at positions[j] of the sequence whose blocks are tables[j]; next-token
         logits [len(tokens), vocab]. Runs the smallest compiled decode batch that holds them."""
+        logits = self.runtime.run(*self._decode_inputs(tokens, positions, tables))
+        return logits[:len(tokens)], self.runtime.thread_last_report
+
+    def predict_decode(self, positions: torch.Tensor) -> RunReport:
+        """The report of `decode` with sequences at these positions, predicted without
+        computing (a serving simulation's cost of the step's decode batch)."""
+        k = len(positions)
+        return self.runtime.predict(*self._decode_inputs(
+            torch.zeros(k, dtype=torch.long), positions,
+            torch.zeros(k, self.options.blocks_per_sequence, dtype=torch.long)))
+
+    def _decode_inputs(self, tokens: torch.Tensor, positions: torch.Tensor, tables: torch.Tensor
+                       ) -> tuple:
         o = self.options
         k = len(tokens)
         if k == 0:
@@ -71,9 +93,7 @@ class PagedGraphs:
         padded_positions[:k, 0] = positions
         padded_tables = torch.zeros(size, o.blocks_per_sequence, dtype=torch.long)
         padded_tables[:k] = self._tables(tables)
-        logits = self.runtime.run(ids, padded_positions, padded_tables,
-                                  torch.zeros(size, dtype=torch.long))
-        return logits[:k], self.runtime.thread_last_report
+        return ids, padded_positions, padded_tables, torch.zeros(size, dtype=torch.long)
 
     def _tables(self, tables: torch.Tensor) -> torch.Tensor:
         bps = self.options.blocks_per_sequence
