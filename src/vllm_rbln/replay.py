@@ -41,12 +41,13 @@ def replay(llm, trace: Sequence[TraceRequest]) -> ServingResult:
                for i, r in enumerate(trace)}
     seen = dict.fromkeys(results, 0)
     rng = random.Random(0)
+    vocab = engine.model_config.get_vocab_size()
     clock, busy, steps, nxt = 0.0, 0.0, 0, 0
     spent = _npu_seconds(llm)
     while nxt < len(trace) or engine.has_unfinished_requests():
         while nxt < len(trace) and trace[nxt].arrival_s <= clock:
             r = trace[nxt]
-            ids = [rng.randrange(1000, 30000) for _ in range(r.prompt_len)]
+            ids = [rng.randrange(1, vocab) for _ in range(r.prompt_len)]
             engine.add_request(f"replay-{nxt}", {"prompt_token_ids": ids},
                                SamplingParams(max_tokens=r.output_len, min_tokens=r.output_len,
                                               ignore_eos=True, temperature=0.0, detokenize=False),

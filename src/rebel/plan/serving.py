@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -194,11 +195,19 @@ class ServingResult:
 
 
 def scheduler_config(model: str | Path, *, max_num_seqs: int, max_model_len: int, block_size: int,
-                     num_blocks: int, max_num_batched_tokens: int | None = None,
-                     enable_prefix_caching: bool = False):
+                     num_blocks: int, max_num_batched_tokens: int = 8192,
+                     enable_prefix_caching: bool = True):
     """vLLM's engine configuration and KV-cache layout for a simulation, built by vLLM's own
-    `EngineArgs` from the model's config.json folder (no weights or tokenizer are read)."""
+    `EngineArgs` from the model's config.json folder (no weights or tokenizer are read). The
+    defaults are those vllm_rbln serves with (vLLM's offline defaults: 8192 batched tokens,
+    prefix caching on).
+
+    The configuration needs a vLLM platform; vllm_rbln's serves compiled folders only, so a
+    process that has not chosen one yet takes vLLM's CPU platform for it (the scheduler is the
+    same on every platform). A process already serving on the rbln platform passes its engine's
+    own configuration to `simulate` instead (`vllm_rbln.replay` does)."""
     import torch
+    _choose_platform()
     from vllm.engine.arg_utils import EngineArgs
     from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
 
@@ -216,6 +225,22 @@ def scheduler_config(model: str | Path, *, max_num_seqs: int, max_model_len: int
     kv = KVCacheConfig(num_blocks=num_blocks, kv_cache_tensors=[],
                        kv_cache_groups=[KVCacheGroupSpec(["model"], spec)])
     return vllm_config, kv
+
+
+def _choose_platform() -> None:
+    import vllm.platforms as platforms
+    if platforms._current_platform is not None:
+        return
+    saved = {k: os.environ.get(k) for k in ("RBLN_VLLM_PLATFORM", "VLLM_TARGET_DEVICE")}
+    os.environ.update(RBLN_VLLM_PLATFORM="0", VLLM_TARGET_DEVICE="cpu")
+    try:
+        platforms.current_platform  # noqa: B018  (resolves and keeps it)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def simulate(trace: Sequence[TraceRequest], cost: StepCost, vllm_config, kv_cache_config,

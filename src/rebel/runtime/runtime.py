@@ -269,8 +269,8 @@ class Runtime:
             start = time.perf_counter()
             with run_threads_set():  # usable cores - 1: see threads.py
                 outputs = self._execute(tensors)
-            wall = time.perf_counter() - start
-            fill, (self._timeline, report) = self._timed(bucket, tensors, pinned)
+                wall = time.perf_counter() - start
+                fill, (self._timeline, report) = self._timed(bucket, tensors, pinned)
             events = self._timeline.events
             # Each run's report owns its containers (the memoised one stays as predicted).
             self.last_report = replace(
@@ -304,7 +304,7 @@ class Runtime:
                            if is_pinned(value))
         expected = list(zip(self._input_names(bucket.program), (s for _, s in bucket.program.inputs)))
         tensors = self._check_inputs(inputs, expected)
-        with self._lock:
+        with self._lock, run_threads_set():  # even the fill's small reductions: see threads.py
             return self._timed(bucket, tensors, pinned)[1][1]
 
     def _timed(self, bucket: _Bucket, tensors: list, pinned: frozenset):
