@@ -124,6 +124,9 @@ class PagedPlan:
         self.bi, self.ji = (self.positions >= 0).nonzero(as_tuple=True)
         self.any = self.bi.numel() > 0
         self.new_pos = self.positions[self.bi, self.ji]
+        # every row's every position is a new token (no padding): the new keys in nonzero order
+        # are the rows laid end to end, a reshape instead of an index (a view for one token)
+        self.dense = self.bi.numel() == self.positions.numel()
         self.context = int(self.positions.max().item()) + 1 if self.any else 0
         self._writes: dict[int, tuple] = {}
         self._parts: dict[tuple[int, int], list] = {}
@@ -178,8 +181,8 @@ def paged_attention_planned(plan: PagedPlan, q, k, v, k_cache, v_cache, partitio
         if k.dtype is not k_cache.dtype:
             k, v = k.to(k_cache.dtype), v.to(v_cache.dtype)
         # the same writes as `cache[blocks, :, slots] = new[bi, :, ji]`, one call each
-        _index_put_(k_cache, (blocks, None, slots), _index(k, (plan.bi, None, plan.ji)))
-        _index_put_(v_cache, (blocks, None, slots), _index(v, (plan.bi, None, plan.ji)))
+        _index_put_(k_cache, (blocks, None, slots), _new_tokens(plan, k))
+        _index_put_(v_cache, (blocks, None, slots), _new_tokens(plan, v))
     parts = plan.partitions(block_size, partition_len)
     qf = q.float().view(b, kv_heads, group, s, d)
     if len(parts) == 1:
@@ -242,10 +245,20 @@ def _pair_einsum(equation: str, a, b):
     return _weighted(a, b) if equation == "bhgsp,bhpd->bhgsd" else _einsum(equation, (a, b))
 
 
+def _new_tokens(plan: PagedPlan, new: torch.Tensor) -> torch.Tensor:
+    """`new[bi, :, ji]` ([tokens, kvh, d], in nonzero order) of a [b, kvh, s, d] tensor."""
+    if plan.dense:
+        b, kvh, s, d = new.shape
+        return new.transpose(1, 2).reshape(b * s, kvh, d)
+    return _index(new, (plan.bi, None, plan.ji))
+
+
 def _gathered(cache, gather, per_partition: int, width: int) -> torch.Tensor:
-    """`_partition` with the partition's block-table entries already selected."""
+    """`_partition` with the partition's block-table entries already selected. One block per
+    partition: `cache[gather, :, :width]` as index_select of the first `width` slots, the same
+    contiguous copy without advanced indexing's overhead."""
     if per_partition == 1:
-        return cache[gather, :, :width]
+        return cache.narrow(2, 0, width).index_select(0, gather)
     block_size = cache.shape[2]
     gathered = cache[gather]                                            # [b, used, kvh, bs, d]
     b, used, kvh, _, d = gathered.shape
