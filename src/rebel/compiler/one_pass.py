@@ -17,6 +17,8 @@ two paths are undone here:
   name of the group; one pass reads each use through the name its module used.
 - input order: the second trace lifts buffers and constants in the order of the first trace's
   unlifted module (constants registered as buffers where they live), not buffers then constants.
+- buffer mutations: the retrace drops the `copy` that writes a mutated buffer back when the
+  output is that copy (`_remove_unnecessary_copy_op_pass`); so does one pass here.
 - `torch.tensor(...)` constants trace as `lift_fresh_copy`, which the second trace turns into
   `clone`; node names are renumbered the way a fresh trace numbers them.
 - labels (`torch_fn` metadata, which `capture._label` shows users): the first trace wraps
@@ -57,6 +59,7 @@ def export_decomposed(module: torch.nn.Module, inputs: Sequence, decomp_table: d
     one trace. Raises whatever torch raises, or RuntimeError where the result would differ."""
     from torch.export import _trace
     from torch.export.exported_program import (_override_composite_implicit_decomp,
+                                               _remove_unnecessary_copy_op_pass,
                                                _split_decomp_table_to_cia_and_python_decomp)
 
     table = decomp_table.materialize() if hasattr(decomp_table, "materialize") else dict(decomp_table)
@@ -73,7 +76,8 @@ def export_decomposed(module: torch.nn.Module, inputs: Sequence, decomp_table: d
     _read_ties_through_last_name(ep)
     _lift_fresh_as_clone(ep)
     _order_inputs_like_retrace(ep)
-    ep.graph_module.recompile()
+    # as the retrace does; it also recompiles the graph module after the fix-ups above
+    _remove_unnecessary_copy_op_pass(ep.graph_module, ep.graph_signature)
     return ep
 
 
@@ -307,9 +311,12 @@ def _lift_fresh_as_clone(ep) -> None:
 
 def _order_inputs_like_retrace(ep) -> None:
     """Parameters, then buffers and constants in the order the second trace lifts them: that of
-    the unlifted module's `named_buffers` once its constants are registered as buffers."""
-    from torch._export.utils import _register_constants_as_buffers
-
+    `named_parameters` / `named_buffers` of the first program's unlifted module (`ep.module()`)
+    once `run_decompositions` has registered its constants as buffers. Building that module
+    costs seconds for an LLM, so its attribute tree is rebuilt here from the signature, in the
+    order `torch.export._unlift._register_attrs_to_new_gm` assigns it: buffers, parameters,
+    constants, into submodules that already exist in the order of the signature (as in the
+    module it unlifts); then the constants become buffers, appended where they live."""
     specs = list(ep.graph_signature.input_specs)
     placeholders = _placeholders(ep)
     if len(specs) != len(placeholders):
@@ -320,17 +327,10 @@ def _order_inputs_like_retrace(ep) -> None:
                            "constants and user inputs")
     if not any(s.kind in (InputKind.BUFFER, InputKind.CONSTANT_TENSOR) for s in specs):
         return  # parameters keep their order; nothing to interleave
-    mod = ep.module()
-    _register_constants_as_buffers(mod, ep.state_dict, ep.graph_signature.non_persistent_buffers)
-    order = [*dict(mod.named_parameters(remove_duplicate=False)),
-             *dict(mod.named_buffers(remove_duplicate=False))]
-    rank = {name: i for i, name in enumerate(order)}
+    rank = {name: i for i, name in enumerate(_unlifted_order(specs))}
     items = list(zip(specs, placeholders))
     state = [(s, n) for s, n in items if s.kind in lifted]
     users = [(s, n) for s, n in items if s.kind not in lifted]
-    if any(s.target not in rank for s, _ in state):
-        missing = next(s.target for s, _ in state if s.target not in rank)
-        raise RuntimeError(f"one-pass capture: {missing!r} is not in the unlifted module")
     state.sort(key=lambda sn: (sn[0].kind != InputKind.PARAMETER, rank[sn[0].target]))
     new = state + users
     if [s for s, _ in new] == specs:
@@ -345,3 +345,44 @@ def _order_inputs_like_retrace(ep) -> None:
             previous.append(node)
         previous = node
     ep.graph_signature.input_specs[:] = [s for s, _ in new]
+
+
+class _Attrs:
+    """One module of the unlifted module's attribute tree: children, parameter and buffer names
+    in registration order."""
+
+    def __init__(self):
+        self.children: dict[str, _Attrs] = {}
+        self.parameters: list[str] = []
+        self.buffers: list[str] = []
+
+    def at(self, name: str) -> _Attrs:
+        module = self
+        for part in name.split(".")[:-1]:
+            module = module.children.setdefault(part, _Attrs())
+        return module
+
+    def walk(self):
+        yield self
+        for child in self.children.values():
+            yield from child.walk()
+
+
+def _unlifted_order(specs) -> list[str]:
+    root = _Attrs()
+    constants = [s.target for s in specs if s.kind == InputKind.CONSTANT_TENSOR]
+    for s in specs:  # the unlifted module's submodules exist in signature order
+        if s.target is not None:
+            root.at(s.target)
+    for s in specs:
+        if s.kind == InputKind.BUFFER:
+            root.at(s.target).buffers.append(s.target)
+    for s in specs:
+        if s.kind == InputKind.PARAMETER:
+            root.at(s.target).parameters.append(s.target)
+    for name in constants:  # plain attributes first (their modules are created now)
+        root.at(name)
+    for name in constants:  # then registered as buffers, in graph order
+        root.at(name).buffers.append(name)
+    modules = list(root.walk())
+    return [n for m in modules for n in m.parameters] + [n for m in modules for n in m.buffers]
