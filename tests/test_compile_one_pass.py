@@ -278,3 +278,20 @@ def test_hooks_are_removed_after_capture():
     assert grad_mode.no_grad.__dict__["__enter__"] is before
     assert not model._forward_pre_hooks and not model._forward_hooks
     assert one_pass._recorder() is None
+    assert torch.fx.config.do_not_emit_stack_traces is False
+
+
+def test_grad_mode_set_directly_is_refused_and_falls_back(monkeypatch):
+    """A region one pass cannot see raises there, and capture compiles it in two passes."""
+    class Direct(nn.Module):
+        def forward(self, x):
+            torch._C._set_grad_enabled(False)
+            y = x.exp()
+            torch._C._set_grad_enabled(True)
+            return y + 1
+
+    x = torch.randn(4)
+    with pytest.raises(RuntimeError, match="grad mode"):
+        one_pass.export_decomposed(Direct(), (x,), capture_mod._decompositions())
+    out = rebel.Runtime(rebel.compile_from_torch(Direct(), example_inputs=[x])).run(x)
+    torch.testing.assert_close(out, x.exp() + 1, atol=1e-2, rtol=1e-2)

@@ -28,9 +28,14 @@ two paths are undone here:
   records instead of the method the user called. Both are recorded during the trace and
   relabelled like the two-pass program.
 
+Nodes carry no `stack_trace` metadata (the source line of each op): capturing it is a tenth of
+the trace's time, and nothing below capture reads it (the IR has no place for it); an error is
+reported by the two-pass fallback, which has it.
+
 torch gives no public hook for the table, so `_export_to_aten_ir` (and the metadata hooks
 below) are patched for the duration of the trace, under one process-wide lock: two captures do
-not run this path at the same time. Anything this module cannot reproduce raises; capture then
+not run this path at the same time. Anything this module cannot reproduce raises (e.g. a model
+that calls `torch._C._set_grad_enabled` itself, whose regions it cannot see); capture then
 falls back to the two-pass path.
 """
 from __future__ import annotations
@@ -67,12 +72,15 @@ def export_decomposed(module: torch.nn.Module, inputs: Sequence, decomp_table: d
     regions = _Regions(torch.is_grad_enabled())
     with _LOCK:
         original = _trace._export_to_aten_ir
+        stack_traces = torch.fx.config.do_not_emit_stack_traces
         _trace._export_to_aten_ir = functools.partial(original, decomp_table=python_table)
+        torch.fx.config.do_not_emit_stack_traces = True
         try:
             with _override_composite_implicit_decomp(cia_to_decomp), _recording(module, regions):
                 ep = _trace._export(module, tuple(inputs), strict=False, pre_dispatch=False)
         finally:
             _trace._export_to_aten_ir = original
+            torch.fx.config.do_not_emit_stack_traces = stack_traces
     _read_ties_through_last_name(ep)
     _lift_fresh_as_clone(ep)
     _order_inputs_like_retrace(ep)
@@ -166,6 +174,9 @@ def _torch_function(original):
     @functools.wraps(original)
     def hook(self, func, types, args=(), kwargs=None):
         regions = _recorder()
+        if regions is not None and func is torch._C._set_grad_enabled and not regions.muted:
+            raise RuntimeError("one-pass capture: the model sets the grad mode other than with "
+                               "no_grad / enable_grad / set_grad_enabled; its regions are unknown")
         if regions is not None and regions.conversion and getattr(func, "__name__", "") == "to":
             method = regions.conversion[-1]  # record it as the pre-dispatch trace does
             self.tracer.torch_fn_metadata = method
@@ -260,6 +271,8 @@ def _set_grad_init(original):
         if regions is not None and not regions.muted:
             self._rbln_prev_grad = regions.grad
             regions.grad, regions.grad_since = bool(mode), regions.tick()
+            with regions.mute():
+                return original(self, mode)
         return original(self, mode)
     return hook
 
