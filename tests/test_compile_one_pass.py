@@ -16,6 +16,7 @@ import rebel
 from rebel.compiler import capture as capture_mod
 from rebel.compiler import one_pass
 from rebel.ir import encode
+from zoo.models import ZOO
 
 
 def _graph_key(graph) -> dict:
@@ -295,3 +296,13 @@ def test_grad_mode_set_directly_is_refused_and_falls_back(monkeypatch):
         one_pass.export_decomposed(Direct(), (x,), capture_mod._decompositions())
     out = rebel.Runtime(rebel.compile_from_torch(Direct(), example_inputs=[x])).run(x)
     torch.testing.assert_close(out, x.exp() + 1, atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("entry", [pytest.param(z, id=z.name) for z in ZOO])
+def test_zoo_graph_one_pass_equals_two_pass(entry):
+    """The 23 architectures of the model zoo (transformers and diffusers) capture to the same
+    graph either way."""
+    torch.random.default_generator.manual_seed(0)
+    model, inputs = entry.build()
+    assert_same_graph(model, capture_mod._unaliased(list(inputs), {}))
