@@ -1,7 +1,9 @@
 """Capture: torch.export a module, decompose to core ATen, and lower the FX graph to our IR."""
 from __future__ import annotations
 
+import logging
 import operator
+import os
 import warnings
 from collections.abc import Sequence
 from functools import lru_cache
@@ -11,6 +13,7 @@ from torch.export.graph_signature import InputKind, OutputKind
 
 from ..errors import CompileError
 from ..ir import GETITEM, Graph, Op, Ref, TensorSpec, encode, target_name, to_torch_dtype
+from .one_pass import export_decomposed
 from .support import classify, has_host_kernel
 from .vendor_lowering import FunctionalizedOps, VENDOR_DECOMPOSITIONS, is_functionalized
 
@@ -18,6 +21,8 @@ from .vendor_lowering import FunctionalizedOps, VENDOR_DECOMPOSITIONS, is_functi
 # stays whole so its weight is read as stored: decomposed, a batched input turns it into
 # expand(permute(weight)) + bmm, which constant folding would store densely per batch row.
 KEEP_WHOLE = (torch.ops.aten.scaled_dot_product_attention.default, torch.ops.aten.linear.default)
+ONE_PASS_ENV = "RBLN_CAPTURE_ONE_PASS"  # "0": always trace twice (export, then decompose)
+log = logging.getLogger(__name__)
 
 
 def capture(module: torch.nn.Module, example_inputs: Sequence,
@@ -38,8 +43,7 @@ def capture(module: torch.nn.Module, example_inputs: Sequence,
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ep = torch.export.export(module, tuple(inputs), strict=False)
-            ep = ep.run_decompositions(_decompositions())
+            ep = _export(module, tuple(inputs))
     except Exception as e:  # torch raises many types; users need one clear message
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CompileError(f"could not capture {type(module).__name__} with torch.export at input "
@@ -47,6 +51,28 @@ def capture(module: torch.nn.Module, example_inputs: Sequence,
     finally:
         module.train(was_training)
     return _lower(ep, static)
+
+
+def one_pass_enabled() -> bool:
+    return os.environ.get(ONE_PASS_ENV, "1").strip() != "0"
+
+
+def _export(module: torch.nn.Module, inputs: tuple) -> torch.export.ExportedProgram:
+    """The decomposed program: in one trace (`one_pass.export_decomposed`) unless
+    RBLN_CAPTURE_ONE_PASS=0, and in two (export, then run_decompositions) when one pass fails,
+    so the faster path can never make a model uncompilable."""
+    if one_pass_enabled():
+        try:
+            return export_decomposed(module, inputs, _decompositions())
+        except Exception as e:  # noqa: BLE001  (any failure: the two-pass path decides)
+            log.debug("one-pass capture of %s failed (%s: %s); tracing twice",
+                      type(module).__name__, type(e).__name__, e)
+    return _export_two_pass(module, inputs)
+
+
+def _export_two_pass(module: torch.nn.Module, inputs: tuple) -> torch.export.ExportedProgram:
+    ep = torch.export.export(module, inputs, strict=False)
+    return ep.run_decompositions(_decompositions())
 
 
 def _static_example(t: torch.Tensor) -> torch.Tensor:
