@@ -71,6 +71,20 @@ def read_config(path: str | Path) -> dict:
         raise PlanError(f"{p} is not a readable JSON config: {e}") from None
     if not isinstance(table, dict):
         raise PlanError(f"{p} must hold a JSON object, got {type(table).__name__}")
+    table = dict(table)
+    table.setdefault("_name", p.parent.name if p.name == "config.json" else p.stem)
+    return check_config(table, str(p))
+
+
+def load_config(config) -> dict:
+    """A config given as a path (file or folder) or as a dict of config.json's keys, checked."""
+    if isinstance(config, dict):
+        return check_config(dict(config), "the config")
+    return read_config(config)
+
+
+def check_config(table: dict, p: str) -> dict:
+    """The table if it describes a supported decoder LLM; PlanError naming the problem."""
     model_type = table.get("model_type")
     if model_type is None:
         raise PlanError(f"{p} has no 'model_type'; a Hugging Face config names its architecture "
@@ -92,7 +106,6 @@ def read_config(path: str | Path) -> dict:
     if table.get("head_dim") is None and table["hidden_size"] % heads:
         raise PlanError(f"{p}: hidden_size {table['hidden_size']} is not a multiple of "
                         f"{heads} heads and no head_dim is given")
-    table.setdefault("_name", p.parent.name if p.name == "config.json" else p.stem)
     return table
 
 

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from ..errors import PlanError
 from ..npu import load_spec
 from ..npu.spec import GiB, ProductSpec
-from .model import read_config, shape_of
+from .model import load_config, shape_of
 from .predict import DEFAULT_BATCHES, Breakdown, Memory, Predictor
 
 
@@ -175,7 +175,7 @@ class Planner:
 
     def __init__(self, config, hardware: str | ProductSpec = "RBLN-CA25", dtype: str = "float16",
                  *, block_size: int = 1024, chunk: int = 128, exact: bool = False):
-        self.table = config if isinstance(config, dict) else read_config(config)
+        self.table = load_config(config)
         self.shape = shape_of(self.table)
         self.spec = hardware if isinstance(hardware, ProductSpec) else load_spec(hardware)
         if self.spec.power_w is None:
@@ -200,6 +200,12 @@ class Planner:
                 self.table, self.spec, tp, self.dtype, chunk=self.chunk, batches=batches,
                 max_seq_len=max_seq_len, block_size=self.block_size, exact=self.exact)
         return self._predictors[key]
+
+    def _layers_bytes(self, tp: int) -> float:
+        """A lower bound of one die's weights at `tp`: its share of the decoder layers."""
+        s = self.shape
+        layers = s.params - s.vocab * s.hidden * (1 if s.tied_embeddings else 2)
+        return layers * 2 / tp  # float16 and bfloat16 alike
 
     def cards_for(self, tp: int, replicas: int = 1) -> int:
         return math.ceil(tp * replicas / self.spec.dies)
@@ -243,7 +249,10 @@ class Planner:
         """The plan on the fewest cards one replica fits on (smallest TP among those); a
         PlanError says by how much the model misses at the largest TP tried."""
         last = None
-        for tp in self.valid_tp(max_cards * self.spec.dies):
+        sizes = self.valid_tp(max_cards * self.spec.dies)
+        for tp in sizes:
+            if tp != sizes[-1] and self._layers_bytes(tp) > self.spec.die.memory.dram_usable_bytes:
+                continue  # the decoder layers' share alone is over: no need to compile
             p = self.plan(tp, batch, prompt_len, output_len)
             if p.fits:
                 return p

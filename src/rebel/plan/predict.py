@@ -30,7 +30,7 @@ from ..npu import load_spec
 from ..npu.spec import ProductSpec
 from ..runtime.runtime import activation_bytes
 from ..runtime.timeline import build_steps, group_link, paged_fill, paged_sites
-from .model import DTYPES, ModelShape, build_meta_model, read_config, shape_of
+from .model import DTYPES, ModelShape, build_meta_model, load_config, shape_of
 
 DEFAULT_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128)
 
@@ -112,7 +112,7 @@ class Predictor:
     def __init__(self, config, hardware: str = "RBLN-CA25", tp: int = 1, dtype: str = "float16",
                  *, chunk: int | None = 128, batches=DEFAULT_BATCHES, max_seq_len: int = 2048,
                  block_size: int = 1024, exact: bool = False):
-        self.table = config if isinstance(config, dict) else read_config(config)
+        self.table = load_config(config)
         self.shape: ModelShape = shape_of(self.table)
         self.spec: ProductSpec = hardware if isinstance(hardware, ProductSpec) else load_spec(hardware)
         self.hardware = self.spec.name
