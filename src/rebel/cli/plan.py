@@ -84,10 +84,23 @@ def _run(args) -> int:
     else:
         result = planner.plan(args.tp, args.batch or [1], args.prompt_len, args.output_len,
                               args.cards)
+    fewest = None
+    if not result.fits:  # say how many cards it needs, or by how much it misses everywhere
+        try:
+            best = planner.min_cards(args.prompt_len, args.output_len, (args.batch or [1])[-1])
+            fewest = {"cards": best.cards, "tp": best.tp, "weights_per_die_bytes": best.memory.weights,
+                      "kv_blocks_left": best.kv_blocks_left}
+        except RBLNError as e:
+            fewest = {"error": str(e)}
     if args.json:
-        print(json.dumps(result.to_dict(), indent=2))
+        print(json.dumps({**result.to_dict(), "fewest_cards": fewest}, indent=2))
     else:
         _print_plan(result)
+        if fewest is not None:
+            _console().print(fewest["error"] if "error" in fewest else
+                             f"It fits on {fewest['cards']} card(s) at TP={fewest['tp']} "
+                             f"({fewest['kv_blocks_left']} KV blocks left): rbln-plan "
+                             f"{args.config} --tp {fewest['tp']}", soft_wrap=True)
     return 0 if result.fits else 1
 
 
@@ -128,7 +141,7 @@ def _print_plan(p) -> None:
         mem.add_column(col, justify="right")
     mem.add_row(f"{m.weights / GiB:.2f}", f"{m.activations / GiB:.2f}",
                 f"{p.kv_blocks_needed * m.kv_block / GiB:.2f}", f"{m.usable / GiB:.2f}",
-                f"{m.kv_block / 2**20:.1f}", str(p.kv_blocks_left),
+                f"{m.kv_block / 2**20:.1f}", str(p.kv_blocks_left) if p.fits else "-",
                 "yes" if p.fits else f"NO: {p.over_bytes / GiB:.2f} GiB over")
     console.print(mem)
     console.print(f"TTFT {p.ttft_s * 1e3:.1f} ms for a {p.prompt_len}-token prompt "
