@@ -152,9 +152,11 @@ def test_extrapolation_matches_exact_compile(tmp_path):
 
 def test_search_meets_slos_sorted_by_cost(tiny):
     planner = Planner(tiny)
+    calls = []
     r = planner.search(rps=200, ttft_ms=20, tpot_ms=5, prompt_len=128, output_len=32,
-                       batches=(1, 4, 16), max_cards=1)
+                       batches=(1, 4, 16), max_cards=1, progress=lambda *a: calls.append(a))
     assert r.deployments
+    assert calls[0][1:] == (0, 2) and calls[-1] == ("done", 2, 2)  # TP 1 and 2 on one card
     for d in r.deployments:
         assert d.ttft_s <= 0.020 and d.tpot_s <= 0.005
         assert d.running <= d.batch and d.prefill_utilization < 1
@@ -200,6 +202,18 @@ def test_cli_table_and_search_json(tiny, capsys):
     d = json.loads(out)
     assert d["rps"] == 50 and d["deployments"]
     assert all(x["tpot_s"] <= 0.010 for x in d["deployments"])
+
+
+def test_cli_plan_that_misses_says_how_many_cards(tmp_path, small_die, capsys):
+    config = str(write(tmp_path, WIDE_VOCAB))
+    argv = [config, "--hardware", small_die, "--tp", "1", "--prompt-len", "64", "--output-len", "16"]
+    assert main([*argv, "--json"]) == 1  # does not fit: exit status 1
+    d = json.loads(capsys.readouterr().out)
+    assert d["fits"] is False and d["over_bytes"] > 0
+    assert d["fewest_cards"]["cards"] == 2 and d["fewest_cards"]["tp"] == 2
+    assert main(argv) == 1
+    out = capsys.readouterr().out
+    assert "GiB over" in out and "It fits on 2 card(s) at TP=2" in out
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
