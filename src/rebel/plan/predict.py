@@ -107,6 +107,8 @@ class Predictor:
     block_size: tokens per KV-cache block (also the attention partition, as optimum.rbln
     defaults it); max_seq_len: prompt + output tokens a sequence may reach (a multiple of
     block_size after rounding up); chunk: prefill chunk tokens; batches: decode batch buckets.
+    hardware: a product name, a spec .toml, or a loaded ProductSpec (the compiler schedules for
+    the spec's file, the event engine times with the object given).
     """
 
     def __init__(self, config, hardware: str = "RBLN-CA25", tp: int = 1, dtype: str = "float16",
