@@ -8,6 +8,10 @@ Qwen3, Mistral...) works without copying its code. The KV cache is one buffer pa
 graph (the prefill chunk and each decode batch size) shares it, so it lives across runs. A block
 may be smaller than the attention partition (a partition is then several blocks of the block
 table), so a serving engine's prefix cache can share blocks of a prompt prefix.
+
+It lives in rebel.plan (below optimum in the layers) because the capacity planner compiles the
+same model from a config alone; optimum.rbln and vllm_rbln import it from here
+(`optimum.rbln.decoder_only.paged_model` re-exports it for older imports).
 """
 from __future__ import annotations
 
