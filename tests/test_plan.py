@@ -148,6 +148,22 @@ def test_extrapolation_matches_exact_compile(tmp_path):
     assert exact.decode_step(4, 256).breakdown.kv_dma_s > exact.decode_step(4, 64).breakdown.kv_dma_s
 
 
+def test_step_cost_for_the_serving_simulation(tiny):
+    from rebel.plan.serving import step_seconds
+
+    pred = Predictor(tiny, tp=1, chunk=32, batches=(1, 4), max_seq_len=256, block_size=64)
+    cost = pred.step_cost()
+    assert (cost.chunk, cost.decode_batch) == (32, 4)
+    # one request prefilling 40 tokens from position 10 (two chunks), five decoding (two calls)
+    scheduled = [(40, 10), *((1, p) for p in (70, 80, 90, 100, 200))]
+    expected = (pred.prefill_chunk(10, 32).seconds + pred.prefill_chunk(42, 8).seconds
+                + pred.decode_at([70, 80, 90, 100]).seconds + pred.decode_at([200]).seconds)
+    assert step_seconds(cost, scheduled) == pytest.approx(expected)
+    assert pred.decode_at([63, 63]).seconds == pred.decode_step(2, 64).seconds
+    with pytest.raises(PlanError, match="exceeds max_seq_len"):
+        pred.decode_at([300])
+
+
 # ---- search -------------------------------------------------------------------------------------
 
 def test_search_meets_slos_sorted_by_cost(tiny):

@@ -11,8 +11,8 @@ Needs transformers (the `hf` extra), as the model classes are transformers' own.
 from .model import SUPPORTED, ModelShape, build_meta_model, read_config, shape_of
 from .planner import (DecodePoint, Deployment, Plan, Planner, SearchResult, min_cards, plan,
                       search)
-from .predict import Breakdown, Memory, PhaseTime, Predictor
+from .predict import Breakdown, Memory, PhaseTime, PredictedStepCost, Predictor
 
 __all__ = ["SUPPORTED", "Breakdown", "DecodePoint", "Deployment", "Memory", "ModelShape",
-           "PhaseTime", "Plan", "Planner", "Predictor", "SearchResult", "build_meta_model",
+           "PhaseTime", "Plan", "Planner", "PredictedStepCost", "Predictor", "SearchResult", "build_meta_model",
            "min_cards", "plan", "read_config", "search", "shape_of"]

@@ -15,7 +15,8 @@ holds the running sequences:
 - running sequences n = l * output_len * TPOT (Little's law) pick the bucket, and must fit the
   largest bucket and the KV blocks;
 - TTFT = P + T / 2 (the step in flight) + rho * P / (2 (1 - rho)) (M/D/1 queueing of prefills).
-A replay of a request trace through the real scheduler is the next step (issue 15, part 3).
+A replay of a request trace through vLLM's scheduler (`rebel.plan.serving.simulate`, with
+`Predictor.step_cost()` for a config alone) gives percentiles where this gives means.
 """
 from __future__ import annotations
 

@@ -202,11 +202,23 @@ class Predictor:
     def decode_step(self, batch: int, context: int) -> PhaseTime:
         """One decode step of `batch` sequences that have reached `context` tokens (the new one
         included), on the smallest batch bucket that holds them (padding rows idle)."""
-        bucket = self.bucket_for(batch)
-        self._check_context(context)
-        positions = torch.full((bucket, 1), -1, dtype=torch.long)
-        positions[:batch] = context - 1
-        return self._phase(f"decode_{bucket}", positions)
+        return self.decode_at([context - 1] * batch)
+
+    def decode_at(self, positions) -> PhaseTime:
+        """One decode step for sequences whose new tokens sit at these positions (0-based),
+        on the smallest batch bucket that holds them."""
+        positions = [int(p) for p in positions]
+        if not positions or min(positions) < 0:
+            raise PlanError(f"decode positions must be non-negative, got {positions!r}")
+        bucket = self.bucket_for(len(positions))
+        self._check_context(max(positions) + 1)
+        rows = torch.full((bucket, 1), -1, dtype=torch.long)
+        rows[:len(positions), 0] = torch.tensor(positions, dtype=torch.long)
+        return self._phase(f"decode_{bucket}", rows)
+
+    def step_cost(self) -> PredictedStepCost:
+        """This predictor as the serving simulation's step cost (`rebel.plan.serving`)."""
+        return PredictedStepCost(self)
 
     def prefill_chunk(self, start: int, tokens: int) -> PhaseTime:
         """One prefill chunk: prompt tokens start .. start + tokens - 1 (tokens <= chunk; the
@@ -269,6 +281,28 @@ class Predictor:
         blocks = self.batches[-1] * self.blocks_per_seq
         return Memory(weights=weights, activations=acts, kv_block=kv // blocks,
                       usable=self.spec.die.memory.dram_usable_bytes)
+
+
+class PredictedStepCost:
+    """`rebel.plan.serving.StepCost` from a config alone: the graph calls of one engine step
+    (prefill chunks, decode batches) timed by a Predictor instead of compiled full models, so a
+    request trace can be simulated for a model too large to compile whole here."""
+
+    def __init__(self, predictor: Predictor):
+        if not predictor.chunk:
+            raise PlanError("a step cost needs a predictor with a prefill chunk")
+        self.predictor = predictor
+        self.chunk = predictor.chunk
+        self.decode_batch = predictor.batches[-1]
+
+    def prefill_s(self, tokens: int, start: int) -> float:
+        return self.predictor.prefill_chunk(start, tokens).seconds
+
+    def decode_s(self, positions) -> float:
+        return self.predictor.decode_at(positions).seconds
+
+    def __repr__(self) -> str:
+        return f"PredictedStepCost(chunk={self.chunk}, decode_batch={self.decode_batch})"
 
 
 def _meta(*shape) -> torch.Tensor:
