@@ -191,6 +191,15 @@ def test_search_meets_slos_sorted_by_cost(tiny):
     assert none.deployments == [] and any("misses the SLOs" in n for n in none.notes)
 
 
+def test_slot_wait_is_erlang_c():
+    from rebel.plan.planner import _slot_wait
+
+    # one slot: M/M/1, wait = rho / (1 - rho) x service
+    assert _slot_wait(1, 0.5, 2.0) == pytest.approx(2.0)
+    assert _slot_wait(64, 29.2, 11.7) < 1e-3 < _slot_wait(32, 29.2, 11.7)
+    assert _slot_wait(8, 8.0, 1.0) == float("inf")
+
+
 # ---- CLI ------------------------------------------------------------------------------------------
 
 def test_cli_json_plan(tiny, capsys):

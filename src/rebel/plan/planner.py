@@ -14,7 +14,10 @@ holds the running sequences:
   a user sees);
 - running sequences n = l * output_len * TPOT (Little's law) pick the bucket, and must fit the
   largest bucket and the KV blocks;
-- TTFT = P + T / 2 (the step in flight) + rho * P / (2 (1 - rho)) (M/D/1 queueing of prefills).
+- TTFT = P + T / 2 (the step in flight) + rho * P / (2 (1 - rho)) (M/D/1 queueing of prefills)
+  + the wait for a free sequence slot when all `max batch` are taken (Erlang C, each slot held
+  output_len x TPOT): the search picks the smallest max batch that keeps TTFT within its SLO.
+These are means; the trace replay below gives percentiles.
 A replay of a request trace through vLLM's scheduler (`rebel.plan.serving.simulate`, with
 `Predictor.step_cost()` for a config alone) gives percentiles where this gives means.
 """
@@ -128,7 +131,7 @@ class Deployment:
     tp: int
     replicas: int
     cards: int
-    batch: int                    # the decode bucket the running sequences fill
+    batch: int                    # max batch: sequence slots, the largest decode bucket
     running: float                # sequences decoding at once per replica (mean)
     ttft_s: float                 # under load
     tpot_s: float                 # under load (prefill stalls included)
@@ -319,28 +322,47 @@ class Planner:
 
 def _serve(rate: float, prefill: float, steps: dict[int, float], batches: list[int],
            output_len: int, ttft_slo: float, tpot_slo: float):
-    """(batch, running, TTFT, TPOT, prefill utilization) of one replica at `rate` requests/s,
-    or None when it cannot keep up or misses an SLO (see the module docstring)."""
+    """(max batch, running, TTFT, TPOT, prefill utilization) of one replica at `rate`
+    requests/s with the smallest max batch (sequence slots) that meets the SLOs, or None when
+    it cannot keep up or misses an SLO (see the module docstring)."""
     rho = rate * prefill
     if rho >= 1.0 or not batches:
         return None
-    running, batch = 1.0, batches[0]
+    running, bucket = 1.0, batches[0]
     for _ in range(50):  # fixed point: more running sequences -> bigger bucket -> slower steps
         bucket = next((b for b in batches if b >= math.ceil(running - 1e-9)), None)
         if bucket is None:
             return None
-        tpot = steps[bucket] / (1.0 - rho)
-        new = max(1.0, rate * output_len * tpot)
-        if bucket == batch and abs(new - running) < 1e-6:
+        new = max(1.0, rate * output_len * steps[bucket] / (1.0 - rho))
+        if abs(new - running) < 1e-6:
             break
-        running, batch = new, bucket
-    if math.ceil(running - 1e-9) > batch:
+        running = new
+    bucket = next((b for b in batches if b >= math.ceil(running - 1e-9)), None)
+    if bucket is None:
         return None
-    tpot = steps[batch] / (1.0 - rho)
-    ttft = prefill + steps[batch] / 2 + rho * prefill / (2 * (1.0 - rho))
-    if ttft > ttft_slo or tpot > tpot_slo:
+    tpot = steps[bucket] / (1.0 - rho)
+    if tpot > tpot_slo:
         return None
-    return batch, running, ttft, tpot, rho
+    base = prefill + steps[bucket] / 2 + rho * prefill / (2 * (1.0 - rho))
+    for slots in (b for b in batches if b >= bucket):
+        # every slot busy: a new request waits for a sequence to finish (Erlang C, each slot
+        # held for the output's decode time)
+        ttft = base + _slot_wait(slots, running, output_len * tpot)
+        if ttft <= ttft_slo:
+            return slots, running, ttft, tpot, rho
+    return None
+
+
+def _slot_wait(slots: int, offered: float, hold_s: float) -> float:
+    """Mean wait for one of `slots` sequence slots when `offered` are busy on average and each
+    is held `hold_s` (M/M/c, Erlang C)."""
+    if offered >= slots:
+        return math.inf
+    erlang_b = 1.0
+    for k in range(1, slots + 1):
+        erlang_b = offered * erlang_b / (k + offered * erlang_b)
+    erlang_c = erlang_b / (1.0 - offered / slots * (1.0 - erlang_b))
+    return erlang_c * hold_s / (slots - offered)
 
 
 def _check_lengths(prompt_len: int, output_len: int) -> None:
