@@ -321,10 +321,11 @@ class Planner:
 
 
 def _serve(rate: float, prefill: float, steps: dict[int, float], batches: list[int],
-           output_len: int, ttft_slo: float, tpot_slo: float):
+           output_len: int, ttft_slo: float, tpot_slo: float, slots: int | None = None):
     """(max batch, running, TTFT, TPOT, prefill utilization) of one replica at `rate`
-    requests/s with the smallest max batch (sequence slots) that meets the SLOs, or None when
-    it cannot keep up or misses an SLO (see the module docstring)."""
+    requests/s with the smallest max batch (sequence slots) that meets the SLOs (or with
+    `slots` of them), or None when it cannot keep up or misses an SLO (see the module
+    docstring)."""
     rho = rate * prefill
     if rho >= 1.0 or not batches:
         return None
@@ -344,7 +345,9 @@ def _serve(rate: float, prefill: float, steps: dict[int, float], batches: list[i
     if tpot > tpot_slo:
         return None
     base = prefill + steps[bucket] / 2 + rho * prefill / (2 * (1.0 - rho))
-    for slots in (b for b in batches if b >= bucket):
+    for slots in ([slots] if slots is not None else [b for b in batches if b >= bucket]):
+        if slots < bucket:
+            return None
         # every slot busy: a new request waits for a sequence to finish (Erlang C, each slot
         # held for the output's decode time)
         ttft = base + _slot_wait(slots, running, output_len * tpot)
