@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 import rebel
 from optimum.rbln import RBLNLlamaForCausalLM
-from optimum.rbln.decoder_only.paged_model import PagedCausalLM
+from rebel.plan.paged import PagedCausalLM
 from optimum.rbln.offline import smollm2_folder
 from rebel.runtime.threads import run_threads, run_threads_set
 

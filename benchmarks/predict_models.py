@@ -4,10 +4,12 @@
 - Qwen3-4B on one RBLN-CA25 with TP=4: decode step at batch 1 and 8 (context 1024) and one
   128-token prefill chunk (the first of a prompt: nothing cached yet)
 
-The decoders are transformers' own `LlamaForCausalLM` / `Qwen3ForCausalLM`. A decode step runs
-them as the serving path does (optimum.rbln's `PagedCausalLM`: `rbln::paged_attention` over a
-KV cache held on the device as a persistent buffer, split by KV heads under tensor parallelism,
-one block of 1024 tokens per sequence, every position filled); a prefill chunk is the plain
+The decoders are transformers' own `LlamaForCausalLM` / `Qwen3ForCausalLM`. A decode step is
+the capacity planner's (`rebel.plan.Predictor` with every layer compiled, `exact=True`): the
+model as the serving path runs it (`rebel.plan.paged.PagedCausalLM`: `rbln::paged_attention`
+over a KV cache held on the device as a persistent buffer, split by KV heads under tensor
+parallelism, one block of 1024 tokens per sequence, every position filled), and DRAM per die as
+the planner counts it (weights, the KV cache once, activations). A prefill chunk is the plain
 forward with the last token's logits only.
 - BERT-large (seq 384, batch 1) and ResNet-50 (batch 1, 224x224) on one ATOM die (RBLN-CA12)
 all FP16. Prints per-run latency, device DRAM per die, and the share of time per kernel class.
@@ -20,12 +22,12 @@ from collections import defaultdict
 
 import torch
 
-from optimum.rbln.decoder_only.paged_model import PagedCausalLM
 from timing_models import LLAMA3_8B, LastLogits  # benchmarks/timing_models.py
 from rebel.compiler.compile import compile_module
 from rebel.device.engine import EventEngine
 from rebel.device.events import LINK, NEURAL_ENGINE
 from rebel.npu import load_spec
+from rebel.plan import Predictor
 from rebel.runtime.runtime import activation_bytes
 from rebel.runtime.timeline import build_steps
 
@@ -68,13 +70,20 @@ def causal_lm(name: str):
         return model_class(config_class(**shape, attn_implementation="sdpa")).to(HALF).eval()
 
 
-def decode_step(name: str, batch: int, context: int):
+CONFIGS = {"llama3-8b": {"model_type": "llama", "_name": "Llama-3-8B", **LLAMA3_8B},
+           "qwen3-4b": {"model_type": "qwen3", "_name": "Qwen3-4B", **QWEN3_4B}}
+
+
+def report_decode(name: str, model: str, batch: int, context: int, npu: str, tp: int) -> None:
     """One decode step at `context` tokens (the new one included) for `batch` sequences."""
-    with torch.device("meta"):
-        module = PagedCausalLM(causal_lm(name), num_blocks=batch, block_size=context).to(HALF)
-    ids = meta(batch, 1, dtype=torch.long)
-    return module, [ids, meta(batch, 1, dtype=torch.long), meta(batch, 1, dtype=torch.int32),
-                    meta(batch, dtype=torch.long)]
+    start = time.perf_counter()
+    predictor = Predictor(CONFIGS[model], npu, tp, chunk=None, batches=(batch,),
+                          max_seq_len=context, block_size=context, exact=True)
+    step = predictor.decode_step(batch, context)
+    compile_s = time.perf_counter() - start
+    memory = predictor.memory()
+    dram = memory.weights + memory.activations + batch * predictor.blocks_per_seq * memory.kv_block
+    _print(name, npu, tp, step.seconds, dram, compile_s, step.kinds)
 
 
 def report(name: str, module, inputs, npu: str, tp: int = 1) -> None:
@@ -90,10 +99,14 @@ def report(name: str, module, inputs, npu: str, tp: int = 1) -> None:
     for e in timeline.events:
         if e.device == 0 and e.track in (NEURAL_ENGINE, LINK):
             busy[kinds.get(e.name, e.track)] += e.dur_s
+    dram = program.weight_bytes + activation_bytes(program)
+    _print(name, npu, tp, timeline.latency_s, dram, compile_s, busy)
+
+
+def _print(name, npu, tp, latency_s, dram, compile_s, busy) -> None:
     total = sum(busy.values()) or 1.0
     mix = ", ".join(f"{k} {v / total * 100:.0f}%" for k, v in sorted(busy.items(), key=lambda kv: -kv[1])[:4])
-    dram = program.weight_bytes + activation_bytes(program)
-    print(f"{name:44s} {npu:10s} TP={tp}  latency {timeline.latency_s * 1e3:8.3f} ms  "
+    print(f"{name:44s} {npu:10s} TP={tp}  latency {latency_s * 1e3:8.3f} ms  "
           f"DRAM/die {dram / 2**30:6.2f} GiB  compile {compile_s:5.1f} s  [{mix}]")
 
 
@@ -101,11 +114,10 @@ def main() -> None:
     argparse.ArgumentParser(description=__doc__).parse_args()
     ctx = 1024
     for tp in (1, 4):
-        report(f"Llama-3-8B decode step (b1, ctx {ctx})", *decode_step("llama3-8b", 1, ctx),
-               "RBLN-CA25", tp)
+        report_decode(f"Llama-3-8B decode step (b1, ctx {ctx})", "llama3-8b", 1, ctx, "RBLN-CA25", tp)
     for batch in (1, 8):
-        report(f"Qwen3-4B decode step (b{batch}, ctx {ctx})", *decode_step("qwen3-4b", batch, ctx),
-               "RBLN-CA25", 4)
+        report_decode(f"Qwen3-4B decode step (b{batch}, ctx {ctx})", "qwen3-4b", batch, ctx,
+                      "RBLN-CA25", 4)
     report("Qwen3-4B prefill chunk (128 tokens)", LastLogits(causal_lm("qwen3-4b")),
            [meta(1, 128, dtype=torch.long)], "RBLN-CA25", 4)
     model, inputs = bert_large()

@@ -27,3 +27,7 @@ class DeviceMemoryError(RBLNError, MemoryError):
 
 class DeviceError(RBLNError):
     """A device index or option names no device of the virtual machine."""
+
+
+class PlanError(RBLNError, ValueError):
+    """A model config or a capacity-planning request cannot be planned (rebel.plan)."""

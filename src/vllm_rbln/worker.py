@@ -12,7 +12,7 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheSpec
 from vllm.v1.worker.worker_base import CompilationTimes, WorkerBase
 
 from optimum.rbln.auto import RBLNAutoModelForCausalLM
-from optimum.rbln.decoder_only.paged_model import kv_heads_and_dim
+from rebel.plan.paged import kv_heads_and_dim
 
 from . import metrics
 from .model_runner import RblnModelRunner

@@ -516,14 +516,16 @@ def _release(held, state, shared_keys) -> None:
         shared_keys.clear()
 
 
-def activation_bytes(program: Program) -> int:
+def activation_bytes(program: Program, exclude: frozenset[str] = frozenset()) -> int:
     """Device DRAM per die the activations need when buffers are reused once dead: the largest
     total, over the kernel sequence, of the activations live at one kernel (a value is live from
     the kernel that writes it, or its segment's start if the host copies it in, to the last kernel
     that reads it, or its segment's end if the host copies it out). Sizes are as one die holds
     them (tensor-parallel splits applied, floats in the device dtype), as a compiler's memory
     planner lays them out. One buffer per tensor instead would count most of a deep model's
-    layer intermediates many times over (a 7B DiT: hundreds of GiB for a 2 GiB working set)."""
+    layer intermediates many times over (a 7B DiT: hundreds of GiB for a 2 GiB working set).
+    exclude: values that need no buffer of their own, such as a paged KV cache's updated copy,
+    which is written back into the persistent cache in place (rebel.plan counts the cache once)."""
     p = program
     first: dict[str, int] = {}
     last: dict[str, int] = {}
@@ -549,7 +551,7 @@ def activation_bytes(program: Program) -> int:
             last[v] = max(last.get(v, end), end)
     deltas: dict[int, int] = {}
     for v, lo in first.items():
-        if v not in p.values:
+        if v not in p.values or v in exclude:
             continue
         spec = p.values[v]
         nbytes = TensorSpec(p.sharding.local_shape(v, spec.shape), spec.dtype).nbytes(p.device_dtype)

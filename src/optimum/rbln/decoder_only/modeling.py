@@ -17,7 +17,7 @@ from rebel import InputError
 
 from ..configuration import RBLNConfig, RBLNConfigError
 from ..modeling import RBLNModel
-from .paged_model import PagedCausalLM, kv_heads_and_dim
+from rebel.plan.paged import PagedCausalLM, kv_heads_and_dim
 from .session import PagedGraphs, PagedSession, SlotPool
 
 _POOL_LOCK = threading.Lock()

@@ -1,0 +1,197 @@
+"""`rbln-plan`: capacity planning from a Hugging Face config.json, on the command line.
+
+    rbln-plan examples/configs/llama-3-8b --tp 4 --batch 1 8 64
+    rbln-plan examples/configs/llama-3-8b --search --ttft-ms 500 --tpot-ms 50 --rps 10
+    rbln-plan examples/configs/qwen3-32b --cards 0      # the fewest cards it fits on
+
+Without --search it prints one plan (fits?, TTFT, TPOT per batch bucket, tokens/s, watts,
+tokens per joule, the bottleneck of each phase); --search tries TP sizes, batch buckets and
+replica counts and prints the cheapest deployments meeting the SLOs. `--json` prints the same
+answers as one JSON object for scripts. Every figure is predicted (rebel.plan), not measured.
+The exit status is 1 when the plan does not fit, 2 on an error.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ..errors import RBLNError
+from ..npu.spec import GiB
+
+PROG = "rbln-plan"
+NOTE = "Predicted by open-rbln's timing model from the config alone (meta tensors), not measured."
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    try:
+        return _run(args)
+    except (RBLNError, ValueError, OSError) as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description="How many RBLN cards, which TP and batch, "
+                                "at what latency and cost, for a Hugging Face decoder LLM config.")
+    p.add_argument("config", help="config.json or a folder holding one")
+    p.add_argument("--hardware", default="RBLN-CA25", help="product name or spec .toml (default RBLN-CA25)")
+    p.add_argument("--dtype", default="float16", choices=("float16", "bfloat16"))
+    p.add_argument("--tp", type=int, default=None, help="tensor-parallel size (default: one card's dies)")
+    p.add_argument("--batch", type=int, nargs="+", default=None,
+                   help="decode batch bucket(s) (plan default: 1; search default: 1 2 4 ... 128)")
+    p.add_argument("--cards", type=int, default=None,
+                   help="cards to deploy on (plan; 0: the fewest one replica fits on) or the most "
+                        "to consider (search, default 8)")
+    p.add_argument("--prompt-len", type=int, default=1024)
+    p.add_argument("--output-len", type=int, default=256)
+    p.add_argument("--search", action="store_true", help="search TP, batch and cards for the SLOs")
+    p.add_argument("--ttft-ms", type=float, default=500.0, help="search: time-to-first-token SLO")
+    p.add_argument("--tpot-ms", type=float, default=50.0, help="search: time-per-output-token SLO")
+    p.add_argument("--rps", type=float, default=1.0, help="search: requests per second to serve")
+    p.add_argument("--top", type=int, default=10, help="search: deployments to print")
+    p.add_argument("--exact", action="store_true",
+                   help="compile every layer instead of extrapolating from 1 and 2 (slow)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    return p
+
+
+def _run(args) -> int:
+    from ..plan import Planner
+    from ..plan.predict import DEFAULT_BATCHES
+
+    planner = Planner(args.config, args.hardware, args.dtype, exact=args.exact)
+    if args.search:
+        if args.tp is not None and args.tp < 1:
+            raise RBLNError(f"--tp must be positive, got {args.tp}")
+        result = _with_progress(args.json, lambda progress: planner.search(
+            args.rps, args.ttft_ms, args.tpot_ms, args.prompt_len, args.output_len,
+            batches=args.batch or DEFAULT_BATCHES,
+            max_cards=8 if args.cards is None else args.cards,
+            tp_sizes=[args.tp] if args.tp else None, progress=progress, top=args.top))
+        if args.json:
+            print(json.dumps(result.to_dict(), indent=2))
+        else:
+            _print_search(result)
+        return 0
+    if args.cards == 0:
+        result = planner.min_cards(args.prompt_len, args.output_len, (args.batch or [1])[-1])
+    else:
+        result = planner.plan(args.tp, args.batch or [1], args.prompt_len, args.output_len,
+                              args.cards)
+    fewest = None
+    if not result.fits:  # say how many cards it needs, or by how much it misses everywhere
+        try:
+            best = planner.min_cards(args.prompt_len, args.output_len, (args.batch or [1])[-1])
+            fewest = {"cards": best.cards, "tp": best.tp, "weights_per_die_bytes": best.memory.weights,
+                      "kv_blocks_left": best.kv_blocks_left}
+        except RBLNError as e:
+            fewest = {"error": str(e)}
+    if args.json:
+        print(json.dumps({**result.to_dict(), "fewest_cards": fewest}, indent=2))
+    else:
+        _print_plan(result)
+        if fewest is not None:
+            _console().print(fewest["error"] if "error" in fewest else
+                             f"It fits on {fewest['cards']} card(s) at TP={fewest['tp']} "
+                             f"({fewest['kv_blocks_left']} KV blocks left): rbln-plan "
+                             f"{args.config} --tp {fewest['tp']}", soft_wrap=True)
+    return 0 if result.fits else 1
+
+
+def _with_progress(quiet: bool, work):
+    """Run `work(progress)` with a rich bar on stderr (none for --json or a non-terminal)."""
+    if quiet or not sys.stderr.isatty():
+        return work(None)
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), transient=True) as bar:
+        task = bar.add_task("search", total=1)
+
+        def progress(description: str, done: int, total: int) -> None:
+            bar.update(task, description=description, completed=done, total=total)
+
+        return work(progress)
+
+
+def _console():
+    from rich.console import Console
+
+    tty = sys.stdout.isatty()
+    return Console(file=sys.stdout, markup=False, highlight=False, width=None if tty else 120)
+
+
+def _print_plan(p) -> None:
+    from rich.table import Table
+
+    console = _console()
+    m = p.memory
+    console.print(f"{p.model}: {p.params / 1e9:.2f}B parameters, {p.dtype}, on {p.cards} x "
+                  f"{p.hardware}, TP={p.tp}, {p.replicas} replica(s)")
+    console.print(NOTE)
+    mem = Table(title="DRAM per die")
+    for col in ("weights GiB", "activations GiB", "KV GiB (largest batch)", "usable GiB",
+                "KV block MiB", "KV blocks left", "fits"):
+        mem.add_column(col, justify="right")
+    mem.add_row(f"{m.weights / GiB:.2f}", f"{m.activations / GiB:.2f}",
+                f"{p.kv_blocks_needed * m.kv_block / GiB:.2f}", f"{m.usable / GiB:.2f}",
+                f"{m.kv_block / 2**20:.1f}", str(p.kv_blocks_left) if p.fits else "-",
+                "yes" if p.fits else f"NO: {p.over_bytes / GiB:.2f} GiB over")
+    console.print(mem)
+    console.print(f"TTFT {p.ttft_s * 1e3:.1f} ms for a {p.prompt_len}-token prompt "
+                  f"(bound by {p.prefill.bottleneck})")
+    dec = Table(title=f"Decode, {p.prompt_len} in / {p.output_len} out")
+    for col in ("batch", "TPOT ms", "decode tok/s", "serving tok/s", "tok/J", "bound by", "KV fits"):
+        dec.add_column(col, justify="right")
+    for d in p.decode:
+        dec.add_row(str(d.batch), f"{d.tpot_s * 1e3:.2f}", f"{d.tokens_per_s:.0f}",
+                    f"{d.serving_tokens_per_s:.0f}", f"{d.tokens_per_joule:.2f}", d.bottleneck,
+                    "yes" if d.kv_fits else "no")
+    console.print(dec)
+    phases = Table(title="Busy time per phase, ms (resources overlap)")
+    phases.add_column("phase")
+    names = list(p.prefill.as_dict())
+    for n in names:
+        phases.add_column(n, justify="right")
+    phases.add_row("prefill (whole prompt)", *(f"{v * 1e3:.2f}" for v in p.prefill.as_dict().values()))
+    for d in p.decode:
+        phases.add_row(f"decode step, batch {d.batch}",
+                       *(f"{v * 1e3:.2f}" for v in d.breakdown.as_dict().values()))
+    console.print(phases)
+    console.print(f"Power: {p.watts:.0f} W at TDP ({p.cards} card(s); spec {p.spec_file})",
+                  soft_wrap=True)
+
+
+def _print_search(r) -> None:
+    from rich.table import Table
+
+    console = _console()
+    console.print(f"{r.model} on {r.hardware}: {r.rps:g} req/s of {r.prompt_len} in / "
+                  f"{r.output_len} out; SLOs TTFT <= {r.ttft_slo_s * 1e3:g} ms, "
+                  f"TPOT <= {r.tpot_slo_s * 1e3:g} ms")
+    console.print(NOTE)
+    if not r.deployments:
+        console.print("No deployment meets the SLOs.")
+    else:
+        t = Table(title="Cheapest deployments meeting the SLOs")
+        for col in ("cards", "TP", "replicas", "batch", "running", "TTFT ms", "TPOT ms",
+                    "prefill util", "tok/s", "W", "tok/J"):
+            t.add_column(col, justify="right")
+        for d in r.deployments:
+            t.add_row(str(d.cards), str(d.tp), str(d.replicas), str(d.batch), f"{d.running:.1f}",
+                      f"{d.ttft_s * 1e3:.0f}", f"{d.tpot_s * 1e3:.1f}",
+                      f"{d.prefill_utilization:.0%}", f"{d.tokens_per_s:.0f}", f"{d.watts:.0f}",
+                      f"{d.tokens_per_joule:.2f}")
+        console.print(t)
+    for n in r.notes:
+        console.print(f"note: {n}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
