@@ -3,17 +3,25 @@
     rbln-plan examples/configs/llama-3-8b --tp 4 --batch 1 8 64
     rbln-plan examples/configs/llama-3-8b --search --ttft-ms 500 --tpot-ms 50 --rps 10
     rbln-plan examples/configs/qwen3-32b --cards 0      # the fewest cards it fits on
+    rbln-plan examples/configs/llama-3-8b --tp 4 --batch 1 8 32 64 --simulate 1000 --rps 2.5
+    rbln-plan examples/configs/llama-3-8b --tp 4 --batch 1 8 32 --report out/   # HTML + plots
 
 Without --search it prints one plan (fits?, TTFT, TPOT per batch bucket, tokens/s, watts,
 tokens per joule, the bottleneck of each phase); --search tries TP sizes, batch buckets and
-replica counts and prints the cheapest deployments meeting the SLOs. `--json` prints the same
-answers as one JSON object for scripts. Every figure is predicted (rebel.plan), not measured.
+replica counts and prints the cheapest deployments meeting the SLOs. `--simulate N` (or
+`--trace FILE.jsonl`) replays N Poisson requests at --rps (or the trace) through vLLM's own
+scheduler in virtual time on one replica of the plan, each step costed by the predicted graphs,
+and prints TTFT / TPOT percentiles, queueing and preemptions (needs vLLM: the `vllm` extra).
+`--report DIR` writes an HTML page with plots of all of it. `--json` prints the same answers as
+one JSON object for scripts. Every figure is predicted (rebel.plan), not measured.
 The exit status is 1 when the plan does not fit, 2 on an error.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 
 from ..errors import RBLNError
@@ -57,11 +65,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=10, help="search: deployments to print")
     p.add_argument("--exact", action="store_true",
                    help="compile every layer instead of extrapolating from 1 and 2 (slow)")
+    p.add_argument("--simulate", type=int, default=0, metavar="N",
+                   help="replay N Poisson requests at --rps through vLLM's scheduler (one replica)")
+    p.add_argument("--trace", default=None, metavar="FILE",
+                   help="replay this JSONL trace instead (arrival_s, prompt_len, output_len per line)")
+    p.add_argument("--report", default=None, metavar="DIR", help="write an HTML report with plots")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     return p
 
 
 def _run(args) -> int:
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # the simulation's scheduler: no INFO chatter
     from ..plan import Planner
     from ..plan.predict import DEFAULT_BATCHES
 
@@ -78,6 +92,8 @@ def _run(args) -> int:
             print(json.dumps(result.to_dict(), indent=2))
         else:
             _print_search(result)
+        if args.report:
+            _report(args, search=result)
         return 0
     if args.cards == 0:
         result = planner.min_cards(args.prompt_len, args.output_len, (args.batch or [1])[-1])
@@ -92,8 +108,16 @@ def _run(args) -> int:
                       "kv_blocks_left": best.kv_blocks_left}
         except RBLNError as e:
             fewest = {"error": str(e)}
+    serving = None
+    if result.fits and (args.simulate or args.trace):
+        # vLLM logs to stdout: keep stdout for the answer (JSON or tables), its lines on stderr
+        with contextlib.redirect_stdout(sys.stderr):
+            serving = _simulate(planner, result, args)
     if args.json:
-        print(json.dumps({**result.to_dict(), "fewest_cards": fewest}, indent=2))
+        out = {**result.to_dict(), "fewest_cards": fewest}
+        if serving is not None:
+            out["serving"] = serving.summary()
+        print(json.dumps(out, indent=2))
     else:
         _print_plan(result)
         if fewest is not None:
@@ -101,7 +125,74 @@ def _run(args) -> int:
                              f"It fits on {fewest['cards']} card(s) at TP={fewest['tp']} "
                              f"({fewest['kv_blocks_left']} KV blocks left): rbln-plan "
                              f"{args.config} --tp {fewest['tp']}", soft_wrap=True)
+        if serving is not None:
+            _print_serving(serving)
+    if args.report:
+        _report(args, plans=[result], serving=serving)
     return 0 if result.fits else 1
+
+
+def _simulate(planner, plan, args):
+    """The plan's trace replay: one replica (the request rate split over the replicas), its
+    batch buckets as the scheduler's sequence slots, its KV blocks as the cache."""
+    from ..plan.serving import load_trace, poisson_trace, scheduler_config, simulate
+
+    if args.trace:
+        trace = load_trace(args.trace)
+    else:
+        if args.simulate < 1:
+            raise RBLNError(f"--simulate takes a number of requests >= 1, got {args.simulate}")
+        trace = poisson_trace(args.simulate, args.rps / plan.replicas, args.prompt_len,
+                              args.output_len, seed=0)
+    batches = [d.batch for d in plan.decode]
+    longest = max(r.prompt_len + r.output_len for r in trace)
+    pred = planner.predictor(plan.tp, batches, max(longest, args.prompt_len + args.output_len))
+    blocks = pred.memory().kv_blocks_total
+    if blocks < pred.blocks_per_seq:
+        raise RBLNError(f"the KV cache holds {blocks} blocks, fewer than one sequence of "
+                        f"{pred.max_seq_len} tokens needs ({pred.blocks_per_seq})")
+    vllm_config, kv = scheduler_config(_config_folder(args.config), max_num_seqs=max(batches),
+                                       max_model_len=pred.max_seq_len, block_size=pred.block_size,
+                                       num_blocks=blocks)
+    return simulate(trace, pred.step_cost(), vllm_config, kv,
+                    progress=not args.json and sys.stderr.isatty())
+
+
+def _config_folder(config: str) -> str:
+    """vLLM reads a model folder: the config's own, or a temporary one holding a copy of it."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    path = Path(config)
+    if path.is_dir() or path.name == "config.json":
+        return str(path if path.is_dir() else path.parent)
+    folder = Path(tempfile.mkdtemp(prefix="rbln-plan-"))
+    shutil.copy(path, folder / "config.json")
+    return str(folder)
+
+
+def _report(args, plans=(), search=None, serving=None) -> None:
+    from ..plan.report import write_report
+
+    page = write_report(args.report, plans, search, serving)
+    print(f"report: {page}", file=sys.stderr if args.json else sys.stdout)
+
+
+def _print_serving(result) -> None:
+    from rich.table import Table
+
+    console = _console()
+    s = result.summary()
+    console.print(f"Simulated trace (vLLM's scheduler, predicted step times): {s['requests']} "
+                  f"requests, {s['steps']} engine steps, {s['preemptions']} preemptions, "
+                  f"{s['output_tokens_per_s']:.0f} output tok/s", soft_wrap=True)
+    t = Table(title="Latency over the trace")
+    for col in ("", "p50 ms", "p90 ms", "p99 ms"):
+        t.add_column(col, justify="right")
+    for name, key in (("TTFT", "ttft"), ("TPOT", "tpot"), ("queued", "queued")):
+        t.add_row(name, *(f"{s[f'{key}_p{q}_s'] * 1e3:.2f}" for q in (50, 90, 99)))
+    console.print(t)
 
 
 def _with_progress(quiet: bool, work):

@@ -34,7 +34,7 @@ def write_report(out_dir: str | Path, plans: Sequence = (), search=None, serving
 
     def save(fig, name: str, caption: str) -> None:
         fig.tight_layout()
-        fig.savefig(out / name, dpi=110)
+        fig.savefig(out / name, dpi=110, bbox_inches="tight")
         plt.close(fig)
         figures.append((name, caption))
 
@@ -69,7 +69,7 @@ def write_report(out_dir: str | Path, plans: Sequence = (), search=None, serving
         ax.set_yticks(range(len(phases)), [name for name, _ in phases])
         ax.invert_yaxis()
         ax.set(xlabel="share of busy time (%)", title=f"Where the time goes: {_label(p)}")
-        ax.legend(fontsize=7, ncol=3, loc="lower center", bbox_to_anchor=(0.5, 1.08))
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
         save(fig, "breakdown.png", "Time breakdown per phase (busy time of each resource; they "
              "overlap, so a phase takes at least its largest).")
 
@@ -88,7 +88,7 @@ def write_report(out_dir: str | Path, plans: Sequence = (), search=None, serving
         ax.set_yticks(range(len(plans)), [_label(p) for p in plans])
         ax.invert_yaxis()
         ax.set(xlabel="GiB per die (line: usable DRAM)", title="Device DRAM per die")
-        ax.legend(fontsize=7, ncol=4, loc="lower center", bbox_to_anchor=(0.5, 1.08))
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
         save(fig, "dram.png", "What one die's DRAM holds.")
 
     if search is not None and search.deployments:
