@@ -5,7 +5,8 @@ compiled folder: batch 4, chunk 128, 2048 tokens, on one RBLN-CA25 die).
    computes every token; the clock advances by each step's predicted NPU time) and simulated
    (`rebel.plan.serving.simulate`: vLLM's scheduler alone, each step costed by the compiled graphs'
    predicted time, nothing computed): TTFT and TPOT percentiles and their difference, and the
-   wall time each took here.
+   wall time each took here; and simulated again with rbln-plan's step costs from the config alone
+   (1 and 2 layers compiled on meta tensors, extrapolated; `rebel.plan.Predictor.step_cost`).
 2. How long simulating a 10,000-request trace takes (the same scheduler and step costs).
 
     .venv/bin/python benchmarks/serving_sim.py [--requests 32] [--rate 40] [--big 10000]
@@ -73,7 +74,19 @@ def main() -> None:
     start = time.perf_counter()
     sim = simulate(trace, cost, scheduler.vllm_config, scheduler.kv_cache_config)
     sim_wall = time.perf_counter() - start
-    table({"served (vllm_rbln)": (real, real_wall), "simulated (graphs)": (sim, sim_wall)})
+    # rbln-plan's cost from the config alone: 1 and 2 layers compiled on meta tensors with the
+    # folder's options, extrapolated to 30 (rebel.plan.Predictor), the same scheduler settings
+    from optimum.rbln.offline import smollm2_folder
+    from rebel.plan import Predictor
+    start = time.perf_counter()
+    predictor = Predictor(smollm2_folder(), o.npu or "RBLN-CA25", tp=o.tensor_parallel_size,
+                          chunk=o.prefill_chunk_size, chunk_sizes=o.prefill_chunk_sizes,
+                          batches=o.decoder_batch_sizes, max_seq_len=o.max_seq_len,
+                          block_size=o.kvcache_block_size)
+    planned = simulate(trace, predictor.step_cost(), scheduler.vllm_config, scheduler.kv_cache_config)
+    plan_wall = time.perf_counter() - start
+    table({"served (vllm_rbln)": (real, real_wall), "simulated (graphs)": (sim, sim_wall),
+           "simulated (rbln-plan)": (planned, plan_wall)})
     print(f"\nserved: {real}\nsimulated: {sim}")
     if args.big:
         big = poisson_trace(args.big, args.rate, PROMPT, OUTPUT, seed=1)

@@ -30,7 +30,7 @@ def compiled(tmp_path_factory):
     model = RBLNLlamaForCausalLM.from_pretrained(save_model(root / "hf", LlamaConfig(**SMALL)),
                                                  export=True, **OPTIONS)
     model.save_pretrained(root / "compiled")
-    return model, root / "compiled"
+    return model, root / "compiled", root / "hf"
 
 
 class Recorder:
@@ -119,17 +119,23 @@ os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 from vllm import LLM
 from optimum.rbln import RBLNLlamaForCausalLM
 from optimum.rbln.decoder_only.step_cost import GraphStepCost
+from rebel.plan import Predictor
 from rebel.plan.serving import poisson_trace, simulate
 from vllm_rbln.replay import replay
-folder = sys.argv[1]
+folder, hf = sys.argv[1], sys.argv[2]
 trace = poisson_trace(24, 2000.0, (5, 60), (2, 12), seed=2)
 llm = LLM(model=folder, device="rbln", max_num_seqs=4, max_model_len=128, block_size=32,
           skip_tokenizer_init=True)
 real = replay(llm, trace)
 scheduler = llm.llm_engine.engine_core.engine_core.scheduler
-sim = simulate(trace, GraphStepCost.of(RBLNLlamaForCausalLM.from_pretrained(folder)),
-               scheduler.vllm_config, scheduler.kv_cache_config)
-print("RESULT " + json.dumps({"real": real.summary(), "sim": sim.summary(),
+model = RBLNLlamaForCausalLM.from_pretrained(folder)
+sim = simulate(trace, GraphStepCost.of(model), scheduler.vllm_config, scheduler.kv_cache_config)
+o = model.rbln_config  # rbln-plan's costs from the config alone, at the folder's options
+predictor = Predictor(hf, chunk=o.prefill_chunk_size, chunk_sizes=o.prefill_chunk_sizes,
+                      batches=o.decoder_batch_sizes, max_seq_len=o.max_seq_len,
+                      block_size=o.kvcache_block_size)
+planned = simulate(trace, predictor.step_cost(), scheduler.vllm_config, scheduler.kv_cache_config)
+print("RESULT " + json.dumps({"real": real.summary(), "sim": sim.summary(), "plan": planned.summary(),
                               "tokens": [len(r.token_s) for r in real.requests]}))
 """
 
@@ -137,12 +143,13 @@ print("RESULT " + json.dumps({"real": real.summary(), "sim": sim.summary(),
 @pytest.mark.slow
 def test_simulation_agrees_with_a_real_run(compiled, tmp_path):
     """The same trace served by vllm_rbln (real compute, the chip's clock) and simulated (no
-    compute): TTFT and TPOT percentiles within 5% (they share the scheduler and step costs)."""
+    compute), with the compiled folder's step costs and with rbln-plan's from the config alone:
+    TTFT and TPOT percentiles within 5%."""
     pytest.importorskip("vllm")
     script = tmp_path / "replay.py"
     script.write_text(REPLAY)
     env = {**os.environ, "VLLM_LOGGING_LEVEL": "WARNING", "TOKENIZERS_PARALLELISM": "false"}
-    run = subprocess.run([sys.executable, str(script), str(compiled[1])], capture_output=True,
+    run = subprocess.run([sys.executable, str(script), str(compiled[1]), str(compiled[2])], capture_output=True,
                          text=True, timeout=600, env=env)
     lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
     assert run.returncode == 0 and lines, run.stdout[-3000:] + run.stderr[-5000:]
@@ -153,4 +160,5 @@ def test_simulation_agrees_with_a_real_run(compiled, tmp_path):
     assert real["requests"] == sim["requests"] == 24 and real["busy_s"] > 0
     for key in ("ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "tpot_p50_s", "tpot_p90_s", "tpot_p99_s"):
         assert sim[key] == pytest.approx(real[key], rel=0.05), key
+        assert got["plan"][key] == pytest.approx(real[key], rel=0.05), key  # rbln-plan, config only
     assert real["ttft_p99_s"] > real["ttft_p50_s"]  # 24 requests at once queue behind 4 slots

@@ -106,13 +106,16 @@ class Predictor:
 
     block_size: tokens per KV-cache block (also the attention partition, as optimum.rbln
     defaults it); max_seq_len: prompt + output tokens a sequence may reach (a multiple of
-    block_size after rounding up); chunk: prefill chunk tokens; batches: decode batch buckets.
+    block_size after rounding up); chunk: prefill chunk tokens; chunk_sizes: shorter prefill
+    graphs beside it (as optimum.rbln's rbln_prefill_chunk_sizes: a chunk runs in the smallest
+    that holds it); batches: decode batch buckets.
     hardware: a product name, a spec .toml, or a loaded ProductSpec (the compiler schedules for
     the spec's file, the event engine times with the object given).
     """
 
     def __init__(self, config, hardware: str = "RBLN-CA25", tp: int = 1, dtype: str = "float16",
-                 *, chunk: int | None = 128, batches=DEFAULT_BATCHES, max_seq_len: int = 2048,
+                 *, chunk: int | None = 128, chunk_sizes=(), batches=DEFAULT_BATCHES,
+                 max_seq_len: int = 2048,
                  block_size: int = 1024, exact: bool = False):
         self.table = load_config(config)
         self.shape: ModelShape = shape_of(self.table)
@@ -140,6 +143,10 @@ class Predictor:
         self.blocks_per_seq = math.ceil(max_seq_len / block_size)
         self.max_seq_len = self.blocks_per_seq * block_size
         self.chunk = chunk
+        sizes = sorted({int(c) for c in chunk_sizes} | ({chunk} if chunk else set()))
+        if chunk and (sizes[0] < 1 or sizes[-1] != chunk):
+            raise PlanError(f"chunk_sizes must lie in 1..chunk={chunk}, got {list(chunk_sizes)!r}")
+        self.chunk_sizes = tuple(sizes)
         self.exact = exact
         self._times: dict = {}
 
@@ -152,7 +159,7 @@ class Predictor:
         return (n,) if self.exact or n <= 2 else (1, 2)
 
     def _bucket_shapes(self) -> list[tuple[str, int, int]]:
-        shapes = [("prefill", 1, self.chunk)] if self.chunk else []
+        shapes = [("prefill" if c == self.chunk else f"prefill_{c}", 1, c) for c in self.chunk_sizes]
         return shapes + [(f"decode_{b}", b, 1) for b in self.batches]
 
     @cached_property
@@ -160,12 +167,15 @@ class Predictor:
         """layers -> bucket name -> Program."""
         out = {}
         for layers in self.layer_counts:
-            hf = build_meta_model(self.table, layers, self.dtype)
+            # FP32 module, 16-bit device: what optimum.rbln compiles (a checkpoint loads in FP32
+            # and the compiler casts to the device dtype), so a plan sees the kernels a compiled
+            # folder runs; a module already in FP16 would add explicit casts to its graph
+            hf = build_meta_model(self.table, layers, self.dtype).float()
             from .paged import PagedCausalLM
 
             with torch.device("meta"):
                 paged = PagedCausalLM(hf, num_blocks=self.batches[-1] * self.blocks_per_seq,
-                                      block_size=self.block_size).to(DTYPES[self.dtype]).eval()
+                                      block_size=self.block_size).eval()
             shapes = self._bucket_shapes()
             inputs = [[_meta(b, t), _meta(b, t), _meta(b, self.blocks_per_seq), _meta(b)]
                       for _, b, t in shapes]
@@ -221,16 +231,17 @@ class Predictor:
         return PredictedStepCost(self)
 
     def prefill_chunk(self, start: int, tokens: int) -> PhaseTime:
-        """One prefill chunk: prompt tokens start .. start + tokens - 1 (tokens <= chunk; the
-        rest of the chunk graph is padding)."""
+        """One prefill chunk: prompt tokens start .. start + tokens - 1 (tokens <= chunk), in
+        the smallest compiled chunk that holds them (the rest of it is padding)."""
         if not self.chunk:
             raise PlanError("this predictor was built without a prefill chunk (chunk=None)")
         if not 0 < tokens <= self.chunk:
             raise PlanError(f"a prefill chunk holds 1..{self.chunk} tokens, got {tokens}")
         self._check_context(start + tokens)
-        positions = torch.full((1, self.chunk), -1, dtype=torch.long)
+        width = next(c for c in self.chunk_sizes if c >= tokens)
+        positions = torch.full((1, width), -1, dtype=torch.long)
         positions[0, :tokens] = torch.arange(start, start + tokens)
-        return self._phase("prefill", positions)
+        return self._phase("prefill" if width == self.chunk else f"prefill_{width}", positions)
 
     def ttft(self, prompt_len: int) -> PhaseTime:
         """Time to first token: the prompt's prefill chunks in turn (the last one emits it)."""
