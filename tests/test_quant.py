@@ -207,20 +207,23 @@ def test_meta_llama_with_quantized_linears_compiles():
     assert w[4] < w[8] < w[None]
 
 
-@pytest.mark.parametrize("bits,group", [(8, None), (4, 64), (4, 32)])
-def test_tensor_parallel_splits_quantized_weights(bits, group):
+@pytest.mark.parametrize("bits,group,dies", [(8, None, 2), (4, 64, 2), (4, 32, 2), (4, 128, 4)])
+def test_tensor_parallel_splits_quantized_weights(bits, group, dies):
     """up is column parallel (rows of the packed weight and its scales), down row parallel
-    (packed columns and scale groups; a per-channel scale stays whole); two dies."""
+    (packed columns and scale groups; a per-channel scale stays whole) unless the dies would
+    cut its scale groups (256 inputs in groups of 128 over 4 dies): then column parallel."""
     torch.manual_seed(3)
     model = quantize_linears(_Block().eval(), bits, group)
     x = torch.randn(4, 128)
     single = rebel.compile_from_torch(model, example_inputs=[x])
-    compiled = rebel.compile_from_torch(model, example_inputs=[x], tensor_parallel_size=2)
+    compiled = rebel.compile_from_torch(model, example_inputs=[x], tensor_parallel_size=dies)
     program = compiled.program
     split = program.sharding.weights
     assert split["up.qweight"] == 0 and split["up.scales"] == 0
-    assert split["down.qweight"] == 1
-    assert split.get("down.scales") == (None if group is None else 1)
+    groups = 256 // (group or 256)
+    row_parallel = groups == 1 or groups % dies == 0
+    assert split["down.qweight"] == (1 if row_parallel else 0)
+    assert split.get("down.scales") == (None if groups == 1 else 1 if row_parallel else 0)
     assert program.weight_bytes < single.program.weight_bytes
     got = rebel.Runtime(compiled, device=0).run(x)
     torch.testing.assert_close(got, model(x).detach(), rtol=2e-2, atol=2e-2)
