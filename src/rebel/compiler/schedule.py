@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
+from ..device import quant
 from ..device.timing import GemmTiling, KernelPlan, Transfer, matrix_seconds
 from ..device.vendor_ops import ATTENTION_TARGETS
 from ..errors import CompileError
@@ -117,7 +118,10 @@ class Scheduler:
                 host_copies -= set(kernel.outputs)
 
     def _apply_reloads(self, op: Op, dma_in: tuple) -> tuple:
-        a, b = op.args[-2:] if op.target.split(".")[1] != "convolution" else op.args[:2]
+        if op.target.split(".")[1] in ("convolution", "linear_weight_only"):
+            a, b = op.args[:2]  # (input, weight, ...); a quantized weight's scales stream once
+        else:
+            a, b = op.args[-2:]
         a_name, b_name = getattr(a, "name", None), getattr(b, "name", None)
         if a_name not in self.values or b_name not in self.values:
             return dma_in
@@ -202,6 +206,11 @@ class Scheduler:
                 flops += 2.0 * b * m * n * k
                 gemm = self.tile_gemm(b, m, n, k)
                 dma_in = self._apply_reloads(op, dma_in)
+                if op.target == quant.TARGET:
+                    # weight-only quantization: activations stay 16-bit and the MACs run at
+                    # the 16-bit rate; the vector units scale each weight once as its tile
+                    # lands (q * scale), overlapped with the matrix work
+                    vector_ops += float(n) * k
             elif kind == "attention":
                 bh, rows, skv, d, fraction = _attention_shape(op, self._local_values(op))
                 gemm = self.tile_attention(bh, rows, skv, d, fraction)
@@ -409,7 +418,7 @@ def _gemm_shape(op: Op, values: dict[str, TensorSpec]) -> tuple[int, int, int, i
     shape = [values[r].shape for r in op.refs]
     out = values[op.name].shape if op.name in values else op.out_specs[0].shape
     name = op.target.split(".")[1]
-    if name == "linear":  # linear(x [..., K], weight [N, K], bias)
+    if name in ("linear", "linear_weight_only"):  # (x [..., K], weight [N, K] or packed, ...)
         k = values[op.args[0].name].shape[-1]
         return 1, math.prod(out[:-1]), out[-1], k
     if name in ("mm", "addmm"):

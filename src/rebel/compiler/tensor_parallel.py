@@ -165,7 +165,7 @@ class _Pass:
         cls = classify(op.target)
         kind = cls.kind if cls else ("alias" if op.target == GETITEM else "host")
         states = {r: self.state(r) for r in op.refs}
-        if not any(st is not None for st in states.values()) and name not in ("mm", "addmm", "linear"):
+        if not any(st is not None for st in states.values()) and name not in ("mm", "addmm", "linear", "linear_weight_only"):
             self.emit(op, None)
             return
         handler = {"mm": self.linear, "addmm": self.linear, "linear": self.linear, "scaled_dot_product_attention": self.attention,
@@ -174,6 +174,7 @@ class _Pass:
                    "expand": self.expand, "cat": self.cat, "bmm": self.batched,
                    "slice": self.slice_like, "select": self.slice_like,
                    "paged_attention": self.paged_attention,
+                   "linear_weight_only": self._linear_weight_only,
                    # its args are (x, k, dim), not a reduction's dims: keep it whole
                    "topk": self.all_replicated}.get(name)
         if handler is not None:
@@ -243,6 +244,39 @@ class _Pass:
         if isinstance(bias, Ref):
             args.append(Ref(self.split_copy(bias.name, 0)))
         op.args = tuple(args)
+        self.emit(op, len(op.out.shape) - 1)
+
+    def _linear_weight_only(self, op: Op) -> None:
+        """rbln::linear_weight_only(x, qweight [N, K or K/2], scales [N, G], bits, group_size,
+        bias): split like aten.linear. Row parallel splits the packed columns and, with them,
+        the scale groups (or keeps a per-channel scale whole: it covers every slice); a die
+        derives its group size from the shapes it holds. Groups that a split would cut
+        (G not a multiple of the dies) make it column parallel."""
+        x, qweight, scales = op.args[:3]
+        bias = op.args[5] if len(op.args) > 5 else op.kwargs.get("bias")
+        names = [getattr(a, "name", None) for a in (qweight, scales)]
+        if not isinstance(x, Ref) or any(n not in self.g.weights or self.spec(n) is None
+                                         for n in names):
+            return self.all_replicated(op)
+        (n, packed), groups = self.spec(names[0]).shape, self.spec(names[1]).shape[1]
+        st = self.state(x.name)
+        rest = list(op.args[3:5])
+        if st is not None and st != PARTIAL and st == len(self.spec(x.name).shape) - 1 \
+                and packed % self.n == 0 and (groups % self.n == 0 or groups == 1):
+            args = [Ref(x.name), Ref(self._weight_copy(names[0], 1)),
+                    Ref(self._weight_copy(names[1], 1 if groups > 1 else None)), *rest]
+            if isinstance(bias, Ref):
+                args.append(Ref(self._scaled_bias(bias.name)))
+            op.args, op.kwargs = tuple(args), {}
+            self.emit(op, PARTIAL)
+            return
+        if n % self.n != 0:
+            return self.all_replicated(op)
+        args = [Ref(self.replicated(x.name)), Ref(self._weight_copy(names[0], 0)),
+                Ref(self._weight_copy(names[1], 0)), *rest]
+        if isinstance(bias, Ref):
+            args.append(Ref(self.split_copy(bias.name, 0)))
+        op.args, op.kwargs = tuple(args), {}
         self.emit(op, len(op.out.shape) - 1)
 
     def _weight_copy(self, name: str, dim: int | None) -> str:

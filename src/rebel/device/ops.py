@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from . import vendor_ops  # noqa: F401  registers torch.ops.rbln_custom_ops (the vendor's ops)
+from . import quant, vendor_ops  # noqa: F401  register rbln::linear_weight_only, rbln_custom_ops
 
 NEG_INF = float("-inf")
 
@@ -273,7 +273,8 @@ def scalar_index(t: torch.Tensor) -> torch.Tensor:
 
 # Device kernels whose implementation differs from the op's reference one (same results).
 DEVICE_IMPLS = {"rbln.paged_attention.default": paged_attention_inplace,
-                "aten._local_scalar_dense.default": scalar_index, **vendor_ops.DEVICE_IMPLS}
+                "aten._local_scalar_dense.default": scalar_index,
+                quant.TARGET: quant.linear_weight_only_device, **vendor_ops.DEVICE_IMPLS}
 # Results of those kernels that are their inputs updated in place (indices into the output tuple).
 INPLACE_RESULTS = {"rbln.paged_attention.default": (1, 2), **vendor_ops.INPLACE_RESULTS}
 # Kernels whose per-run shared work the generated executor does once per run: target ->
