@@ -264,3 +264,21 @@ def test_llama3_8b_and_qwen3_32b_on_atom_max():
     assert not at4.fits and 0.3 * GiB < at4.over_bytes < 1.2 * GiB
     best = qwen.min_cards()
     assert best.fits and (best.tp, best.cards) == (8, 2)
+
+
+def test_weight_only_quantized_plans(tiny):
+    """--weights int8 / int4: the linears' stored bytes shrink (DRAM and weight DMA follow) and
+    a weight-bound decode step gets faster; the LM head stays 16-bit."""
+    wide = {**TINY, "hidden_size": 512, "intermediate_size": 2048, "num_attention_heads": 8,
+            "num_key_value_heads": 4}
+    folder = tiny.parent / "wide"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(wide))
+    plans = {w: Planner(folder, weights=w).plan(tp=1, batch=[1], prompt_len=64, output_len=8)
+             for w in (None, "int8", "int4")}
+    fp16, int8, int4 = (plans[w].memory.weights for w in (None, "int8", "int4"))
+    assert int4 < int8 < 0.7 * fp16
+    assert plans["int8"].decode[0].tpot_s < plans[None].decode[0].tpot_s
+    assert plans["int8"].dtype == "float16 (int8 weights)"
+    with pytest.raises(PlanError, match="weights 'int3'"):
+        Planner(folder, weights="int3").plan(tp=1)

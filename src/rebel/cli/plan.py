@@ -50,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="config.json or a folder holding one")
     p.add_argument("--hardware", default="RBLN-CA25", help="product name or spec .toml (default RBLN-CA25)")
     p.add_argument("--dtype", default="float16", choices=("float16", "bfloat16"))
+    p.add_argument("--weights", default=None, choices=("int8", "int4"),
+                   help="weight-only quantized linears (the LM head stays in --dtype)")
     p.add_argument("--tp", type=int, default=None, help="tensor-parallel size (default: one card's dies)")
     p.add_argument("--batch", type=int, nargs="+", default=None,
                    help="decode batch bucket(s) (plan default: 1; search default: 1 2 4 ... 128)")
@@ -79,7 +81,7 @@ def _run(args) -> int:
     from ..plan import Planner
     from ..plan.predict import DEFAULT_BATCHES
 
-    planner = Planner(args.config, args.hardware, args.dtype, exact=args.exact)
+    planner = Planner(args.config, args.hardware, args.dtype, exact=args.exact, weights=args.weights)
     if args.search:
         if args.tp is not None and args.tp < 1:
             raise RBLNError(f"--tp must be positive, got {args.tp}")

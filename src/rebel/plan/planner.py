@@ -178,7 +178,8 @@ class Planner:
     (a search compiles each TP size once)."""
 
     def __init__(self, config, hardware: str | ProductSpec = "RBLN-CA25", dtype: str = "float16",
-                 *, block_size: int = 1024, chunk: int = 128, exact: bool = False):
+                 *, block_size: int = 1024, chunk: int = 128, exact: bool = False,
+                 weights: str | None = None):
         self.table = load_config(config)
         self.shape = shape_of(self.table)
         self.spec = hardware if isinstance(hardware, ProductSpec) else load_spec(hardware)
@@ -186,10 +187,15 @@ class Planner:
             raise PlanError(f"{self.spec.source} gives no power_w for {self.spec.name}; the plan's "
                             "watts and tokens per joule need the card's TDP in the spec file")
         self.dtype = dtype
+        self.weights = weights  # None, "int8" or "int4": weight-only quantized linears
         self.block_size = block_size
         self.chunk = chunk
         self.exact = exact
         self._predictors: dict = {}
+
+    @property
+    def label_dtype(self) -> str:
+        return self.dtype + (f" ({self.weights} weights)" if self.weights else "")
 
     def valid_tp(self, max_dies: int) -> list[int]:
         """TP sizes the model splits into (dividing heads and KV heads), up to max_dies."""
@@ -202,7 +208,8 @@ class Planner:
         if key not in self._predictors:
             self._predictors[key] = Predictor(
                 self.table, self.spec, tp, self.dtype, chunk=self.chunk, batches=batches,
-                max_seq_len=max_seq_len, block_size=self.block_size, exact=self.exact)
+                max_seq_len=max_seq_len, block_size=self.block_size, exact=self.exact,
+                weights=self.weights)
         return self._predictors[key]
 
     def _layers_bytes(self, tp: int) -> float:
@@ -241,7 +248,7 @@ class Planner:
                                       b * pred.blocks_per_seq <= memory.kv_blocks_total,
                                       t.breakdown))
         return Plan(model=self.shape.name, params=self.shape.params, hardware=self.spec.name,
-                    tp=tp, cards=cards, replicas=replicas, dtype=self.dtype, prompt_len=prompt_len,
+                    tp=tp, cards=cards, replicas=replicas, dtype=self.label_dtype, prompt_len=prompt_len,
                     output_len=output_len, block_size=self.block_size,
                     blocks_per_seq=pred.blocks_per_seq, memory=memory,
                     kv_blocks_needed=batches[-1] * pred.blocks_per_seq, ttft_s=ttft.seconds,

@@ -33,6 +33,7 @@ from ..runtime.timeline import build_steps, group_link, paged_fill, paged_sites
 from .model import DTYPES, ModelShape, build_meta_model, load_config, shape_of
 
 DEFAULT_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128)
+WEIGHTS = {None: 16, "int8": 8, "int4": 4}  # weight-only quantization: bits per stored weight
 
 
 @dataclass(frozen=True)
@@ -115,7 +116,7 @@ class Predictor:
 
     def __init__(self, config, hardware: str = "RBLN-CA25", tp: int = 1, dtype: str = "float16",
                  *, chunk: int | None = 128, chunk_sizes=(), batches=DEFAULT_BATCHES,
-                 max_seq_len: int = 2048,
+                 max_seq_len: int = 2048, weights: str | None = None,
                  block_size: int = 1024, exact: bool = False):
         self.table = load_config(config)
         self.shape: ModelShape = shape_of(self.table)
@@ -142,6 +143,10 @@ class Predictor:
         self.block_size = block_size
         self.blocks_per_seq = math.ceil(max_seq_len / block_size)
         self.max_seq_len = self.blocks_per_seq * block_size
+        if weights not in WEIGHTS:
+            raise PlanError(f"weights {weights!r} is not supported; use one of "
+                            f"{', '.join(w for w in WEIGHTS if w)} (weight-only quantization)")
+        self.weights = weights
         self.chunk = chunk
         sizes = sorted({int(c) for c in chunk_sizes} | ({chunk} if chunk else set()))
         if chunk and (sizes[0] < 1 or sizes[-1] != chunk):
@@ -171,6 +176,8 @@ class Predictor:
             # and the compiler casts to the device dtype), so a plan sees the kernels a compiled
             # folder runs; a module already in FP16 would add explicit casts to its graph
             hf = build_meta_model(self.table, layers, self.dtype).float()
+            if self.weights:
+                _quantize(hf, WEIGHTS[self.weights])
             from .paged import PagedCausalLM
 
             with torch.device("meta"):
@@ -314,6 +321,16 @@ class PredictedStepCost:
 
     def __repr__(self) -> str:
         return f"PredictedStepCost(chunk={self.chunk}, decode_batch={self.decode_batch})"
+
+
+def _quantize(model, bits: int) -> None:
+    """Weight-only quantization of every linear but the LM head (rebel.device.quant): groups of
+    128 input channels where every layer's width divides by 128, else one scale per channel."""
+    from ..device.quant import quantize_linears
+
+    widths = {m.in_features for name, m in model.named_modules()
+              if isinstance(m, torch.nn.Linear) and not name.endswith("lm_head")}
+    quantize_linears(model, bits, group_size=128 if all(w % 128 == 0 for w in widths) else None)
 
 
 def _meta(*shape) -> torch.Tensor:
