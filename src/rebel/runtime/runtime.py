@@ -250,15 +250,7 @@ class Runtime:
         compile_from_torch's input_info), or both (keywords fill the positions after the
         positional ones). out: a tensor or list of tensors the results are copied into; those
         are then returned."""
-        if named_inputs:
-            inputs = self._bind_named(inputs, named_inputs)
-        bucket = self._select_bucket(inputs)
-        # Host copies take the pinned or the pageable path according to the tensors passed.
-        pinned = frozenset(name for (name, _), value in zip(bucket.program.inputs, inputs)
-                           if is_pinned(value))
-        # Errors name inputs as the caller knows them (input_info's names when there are some).
-        expected = list(zip(self._input_names(bucket.program), (s for _, s in bucket.program.inputs)))
-        tensors = self._check_inputs(inputs, expected)
+        inputs, bucket, tensors, pinned = self._prepare(inputs, named_inputs)
         entered = time.perf_counter()
         if not self._lock.acquire(timeout=-1 if self.timeout is None else self.timeout):
             raise RBLNError(f"the runtime stayed busy with another run for longer than "
@@ -297,15 +289,21 @@ class Runtime:
         predicted timeline only (what a serving simulation costs a step by). Inputs are checked
         as `run` checks them; only their shapes, the positions paged attention reads and whether
         they are pinned matter. wall_time_s is 0."""
-        if named_inputs:
-            inputs = self._bind_named(inputs, named_inputs)
-        bucket = self._select_bucket(inputs)
-        pinned = frozenset(name for (name, _), value in zip(bucket.program.inputs, inputs)
-                           if is_pinned(value))
-        expected = list(zip(self._input_names(bucket.program), (s for _, s in bucket.program.inputs)))
-        tensors = self._check_inputs(inputs, expected)
+        _, bucket, tensors, pinned = self._prepare(inputs, named_inputs)
         with self._lock, run_threads_set():  # even the fill's small reductions: see threads.py
             return self._timed(bucket, tensors, pinned)[1][1]
+
+    def _prepare(self, inputs: tuple, named: dict):
+        """(inputs by position, their bucket, checked tensors, the names of those passed pinned)."""
+        if named:
+            inputs = self._bind_named(inputs, named)
+        bucket = self._select_bucket(inputs)
+        # Host copies take the pinned or the pageable path according to the tensors passed.
+        pinned = frozenset(name for (name, _), value in zip(bucket.program.inputs, inputs)
+                           if is_pinned(value))
+        # Errors name inputs as the caller knows them (input_info's names when there are some).
+        expected = list(zip(self._input_names(bucket.program), (s for _, s in bucket.program.inputs)))
+        return inputs, bucket, self._check_inputs(inputs, expected), pinned
 
     def _timed(self, bucket: _Bucket, tensors: list, pinned: frozenset):
         """The paged fill of a run with these inputs, and its (timeline, report): attention work
