@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from ..errors import InputError
+from ..errors import InputError, PlanError
 
 PERCENTILES = (50, 90, 99)
 
@@ -228,7 +228,11 @@ def scheduler_config(model: str | Path, *, max_num_seqs: int, max_model_len: int
 
 
 def _choose_platform() -> None:
-    import vllm.platforms as platforms
+    try:
+        import vllm.platforms as platforms
+    except ImportError:
+        raise PlanError("the serving simulation runs vLLM's own scheduler, and vLLM is not "
+                        "installed: pip install 'open-rbln[vllm]'") from None
     if platforms._current_platform is not None:
         return
     saved = {k: os.environ.get(k) for k in ("RBLN_VLLM_PLATFORM", "VLLM_TARGET_DEVICE")}
@@ -248,6 +252,7 @@ def simulate(trace: Sequence[TraceRequest], cost: StepCost, vllm_config, kv_cach
     """Replay `trace` through vLLM's scheduler, each step costing `cost`'s predicted time.
     vllm_config and kv_cache_config: a served engine's own (to simulate what it would do), or
     `scheduler_config(...)`'s."""
+    _choose_platform()  # a clear error without vLLM; the CPU platform if none is chosen yet
     from vllm import SamplingParams
     from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
     from vllm.v1.core.sched.scheduler import Scheduler
