@@ -96,3 +96,19 @@ def test_cli_simulates_and_reports(tmp_path, capsys):
     trace.write_text('{"arrival_s": "soon"}\n')
     assert main([str(folder), "--tp", "1", "--trace", str(trace)]) == 2
     assert "trace.jsonl:1" in capsys.readouterr().err
+
+
+def test_cli_search_verifies_tails(tmp_path, capsys):
+    """--verify N replays each deployment the search found and reports its percentiles."""
+    pytest.importorskip("vllm")
+    import json
+
+    from rebel.cli.plan import main
+
+    folder = write(tmp_path, TINY)
+    assert main([str(folder), "--search", "--rps", "20", "--ttft-ms", "1000", "--tpot-ms", "100",
+                 "--prompt-len", "60", "--output-len", "12", "--batch", "1", "2", "4",
+                 "--cards", "1", "--verify", "25", "--json"]) == 0
+    found = json.loads(capsys.readouterr().out)["deployments"]
+    assert found and all(d["verified"]["requests"] == 25 for d in found)
+    assert all(0 < d["verified"]["ttft_p50_s"] <= d["verified"]["ttft_p90_s"] for d in found)

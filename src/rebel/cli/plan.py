@@ -5,6 +5,7 @@
     rbln-plan examples/configs/qwen3-32b --cards 0      # the fewest cards it fits on
     rbln-plan examples/configs/llama-3-8b --tp 4 --batch 1 8 32 64 --simulate 1000 --rps 2.5
     rbln-plan examples/configs/llama-3-8b --tp 4 --batch 1 8 32 --report out/   # HTML + plots
+    rbln-plan examples/configs/llama-3-8b --search --rps 10 --verify 300  # tails, by replay
 
 Without --search it prints one plan (fits?, TTFT, TPOT per batch bucket, tokens/s, watts,
 tokens per joule, the bottleneck of each phase); --search tries TP sizes, batch buckets and
@@ -71,6 +72,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="replay N Poisson requests at --rps through vLLM's scheduler (one replica)")
     p.add_argument("--trace", default=None, metavar="FILE",
                    help="replay this JSONL trace instead (arrival_s, prompt_len, output_len per line)")
+    p.add_argument("--verify", type=int, default=0, metavar="N",
+                   help="search: replay N Poisson requests on each deployment found (vLLM's "
+                        "scheduler) and report its TTFT / TPOT p90, which the search estimates as means")
     p.add_argument("--report", default=None, metavar="DIR", help="write an HTML report with plots")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     return p
@@ -90,10 +94,16 @@ def _run(args) -> int:
             batches=args.batch or DEFAULT_BATCHES,
             max_cards=8 if args.cards is None else args.cards,
             tp_sizes=[args.tp] if args.tp else None, progress=progress, top=args.top))
+        verified = _verify(planner, result, args) if args.verify and result.deployments else []
         if args.json:
-            print(json.dumps(result.to_dict(), indent=2))
+            out = result.to_dict()
+            for d, v in zip(out["deployments"], verified):
+                d["verified"] = v.summary()
+            print(json.dumps(out, indent=2))
         else:
             _print_search(result)
+            if verified:
+                _print_verified(result, verified)
         if args.report:
             _report(args, search=result)
         return 0
@@ -132,6 +142,39 @@ def _run(args) -> int:
     if args.report:
         _report(args, plans=[result], serving=serving)
     return 0 if result.fits else 1
+
+
+def _verify(planner, result, args) -> list:
+    """Each deployment's replica serving `--verify` Poisson requests through vLLM's scheduler."""
+    from ..plan.predict import DEFAULT_BATCHES
+    from ..plan.serving import poisson_trace, scheduler_config, simulate
+
+    out = []
+    with contextlib.redirect_stdout(sys.stderr):  # vLLM logs to stdout
+        for d in result.deployments:
+            batches = [b for b in (args.batch or DEFAULT_BATCHES) if b <= d.batch]
+            pred = planner.predictor(d.tp, batches, args.prompt_len + args.output_len)
+            vllm_config, kv = scheduler_config(
+                _config_folder(args.config), max_num_seqs=d.batch, max_model_len=pred.max_seq_len,
+                block_size=pred.block_size, num_blocks=pred.memory().kv_blocks_total)
+            trace = poisson_trace(args.verify, args.rps / d.replicas, args.prompt_len,
+                                  args.output_len, seed=0)
+            out.append(simulate(trace, pred.step_cost(), vllm_config, kv))
+    return out
+
+
+def _print_verified(result, verified) -> None:
+    from rich.table import Table
+
+    t = Table(title="Replayed through vLLM's scheduler (one replica each)")
+    for col in ("cards", "TP", "replicas", "TTFT p50 / p90 ms", "TPOT p50 / p90 ms", "p90 meets SLOs"):
+        t.add_column(col, justify="right")
+    for d, v in zip(result.deployments, verified):
+        ttft, tpot = v.percentiles("ttft"), v.percentiles("tpot")
+        ok = ttft[90] <= result.ttft_slo_s and tpot[90] <= result.tpot_slo_s
+        t.add_row(str(d.cards), str(d.tp), str(d.replicas), f"{ttft[50] * 1e3:.0f} / {ttft[90] * 1e3:.0f}",
+                  f"{tpot[50] * 1e3:.1f} / {tpot[90] * 1e3:.1f}", "yes" if ok else "no")
+    _console().print(t)
 
 
 def _simulate(planner, plan, args):
