@@ -162,3 +162,19 @@ def test_simulation_agrees_with_a_real_run(compiled, tmp_path):
         assert sim[key] == pytest.approx(real[key], rel=0.05), key
         assert got["plan"][key] == pytest.approx(real[key], rel=0.05), key  # rbln-plan, config only
     assert real["ttft_p99_s"] > real["ttft_p50_s"]  # 24 requests at once queue behind 4 slots
+
+
+def test_scheduler_config_on_the_rbln_platform(compiled, monkeypatch):
+    """A process already on vllm_rbln's platform (serving, or a test before this one) can still
+    build a simulation's configuration for a model that is only a config.json."""
+    pytest.importorskip("vllm")
+    import vllm.platforms
+
+    from rebel.plan.serving import scheduler_config
+    from vllm_rbln.platform import RblnPlatform
+
+    monkeypatch.setattr(vllm.platforms, "_current_platform", RblnPlatform())
+    vllm_config, kv = scheduler_config(compiled[2], max_num_seqs=2, max_model_len=128,
+                                       block_size=32, num_blocks=9)
+    assert vllm_config.scheduler_config.max_num_seqs == 2 and kv.num_blocks == 9
+    assert "RBLN_VLLM_SIMULATION" not in os.environ

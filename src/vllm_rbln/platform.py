@@ -24,6 +24,9 @@ logger = init_logger("vllm.rbln.platform")  # under "vllm" so vLLM's handlers pr
 WORKER = "vllm_rbln.worker.RblnWorker"
 VLLM_MODEL_WORKER = "vllm_rbln.vllm_worker.RblnVllmWorker"
 USE_VLLM_MODEL = "VLLM_RBLN_USE_VLLM_MODEL"
+# Set by rebel.plan.serving while it builds a scheduler configuration for a model that exists
+# only as a config.json (a capacity plan): no compiled folder to agree with, nothing will run.
+SIMULATION = "RBLN_VLLM_SIMULATION"
 
 
 def use_vllm_model() -> bool:
@@ -166,7 +169,7 @@ class RblnPlatform(Platform):
         compilation.cudagraph_mode = CUDAGraphMode.NONE
         compilation.cudagraph_capture_sizes = []
         metrics.install_collector()  # the predicted NPU time on /metrics (see metrics.py)
-        if model is None:
+        if model is None or os.environ.get(SIMULATION) == "1":
             return
         o = compiled_options(model.model)
         if parallel.world_size != 1:

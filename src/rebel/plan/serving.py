@@ -202,10 +202,10 @@ def scheduler_config(model: str | Path, *, max_num_seqs: int, max_model_len: int
     defaults are those vllm_rbln serves with (vLLM's offline defaults: 8192 batched tokens,
     prefix caching on).
 
-    The configuration needs a vLLM platform; vllm_rbln's serves compiled folders only, so a
-    process that has not chosen one yet takes vLLM's CPU platform for it (the scheduler is the
-    same on every platform). A process already serving on the rbln platform passes its engine's
-    own configuration to `simulate` instead (`vllm_rbln.replay` does)."""
+    The configuration needs a vLLM platform: a process that has not chosen one yet takes vLLM's
+    CPU platform (the scheduler is the same on every platform); one already on vllm_rbln's is
+    told the configuration is for a simulation, so it asks for no compiled folder. To simulate
+    what a served engine would do, pass that engine's own configuration to `simulate`."""
     import torch
     _choose_platform()
     from vllm.engine.arg_utils import EngineArgs
@@ -216,7 +216,17 @@ def scheduler_config(model: str | Path, *, max_num_seqs: int, max_model_len: int
                       max_num_batched_tokens=max_num_batched_tokens,
                       enable_chunked_prefill=True, enable_prefix_caching=enable_prefix_caching,
                       num_gpu_blocks_override=num_blocks)
-    vllm_config = args.create_engine_config()
+    # a process already on vllm_rbln's platform (it serves compiled folders only) is told that
+    # this configuration is for a simulation (vllm_rbln.platform.SIMULATION)
+    saved = os.environ.get("RBLN_VLLM_SIMULATION")
+    os.environ["RBLN_VLLM_SIMULATION"] = "1"
+    try:
+        vllm_config = args.create_engine_config()
+    finally:
+        if saved is None:
+            os.environ.pop("RBLN_VLLM_SIMULATION", None)
+        else:
+            os.environ["RBLN_VLLM_SIMULATION"] = saved
     vllm_config.cache_config.num_gpu_blocks = num_blocks
     hf = vllm_config.model_config.hf_config
     heads = getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
