@@ -1,8 +1,9 @@
-"""Runs compute with `rebel.runtime.threads.run_threads()` torch threads (usable cores - 1, or
-RBLN_NUM_THREADS; OMP_NUM_THREADS left alone), restore the caller's count afterwards, and give
+"""Runs compute with `rebel.runtime.threads.run_threads()` torch threads (the usable cores no
+other process is running on, or RBLN_NUM_THREADS; OMP_NUM_THREADS left alone), restore the caller's count afterwards, and give
 the same results at any count."""
 from __future__ import annotations
 
+import os
 import threading
 
 import torch
@@ -24,11 +25,25 @@ class _Net(torch.nn.Module):
 def test_policy(monkeypatch):
     monkeypatch.delenv(threads.THREADS_ENV, raising=False)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    assert threads.run_threads() == max(1, threads.usable_cores() - 1)
+    monkeypatch.setattr(threads, "usable_cores", lambda: 4)
+    for busy, expected in ((0, 4), (1, 3), (3, 1), (9, 1), (None, 3)):
+        monkeypatch.setattr(threads, "busy_elsewhere", lambda busy=busy: busy)
+        monkeypatch.setattr(threads, "_free", (float("-inf"), 0))  # look again now
+        assert threads.run_threads() == expected, busy
+    monkeypatch.setattr(threads, "busy_elsewhere", lambda: 0)
+    assert threads.run_threads() == 3  # within RECHECK_S the last look (busy unknown) holds
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert threads.run_threads() is None  # the user's choice: torch already follows it
     monkeypatch.setenv(threads.THREADS_ENV, "2")
     assert threads.run_threads() == 2
+
+
+def test_busy_elsewhere_reads_this_machine():
+    """On Linux: a number of other processes' runnable threads (not this test's own)."""
+    busy = threads.busy_elsewhere()
+    assert busy is None or busy >= 0
+    if os.path.exists("/proc/loadavg"):
+        assert busy is not None
 
 
 def test_count_set_inside_and_restored():

@@ -259,7 +259,7 @@ class Runtime:
             self.program, self._segments = bucket.program, bucket.segments
             self._out_spec, self._timeline = bucket.out_spec, bucket.timeline
             start = time.perf_counter()
-            with run_threads_set():  # usable cores - 1: see threads.py
+            with run_threads_set():  # the free cores: see threads.py
                 outputs = self._execute(tensors)
                 wall = time.perf_counter() - start
                 fill, (self._timeline, report) = self._timed(bucket, tensors, pinned)
