@@ -122,9 +122,7 @@ def _run(args) -> int:
             fewest = {"error": str(e)}
     serving = None
     if result.fits and (args.simulate or args.trace):
-        # vLLM logs to stdout: keep stdout for the answer (JSON or tables), its lines on stderr
-        with contextlib.redirect_stdout(sys.stderr):
-            serving = _simulate(planner, result, args)
+        serving = _simulate(planner, result, args)
     if args.json:
         out = {**result.to_dict(), "fewest_cards": fewest}
         if serving is not None:
@@ -147,20 +145,14 @@ def _run(args) -> int:
 def _verify(planner, result, args) -> list:
     """Each deployment's replica serving `--verify` Poisson requests through vLLM's scheduler."""
     from ..plan.predict import DEFAULT_BATCHES
-    from ..plan.serving import poisson_trace, scheduler_config, simulate
+    from ..plan.serving import poisson_trace
 
-    out = []
-    with contextlib.redirect_stdout(sys.stderr):  # vLLM logs to stdout
-        for d in result.deployments:
-            batches = [b for b in (args.batch or DEFAULT_BATCHES) if b <= d.batch]
-            pred = planner.predictor(d.tp, batches, args.prompt_len + args.output_len)
-            vllm_config, kv = scheduler_config(
-                _config_folder(args.config), max_num_seqs=d.batch, max_model_len=pred.max_seq_len,
-                block_size=pred.block_size, num_blocks=pred.memory().kv_blocks_total)
-            trace = poisson_trace(args.verify, args.rps / d.replicas, args.prompt_len,
-                                  args.output_len, seed=0)
-            out.append(simulate(trace, pred.step_cost(), vllm_config, kv))
-    return out
+    folder = _config_folder(args.config)
+    return [_replay(planner, folder, d.tp, [b for b in (args.batch or DEFAULT_BATCHES) if b <= d.batch],
+                    args.prompt_len + args.output_len,
+                    poisson_trace(args.verify, args.rps / d.replicas, args.prompt_len,
+                                  args.output_len, seed=0))
+            for d in result.deployments]
 
 
 def _print_verified(result, verified) -> None:
@@ -178,9 +170,8 @@ def _print_verified(result, verified) -> None:
 
 
 def _simulate(planner, plan, args):
-    """The plan's trace replay: one replica (the request rate split over the replicas), its
-    batch buckets as the scheduler's sequence slots, its KV blocks as the cache."""
-    from ..plan.serving import load_trace, poisson_trace, scheduler_config, simulate
+    """The plan's trace replay: one replica (the request rate split over the replicas)."""
+    from ..plan.serving import load_trace, poisson_trace
 
     if args.trace:
         trace = load_trace(args.trace)
@@ -189,18 +180,28 @@ def _simulate(planner, plan, args):
             raise RBLNError(f"--simulate takes a number of requests >= 1, got {args.simulate}")
         trace = poisson_trace(args.simulate, args.rps / plan.replicas, args.prompt_len,
                               args.output_len, seed=0)
-    batches = [d.batch for d in plan.decode]
     longest = max(r.prompt_len + r.output_len for r in trace)
-    pred = planner.predictor(plan.tp, batches, max(longest, args.prompt_len + args.output_len))
+    return _replay(planner, _config_folder(args.config), plan.tp, [d.batch for d in plan.decode],
+                   max(longest, args.prompt_len + args.output_len), trace,
+                   progress=not args.json and sys.stderr.isatty())
+
+
+def _replay(planner, folder: str, tp: int, batches: list[int], max_seq_len: int, trace,
+            progress: bool = False):
+    """One replica at `tp` with these batch buckets (the largest: its sequence slots) and the
+    KV blocks its dies hold, serving `trace` through vLLM's scheduler."""
+    from ..plan.serving import scheduler_config, simulate
+
+    pred = planner.predictor(tp, batches, max_seq_len)
     blocks = pred.memory().kv_blocks_total
     if blocks < pred.blocks_per_seq:
         raise RBLNError(f"the KV cache holds {blocks} blocks, fewer than one sequence of "
                         f"{pred.max_seq_len} tokens needs ({pred.blocks_per_seq})")
-    vllm_config, kv = scheduler_config(_config_folder(args.config), max_num_seqs=max(batches),
-                                       max_model_len=pred.max_seq_len, block_size=pred.block_size,
-                                       num_blocks=blocks)
-    return simulate(trace, pred.step_cost(), vllm_config, kv,
-                    progress=not args.json and sys.stderr.isatty())
+    with contextlib.redirect_stdout(sys.stderr):  # vLLM logs to stdout: keep it for the answer
+        vllm_config, kv = scheduler_config(folder, max_num_seqs=max(batches),
+                                           max_model_len=pred.max_seq_len,
+                                           block_size=pred.block_size, num_blocks=blocks)
+        return simulate(trace, pred.step_cost(), vllm_config, kv, progress=progress)
 
 
 def _config_folder(config: str) -> str:

@@ -16,6 +16,7 @@ every request scheduled one token joins the step's decode batch, `decode_batch` 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -218,15 +219,8 @@ def scheduler_config(model: str | Path, *, max_num_seqs: int, max_model_len: int
                       num_gpu_blocks_override=num_blocks)
     # a process already on vllm_rbln's platform (it serves compiled folders only) is told that
     # this configuration is for a simulation (vllm_rbln.platform.SIMULATION)
-    saved = os.environ.get("RBLN_VLLM_SIMULATION")
-    os.environ["RBLN_VLLM_SIMULATION"] = "1"
-    try:
+    with _environ(RBLN_VLLM_SIMULATION="1"):
         vllm_config = args.create_engine_config()
-    finally:
-        if saved is None:
-            os.environ.pop("RBLN_VLLM_SIMULATION", None)
-        else:
-            os.environ["RBLN_VLLM_SIMULATION"] = saved
     vllm_config.cache_config.num_gpu_blocks = num_blocks
     hf = vllm_config.model_config.hf_config
     heads = getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
@@ -245,10 +239,17 @@ def _choose_platform() -> None:
                         "installed: pip install 'open-rbln[vllm]'") from None
     if platforms._current_platform is not None:
         return
-    saved = {k: os.environ.get(k) for k in ("RBLN_VLLM_PLATFORM", "VLLM_TARGET_DEVICE")}
-    os.environ.update(RBLN_VLLM_PLATFORM="0", VLLM_TARGET_DEVICE="cpu")
-    try:
+    with _environ(RBLN_VLLM_PLATFORM="0", VLLM_TARGET_DEVICE="cpu"):
         platforms.current_platform  # noqa: B018  (resolves and keeps it)
+
+
+@contextlib.contextmanager
+def _environ(**values: str):
+    """These environment variables set inside the block, restored (or removed) after it."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
     finally:
         for key, value in saved.items():
             if value is None:
