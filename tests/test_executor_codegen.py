@@ -99,21 +99,25 @@ def test_tiny_llm_prefill_and_decode_bit_identical(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_native_rounding_matches_torch_casts(dtype):
+@pytest.mark.parametrize("make", [lambda dtype: rounding.round_, rounding.rounder], ids=["round_", "rounder"])
+def test_native_rounding_matches_torch_casts(dtype, make):
+    """`round_` and the per-dtype rounder the generated executor binds (`rounder`) agree with
+    torch's casts bit for bit, and refuse what cannot be rounded in place."""
+    round_ = make(dtype)
     x = torch.randn(10_007) * torch.logspace(-12, 12, 10_007)
     x[::101] = float("inf")
     x[::103] = -float("inf")
     x[:6] = torch.tensor([0.0, -0.0, 65519.99, 65520.0, 5.96e-8, 2.98e-8])
     expected = x.to(dtype).to(torch.float32)
     y = x.clone()
-    assert rounding.round_(y, dtype)
+    assert round_(y, dtype)
     assert torch.equal(y.view(torch.int32), expected.view(torch.int32))  # bit for bit, signed zeros too
     z = x[:10_000].clone().view(100, 100).t()  # non-contiguous, no shared elements
-    assert rounding.round_(z, dtype) and torch.equal(z, expected[:10_000].view(100, 100).t())
-    assert not rounding.round_(torch.ones(3, 1).expand(3, 4), dtype)  # shared elements: a copy
-    assert not rounding.round_(torch.ones(3, dtype=torch.float16), dtype)
+    assert round_(z, dtype) and torch.equal(z, expected[:10_000].view(100, 100).t())
+    assert not round_(torch.ones(3, 1).expand(3, 4), dtype)  # shared elements: a copy
+    assert not round_(torch.ones(3, dtype=torch.float16), dtype)
     ints = torch.arange(5)
-    assert rounding.round_(ints, dtype) and torch.equal(ints, torch.arange(5))
+    assert round_(ints, dtype) and torch.equal(ints, torch.arange(5))
 
 
 def test_views_of_rounded_values_are_not_rounded(monkeypatch):

@@ -26,8 +26,8 @@ import math
 import torch
 
 from ..ir import GETITEM, Op, Ref, TensorSpec, resolve_target, to_torch_dtype
-from .ops import DEVICE_IMPLS, INPLACE_RESULTS, PLANNED
-from .rounding import round_, rounded
+from .ops import DEVICE_IMPLS, INPLACE_RESULTS, PLANNED, device_fn
+from .rounding import rounded, rounder
 
 # ATen ops whose result always shares its input's memory (a layout, not a computation).
 VIEW_OPS = frozenset("""view _unsafe_view unsqueeze squeeze expand slice select alias t transpose
@@ -114,7 +114,7 @@ class CompiledBlock:
                  name: str = "block", shared: frozenset = frozenset()):
         self.dtype = to_torch_dtype(dtype)
         self.source, namespace = _generate(kernels, keep, name, shared)
-        namespace.update(R=round_, C=rounded, D=self.dtype)
+        namespace.update(R=rounder(self.dtype), C=rounded, D=self.dtype)
         code = compile(self.source, f"<rbln {name}>", "exec")
         exec(code, namespace)  # noqa: S102 - our own generated source, from the program's ops
         self.fn = namespace[name]
@@ -156,7 +156,7 @@ def _generate(kernels, keep: set[str], name: str, shared: frozenset) -> tuple[st
         for op in ops:
             for r in op.refs:
                 load(r)
-            fn = DEVICE_IMPLS.get(op.target) or (None if op.target == GETITEM else resolve_target(op.target))
+            fn = None if op.target == GETITEM else _direct(device_fn(op.target))
             out = em.var(op.name)
             planned = PLANNED.get(op.target)
             if op.target == GETITEM:
@@ -194,6 +194,12 @@ def _generate(kernels, keep: set[str], name: str, shared: frozenset) -> tuple[st
     body += [f"env[{n!r}] = {em.var(n)}" for n in dict.fromkeys(stored)]
     source = f"def {name}(env):\n" + "".join(f"    {line}\n" for line in body or ["pass"])
     return source, dict(em.globals)
+
+
+def _direct(fn):
+    """An ATen OpOverload's C++ entry point: `OpOverload.__call__` only forwards to it, and that
+    Python frame is a few hundred of a decode step's microseconds."""
+    return fn._op if isinstance(fn, torch._ops.OpOverload) else fn
 
 
 def _moves(op: Op, produced: dict, readers: dict, keep: set) -> bool:

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..ir import GETITEM, Op, resolve_target, substitute, to_torch_dtype
-from .ops import DEVICE_IMPLS, INPLACE_RESULTS
+from ..ir import GETITEM, Op, substitute, to_torch_dtype
+from .ops import INPLACE_RESULTS, device_fn
 from .rounding import rounded as round_to_device
 
 
@@ -31,7 +31,7 @@ class BoundOp:
 
     @staticmethod
     def bind(op: Op) -> BoundOp:
-        fn = DEVICE_IMPLS.get(op.target) or resolve_target(op.target)
+        fn = device_fn(op.target)
         return BoundOp(op.name, fn, op.args, op.kwargs)
 
     def __call__(self, env: dict):

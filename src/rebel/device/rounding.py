@@ -131,6 +131,26 @@ def round_(t: torch.Tensor, dtype: torch.dtype = torch.float16) -> bool:
     return True
 
 
+def rounder(dtype: torch.dtype):
+    """`round_` for one dtype, its native routine looked up once: the generated executor calls it
+    for every kernel output (hundreds per decode step), so the checks a contiguous CPU float32
+    tensor needs are all it does before the C call. Anything else takes `round_` itself."""
+    global _NATIVE
+    if _NATIVE is None:
+        _NATIVE = _rounders()
+    fn = _NATIVE.get(dtype)
+    if fn is None:
+        return round_
+    f32 = torch.float32
+
+    def round_native(t: torch.Tensor, dtype: torch.dtype = dtype) -> bool:
+        if t.dtype is f32 and t.is_cpu and t.is_contiguous():
+            fn(t.data_ptr(), t.numel())
+            return True
+        return round_(t, dtype)
+    return round_native
+
+
 def _non_overlapping(t: torch.Tensor) -> bool:
     """No two elements share memory (a sufficient test: strides sorted, each past the span of
     the dims below it), so writing every element in place is well defined."""
