@@ -117,6 +117,14 @@ def test_tp_split_moe_matches_tp1_and_fp32(blocks, t):
         assert (out[tp] - out[1]).abs().max().item() < 5e-3 * scale, tp
 
 
+def test_moe_artifact_round_trip(blocks, tmp_path):
+    _, grouped = blocks
+    x = tokens(8)
+    compiled = rebel.compile_from_torch(grouped, example_inputs=[x], tensor_parallel_size=2)
+    path = compiled.save(tmp_path / "moe.rbln")
+    assert torch.equal(rebel.Runtime(str(path)).run(x), rebel.Runtime(compiled).run(x))
+
+
 def test_tp_splits_every_expert_along_its_intermediate_dim(blocks):
     _, grouped = blocks
     x = tokens(8)
