@@ -241,3 +241,22 @@ def test_cli_on_a_tiny_moe(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     plan = out["plans"][0] if "plans" in out else out
     assert plan["fits"] and plan["active_params"] < plan["params"]
+
+
+# ---- the documented examples (slow) ------------------------------------------------------------
+
+@pytest.mark.slow
+def test_qwen3_30b_a3b_and_mixtral_8x7b_on_atom_max():
+    from rebel.npu.spec import GiB
+
+    qwen = Planner(EXAMPLES / "qwen3-30b-a3b")
+    p = qwen.plan(4, batch=[1, 8], prompt_len=1024, output_len=256)
+    assert p.fits and p.cards == 1 and p.kv_blocks_left > 20
+    assert 14.5 * GiB < p.memory.weights < 14.8 * GiB  # a quarter of every expert per die
+    assert p.memory.kv_block == 48 * 2 * 1 * 1024 * 128 * 2  # one of the 4 KV heads per die
+    b1, b8 = p.decode
+    assert b1.tpot_s < b8.tpot_s < 64 / 8 * b1.tpot_s  # 8 experts, then at most 64 of 128
+    assert not qwen.plan(4, batch=64).fits  # its KV blocks miss at batch 64
+    best = Planner(EXAMPLES / "mixtral-8x7b").min_cards()
+    assert best.fits and (best.tp, best.cards) == (8, 2)
+    assert 10.9 * GiB < best.memory.weights < 11.3 * GiB
