@@ -52,7 +52,7 @@ WIDE_VOCAB = {**TINY, "hidden_size": 256, "num_hidden_layers": 2, "num_key_value
 
 @pytest.mark.parametrize("table, message", [
     ({**TINY, "model_type": "gpt2"}, "model_type 'gpt2'"),
-    ({**TINY, "model_type": "qwen3_moe"}, "model_type 'qwen3_moe'"),
+    ({**TINY, "model_type": "phimoe"}, "model_type 'phimoe'"),
     ({k: v for k, v in TINY.items() if k != "model_type"}, "no 'model_type'"),
     ({k: v for k, v in TINY.items() if k != "intermediate_size"}, "lacks intermediate_size"),
     ({**TINY, "num_hidden_layers": 0}, "num_hidden_layers must be a positive integer"),

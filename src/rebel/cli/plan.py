@@ -269,7 +269,7 @@ def _print_plan(p) -> None:
 
     console = _console()
     m = p.memory
-    console.print(f"{p.model}: {p.params / 1e9:.2f}B parameters, {p.dtype}, on {p.cards} x "
+    console.print(f"{p.model}: {p.params_label('parameters')}, {p.dtype}, on {p.cards} x "
                   f"{p.hardware}, TP={p.tp}, {p.replicas} replica(s)")
     console.print(NOTE)
     mem = Table(title="DRAM per die")

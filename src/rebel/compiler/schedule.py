@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
-from ..device import quant
+from ..device import moe, quant
 from ..device.timing import GemmTiling, KernelPlan, Transfer, matrix_seconds
 from ..device.vendor_ops import ATTENTION_TARGETS
 from ..errors import CompileError
@@ -129,6 +129,20 @@ class Scheduler:
         factor = {a_name: ra, b_name: rb}
         return tuple(Transfer(t.value, t.nbytes * factor.get(t.value, 1), t.weight) for t in dma_in)
 
+    def _experts_read(self, op: Op, dma_in: tuple, active: int) -> tuple:
+        """A grouped MoE GEMM streams the weights of the `active` experts its tokens are
+        routed to, each once (rebel.device.moe), not the whole [E, ...] stack, nor a copy per
+        (token, expert) pair."""
+        stacks = {a.name for a in op.args[2:] if hasattr(a, "name") and a.name in self.weights
+                  and len(self.values[a.name].shape) == 3}
+        out = []
+        for t in dma_in:
+            if t.value in stacks:
+                experts = self.values[t.value].shape[0]
+                t = Transfer(t.value, t.nbytes * active // experts, t.weight)
+            out.append(t)
+        return tuple(out)
+
     def _viewed_bytes(self, kernel: Kernel, value: str, nbytes: int) -> int:
         """A kernel that reads a tensor only through views (k_cache[i], x[:, -1]) loads only
         the viewed part; so does one that takes its die's slice of a replicated tensor (a
@@ -205,7 +219,10 @@ class Scheduler:
                 b, m, n, k = _gemm_shape(op, self._local_values(op))
                 flops += 2.0 * b * m * n * k
                 gemm = self.tile_gemm(b, m, n, k)
-                dma_in = self._apply_reloads(op, dma_in)
+                if op.target in moe.TARGETS:
+                    dma_in = self._experts_read(op, dma_in, b)
+                else:
+                    dma_in = self._apply_reloads(op, dma_in)
                 if op.target == quant.TARGET:
                     # weight-only quantization: activations stay 16-bit and the MACs run at
                     # the 16-bit rate; the vector units scale each weight once as its tile
@@ -418,6 +435,14 @@ def _gemm_shape(op: Op, values: dict[str, TensorSpec]) -> tuple[int, int, int, i
     shape = [values[r].shape for r in op.refs]
     out = values[op.name].shape if op.name in values else op.out_specs[0].shape
     name = op.target.split(".")[1]
+    if op.target in moe.TARGETS:
+        # (x or h, ids [T, k], weight(s) [E, N, K], ...): one GEMM per expert used, on the
+        # pairs routed to it; gate and up share their input, so they count as one N = 2I GEMM
+        tokens, top_k = values[op.args[1].name].shape
+        experts, n, k = values[op.args[2 if op.target == moe.GATE_UP else 3].name].shape
+        active = moe.active_experts(tokens, top_k, experts)
+        n = 2 * n if op.target == moe.GATE_UP else n
+        return active, math.ceil(tokens * top_k / active), n, k
     if name in ("linear", "linear_weight_only"):  # (x [..., K], weight [N, K] or packed, ...)
         k = values[op.args[0].name].shape[-1]
         return 1, math.prod(out[:-1]), out[-1], k

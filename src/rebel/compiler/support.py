@@ -91,6 +91,9 @@ def _table() -> dict[str, OpClass]:
     t["rbln.paged_attention.default"] = OpClass("attention")  # rebel.device.ops, KV cache in DRAM
     # rebel.device.quant: a GEMM whose weight operand is int8/int4 bytes plus FP16 scales
     t["rbln.linear_weight_only.default"] = OpClass("gemm")
+    # rebel.device.moe: grouped GEMMs over the experts each token is routed to
+    t["rbln.moe_gate_up.default"] = OpClass("gemm")
+    t["rbln.moe_down.default"] = OpClass("gemm")
     # The vendor's ops (rebel.device.vendor_ops): its paged attention variants are our fused
     # paged-attention kernel; the cache update is a scatter into a DRAM buffer; `.item()` is a
     # scalar the device keeps for the dynamic index that reads it.

@@ -165,7 +165,7 @@ class _Pass:
         cls = classify(op.target)
         kind = cls.kind if cls else ("alias" if op.target == GETITEM else "host")
         states = {r: self.state(r) for r in op.refs}
-        if not any(st is not None for st in states.values()) and name not in ("mm", "addmm", "linear", "linear_weight_only"):
+        if not any(st is not None for st in states.values()) and name not in ("mm", "addmm", "linear", "linear_weight_only", "moe_gate_up"):
             self.emit(op, None)
             return
         handler = {"mm": self.linear, "addmm": self.linear, "linear": self.linear, "scaled_dot_product_attention": self.attention,
@@ -175,6 +175,7 @@ class _Pass:
                    "slice": self.slice_like, "select": self.slice_like,
                    "paged_attention": self.paged_attention,
                    "linear_weight_only": self._linear_weight_only,
+                   "moe_gate_up": self._moe_gate_up, "moe_down": self._moe_down,
                    # its args are (x, k, dim), not a reduction's dims: keep it whole
                    "topk": self.all_replicated}.get(name)
         if handler is not None:
@@ -278,6 +279,35 @@ class _Pass:
             args.append(Ref(self.split_copy(bias.name, 0)))
         op.args, op.kwargs = tuple(args), {}
         self.emit(op, len(op.out.shape) - 1)
+
+    def _moe_gate_up(self, op: Op) -> None:
+        """rbln::moe_gate_up(x, ids, gate [E, I, H], up [E, I, H], act): column parallel
+        over the experts' intermediate dim, every expert on every die (each die holds I/n of
+        each expert's gate and up rows, the same rows of both, so act(gate) * up stays local);
+        the result [T, k, I] split along I."""
+        x, ids, gate, up = op.args[:4]
+        names = [getattr(w, "name", None) for w in (gate, up)]
+        if (not isinstance(x, Ref) or not isinstance(ids, Ref) or op.kwargs
+                or any(n not in self.g.weights or self.spec(n) is None for n in names)
+                or self.spec(names[0]).shape[1] % self.n):
+            return self.all_replicated(op)
+        op.args = (Ref(self.replicated(x.name)), Ref(self.replicated(ids.name)),
+                   *(Ref(self._weight_copy(n, 1)) for n in names), *op.args[4:])
+        self.emit(op, 2)
+
+    def _moe_down(self, op: Op) -> None:
+        """rbln::moe_down(h [T, k, I], ids, weights, down [E, H, I]): row parallel when h
+        arrives split along I (each die's I/n columns of every expert's down weight), giving
+        a partial [T, H] that one all-reduce completes, as after a dense MLP's down proj."""
+        h, ids, weights, down = op.args[:4]
+        name = getattr(down, "name", None)
+        if (not isinstance(h, Ref) or self.state(h.name) != 2 or op.kwargs
+                or name not in self.g.weights or self.spec(name) is None
+                or self.spec(name).shape[2] % self.n):
+            return self.all_replicated(op)
+        op.args = (Ref(h.name), *(Ref(self.replicated(a.name)) for a in (ids, weights)),
+                   Ref(self._weight_copy(name, 2)))
+        self.emit(op, PARTIAL)
 
     def _weight_copy(self, name: str, dim: int | None) -> str:
         """Weight `name` split along `dim` (None: whole). A weight used both ways gets a copy

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from ..ir import resolve_target
-from . import quant, vendor_ops  # noqa: F401  register rbln::linear_weight_only, rbln_custom_ops
+from . import moe, quant, vendor_ops  # noqa: F401  register rbln::linear_weight_only, rbln::moe_*, rbln_custom_ops
 
 NEG_INF = float("-inf")
 

@@ -20,7 +20,14 @@ from ..errors import PlanError
 # model_type -> transformers causal-LM class name. Dense decoders whose attention goes through
 # transformers' AttentionInterface, which the paged model (rebel.plan.paged) plugs into.
 SUPPORTED = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-             "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+             "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+             "qwen3_moe": "Qwen3MoeForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
+             "mixtral": "MixtralForCausalLM"}
+# Mixture-of-experts decoders: model_type -> (key of the expert count, key of each expert's
+# intermediate size). Their experts run as grouped GEMMs (rebel.plan.moe).
+MOE = {"qwen3_moe": ("num_experts", "moe_intermediate_size"),
+       "qwen2_moe": ("num_experts", "moe_intermediate_size"),
+       "mixtral": ("num_local_experts", "intermediate_size")}
 REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
             "vocab_size")
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -41,12 +48,30 @@ class ModelShape:
     vocab: int
     tied_embeddings: bool
     max_position_embeddings: int | None
+    experts: int = 0              # routed experts per MoE layer (0: a dense MLP)
+    top_k: int = 0                # experts each token is routed to
+    moe_intermediate: int = 0     # each expert's intermediate size
+    shared_intermediate: int = 0  # an always-on shared expert's (Qwen2-MoE), 0 if none
 
     @property
     def params(self) -> int:
-        """Parameter count (norms included, biases ignored), for the plan's header line."""
+        """Parameter count (norms included, biases ignored; every expert), for the plan's
+        header line and the memory bounds."""
+        return self._params(self.experts)
+
+    @property
+    def active_params(self) -> int:
+        """Parameters one token computes with: its top-k experts instead of all of them."""
+        return self._params(self.top_k)
+
+    def _params(self, experts: int) -> int:
         attn = self.hidden * self.head_dim * (2 * self.heads + 2 * self.kv_heads)
-        mlp = 3 * self.hidden * self.intermediate
+        if self.experts:
+            mlp = experts * 3 * self.hidden * self.moe_intermediate + self.experts * self.hidden
+            if self.shared_intermediate:
+                mlp += 3 * self.hidden * self.shared_intermediate + self.hidden  # and its gate
+        else:
+            mlp = 3 * self.hidden * self.intermediate
         per_layer = attn + mlp + 2 * self.hidden
         embed = self.vocab * self.hidden * (1 if self.tied_embeddings else 2)
         return self.layers * per_layer + embed + self.hidden
@@ -106,7 +131,32 @@ def check_config(table: dict, p: str) -> dict:
     if table.get("head_dim") is None and table["hidden_size"] % heads:
         raise PlanError(f"{p}: hidden_size {table['hidden_size']} is not a multiple of "
                         f"{heads} heads and no head_dim is given")
+    if model_type in MOE:
+        _check_moe(table, p)
     return table
+
+
+def _check_moe(table: dict, p: str) -> None:
+    """A MoE config's expert figures, and layers that are all alike (the predictor compiles 1
+    and 2 layers and extrapolates, which a mix of dense and MoE layers would break)."""
+    count_key, inter_key = MOE[table["model_type"]]
+    keys = [count_key, "num_experts_per_tok", inter_key]
+    if table["model_type"] == "qwen2_moe":  # transformers would add a default-sized one
+        keys.append("shared_expert_intermediate_size")
+    missing = [k for k in keys if k not in table]
+    if missing:
+        raise PlanError(f"{p} ({table['model_type']}) lacks {', '.join(missing)}")
+    for key in keys:
+        value = table[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise PlanError(f"{p}: {key} must be a positive integer, got {value!r}")
+    if table["num_experts_per_tok"] > table[count_key]:
+        raise PlanError(f"{p}: num_experts_per_tok {table['num_experts_per_tok']} exceeds the "
+                        f"{table[count_key]} experts")
+    if table.get("mlp_only_layers") or table.get("decoder_sparse_step", 1) != 1:
+        raise PlanError(f"{p}: mixes dense and MoE layers (mlp_only_layers "
+                        f"{table.get('mlp_only_layers')!r}, decoder_sparse_step "
+                        f"{table.get('decoder_sparse_step')!r}); the planner needs every layer alike")
 
 
 def shape_of(table: dict) -> ModelShape:
@@ -120,7 +170,17 @@ def shape_of(table: dict) -> ModelShape:
         kv_heads=table.get("num_key_value_heads") or heads,
         head_dim=table.get("head_dim") or table["hidden_size"] // heads,
         intermediate=table["intermediate_size"], vocab=table["vocab_size"],
-        tied_embeddings=bool(tied), max_position_embeddings=table.get("max_position_embeddings"))
+        tied_embeddings=bool(tied), max_position_embeddings=table.get("max_position_embeddings"),
+        **_moe_shape(table))
+
+
+def _moe_shape(table: dict) -> dict:
+    if table["model_type"] not in MOE:
+        return {}
+    count_key, inter_key = MOE[table["model_type"]]
+    return {"experts": table[count_key], "top_k": table["num_experts_per_tok"],
+            "moe_intermediate": table[inter_key],
+            "shared_intermediate": table.get("shared_expert_intermediate_size") or 0}
 
 
 def hf_config(table: dict, num_layers: int | None = None):
@@ -150,4 +210,9 @@ def build_meta_model(table: dict, num_layers: int | None = None, dtype: str = "f
     cls = getattr(transformers, SUPPORTED[table["model_type"]])
     config = hf_config(table, num_layers)
     with torch.device("meta"):
-        return cls(config).to(DTYPES[dtype]).eval()
+        model = cls(config).to(DTYPES[dtype]).eval()
+    if table["model_type"] in MOE:
+        from .moe import use_grouped_experts
+
+        use_grouped_experts(model)
+    return model

@@ -71,6 +71,13 @@ class Plan:
     watts: float
     spec_file: str
     exact: bool = False
+    active_params: int | None = None  # a MoE's parameters per token (its top-k experts)
+
+    def params_label(self, word: str = "params") -> str:
+        """"30.53B params", or with a MoE's active share: "30.53B params (3.35B active)"."""
+        active = "" if self.active_params in (None, self.params) else \
+            f" ({self.active_params / 1e9:.2f}B active)"
+        return f"{self.params / 1e9:.2f}B {word}{active}"
 
     @property
     def fits(self) -> bool:
@@ -99,7 +106,7 @@ class Plan:
 
     def __repr__(self) -> str:
         m = self.memory
-        head = (f"Plan({self.model}, {self.params / 1e9:.2f}B params, {self.dtype}, "
+        head = (f"Plan({self.model}, {self.params_label()}, {self.dtype}, "
                 f"{self.hardware} x{self.cards}, TP={self.tp}, {self.replicas} replica(s))")
         if self.fits:
             fit = (f"fits: weights {m.weights / GiB:.2f} + activations {m.activations / GiB:.2f} "
@@ -253,7 +260,8 @@ class Planner:
                     blocks_per_seq=pred.blocks_per_seq, memory=memory,
                     kv_blocks_needed=batches[-1] * pred.blocks_per_seq, ttft_s=ttft.seconds,
                     prefill=ttft.breakdown, decode=tuple(points), watts=watts,
-                    spec_file=self.spec.source, exact=self.exact)
+                    spec_file=self.spec.source, exact=self.exact,
+                    active_params=self.shape.active_params)
 
     def min_cards(self, prompt_len: int = 1024, output_len: int = 256, batch: int = 1,
                   max_cards: int = 8) -> Plan:

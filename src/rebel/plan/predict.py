@@ -146,6 +146,9 @@ class Predictor:
         if weights not in WEIGHTS:
             raise PlanError(f"weights {weights!r} is not supported; use one of "
                             f"{', '.join(w for w in WEIGHTS if w)} (weight-only quantization)")
+        if weights and s.experts:
+            raise PlanError(f"weight-only quantization ({weights}) of a MoE's stacked expert "
+                            "weights is not modelled yet: plan MoE configs in 16-bit weights")
         self.weights = weights
         self.chunk = chunk
         sizes = sorted({int(c) for c in chunk_sizes} | ({chunk} if chunk else set()))
