@@ -17,7 +17,9 @@ but in place, in native code (`rounding.round_`), and only where it changes some
   * anything else (a multi-result value, an op that may alias without being a view, a cast
     kernel reading the caller's tensor) gets a rounded copy, as the interpreter makes;
   * an output cast of a value this block computed (so rounded, in memory of its own) is skipped.
-Values no later code reads stay locals and are freed at their last use.
+Values no later code reads stay locals and are freed at their last use; an elementwise op whose
+operand dies there writes over it (`_in_place`), and ATen ops are called through their C++ entry
+points (`_direct`), so a decode step pays neither an allocation nor a Python frame per op for them.
 """
 from __future__ import annotations
 
@@ -172,6 +174,12 @@ def _generate(kernels, keep: set[str], name: str, shared: frozenset) -> tuple[st
                 line = f"{out} = {em.const(kernel)}({', '.join(args)})"
             elif _moves(op, produced, readers, keep):
                 line = f"{out} = {em.expr(op.args[0])}"
+            elif (in_place := _in_place(op, produced, readers, keep)) is not None:
+                fn_, args = in_place
+                kwargs = [f"{k}={em.expr(v)}" for k, v in op.kwargs.items()]
+                dense = " and ".join(f"{em.expr(a)}.is_contiguous()" for a in args if isinstance(a, Ref))
+                line = (f"{out} = {em.const(fn_._op)}({', '.join([em.expr(a) for a in args] + kwargs)}) "
+                        f"if {dense} else {em.const(fn)}({', '.join([em.expr(a) for a in op.args] + kwargs)})")
             else:
                 args = [em.expr(a) for a in op.args]
                 args += [f"{k}={em.expr(v)}" for k, v in op.kwargs.items()]
@@ -211,6 +219,52 @@ def _moves(op: Op, produced: dict, readers: dict, keep: set) -> bool:
     src = op.args[0]
     return isinstance(src, Ref) and src.name in produced and readers.get(src.name) == 1 \
         and src.name not in keep
+
+
+def _in_place(op: Op, produced: dict, readers: dict, keep: set):
+    """(in-place op, its arguments) when an elementwise op can write its result over an operand
+    that dies here: a full-shape value of the result's dtype, computed by this block in memory of
+    its own, that nothing else reads or keeps (a GELU over its linear's output, a residual add).
+    Eager PyTorch does the same (`gelu_` after `addmm`); it saves an allocation and a pass over
+    fresh memory. The generated line takes it only when the operands are contiguous, where the
+    in-place result has the layout the op would have given; add and mul may swap their operands
+    (IEEE addition and multiplication are commutative), so either one may be the one that dies."""
+    target = _IN_PLACE.get(op.target)
+    out = op.out
+    if target is None or not isinstance(out, TensorSpec):
+        return None
+    args = list(op.args)
+    order = [0, 1] if op.target in _COMMUTATIVE and not op.kwargs and len(args) == 2 else [0]
+    for i in order:
+        a = args[i] if i < len(args) else None
+        if not isinstance(a, Ref) or readers.get(a.name) != 1 or a.name in keep:
+            continue
+        src = produced.get(a.name)
+        if src is None or not isinstance(src.out, TensorSpec) or not _owns_memory(src, produced, readers, keep):
+            continue
+        if tuple(src.out.shape) != tuple(out.shape) or src.out.dtype != out.dtype:
+            continue
+        if i == 1:
+            args = [args[1], args[0]]
+        return resolve_target(target), args
+    return None
+
+
+def _owns_memory(op: Op, produced: dict, readers: dict, keep: set) -> bool:
+    """Whether op's result is memory this block allocated for it alone. A clone that `_moves`
+    elided is its source's memory (which may be a view of a weight): follow it."""
+    while op.target == "aten.clone.default" and _moves(op, produced, readers, keep):
+        op = produced[op.args[0].name]
+    return op.name in produced and _view_base(op, produced) == op.name
+
+
+# Elementwise ops and their in-place forms (same kernel, written over the first operand).
+_IN_PLACE = {f"aten.{n}.{o}": f"aten.{n}_.{o}" for n, o in (
+    ("gelu", "default"), ("relu", "default"), ("silu", "default"), ("sigmoid", "default"),
+    ("tanh", "default"), ("exp", "default"), ("neg", "default"), ("rsqrt", "default"),
+    ("add", "Tensor"), ("sub", "Tensor"), ("mul", "Tensor"), ("div", "Tensor"),
+    ("add", "Scalar"), ("mul", "Scalar"))}
+_COMMUTATIVE = frozenset({"aten.add.Tensor", "aten.mul.Tensor"})
 
 
 def _rebound(kernels) -> set[str]:

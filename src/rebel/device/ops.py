@@ -235,6 +235,7 @@ def paged_attention_planned(plan: PagedPlan, q, k, v, k_cache, v_cache, partitio
 
 
 _sdpa = torch.nn.functional.scaled_dot_product_attention
+_linear = torch.ops.aten.linear.default._op
 _einsum = torch._VF.einsum  # torch.einsum without its Python wrapper (two operands: no path search)
 _ZERO = torch.zeros(())  # where()'s zeros: a 0-d float32 broadcasts as zeros_like did, no allocation
 _index = torch.ops.aten.index.Tensor._op  # what `t[bi, :, ji]` calls, without the indexing parse
@@ -309,7 +310,7 @@ def linear_on_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     order differs (max |diff| ~5e-5 before rounding to 16 bits), and neither order is the chip's."""
     if x.dim() > 2 and not x.is_contiguous():
         x = x.contiguous()
-    return torch.ops.aten.linear.default(x, weight, bias)
+    return _linear(x, weight, bias)
 
 
 # Kernels that compute what their op computes, a faster way: a new tensor like the op's, so the
