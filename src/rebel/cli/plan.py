@@ -47,8 +47,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description="How many RBLN cards, which TP and batch, "
-                                "at what latency and cost, for a Hugging Face decoder LLM config.")
-    p.add_argument("config", help="config.json or a folder holding one")
+                                "at what latency and cost, for a Hugging Face decoder LLM or encoder config or a "
+                                "diffusers pipeline folder.")
+    p.add_argument("config", help="config.json or a folder holding one (or model_index.json)")
     p.add_argument("--hardware", default="RBLN-CA25", help="product name or spec .toml (default RBLN-CA25)")
     p.add_argument("--dtype", default="float16", choices=("float16", "bfloat16"))
     p.add_argument("--weights", default=None, choices=("int8", "int4"),
@@ -77,6 +78,21 @@ def _parser() -> argparse.ArgumentParser:
                         "scheduler) and report its TTFT / TPOT p90, which the search estimates as means")
     p.add_argument("--report", default=None, metavar="DIR", help="write an HTML report with plots")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    e = p.add_argument_group("encoders (bert, roberta, xlm-roberta, distilbert, t5 encoder, ...)")
+    e.add_argument("--seq-len", type=int, nargs="+", default=None,
+                   help="sequence length bucket(s) (default 128)")
+    e.add_argument("--latency-ms", type=float, default=100.0, help="search: mean latency SLO")
+    e.add_argument("--allow-untested", action="store_true",
+                   help="plan any base model transformers' AutoModel builds for the config")
+    d = p.add_argument_group("diffusers pipelines (a folder holding model_index.json)")
+    d.add_argument("--height", type=int, default=None)
+    d.add_argument("--width", type=int, default=None)
+    d.add_argument("--frames", type=int, default=None)
+    d.add_argument("--steps", type=int, default=None, help="denoising steps")
+    d.add_argument("--no-guidance", action="store_true",
+                   help="no classifier-free guidance (one denoiser half, no negative prompt)")
+    d.add_argument("--prompt-tokens", type=int, default=None,
+                   help="text encoder tokens (default: 512 for T5, the position limit for CLIP)")
     return p
 
 
@@ -84,7 +100,11 @@ def _run(args) -> int:
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # the simulation's scheduler: no INFO chatter
     from ..plan import Planner
     from ..plan.predict import DEFAULT_BATCHES
+    from .plan_families import family, run_encoder, run_pipeline
 
+    kind = family(args.config, args.allow_untested)
+    if kind != "decoder":
+        return (run_pipeline if kind == "pipeline" else run_encoder)(args, _console())
     planner = Planner(args.config, args.hardware, args.dtype, exact=args.exact, weights=args.weights)
     if args.search:
         if args.tp is not None and args.tp < 1:
