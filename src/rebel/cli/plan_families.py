@@ -173,17 +173,16 @@ def _print_pipeline(p, console) -> None:
                   f"on {p.hardware}")
     console.print(NOTE)
     t = Table(title=f"Stages, one {what}")
-    for col in ("stage", "class", "TP (dies)", "cards", "calls", "batch", "call ms", "total s",
-                "share", "DRAM/die GiB (w + act)", "fits", "bound by"):
+    for col in ("stage", "class", "dies (TP)", "calls x batch", "call ms", "total s", "share",
+                "GiB/die w + act", "fits", "bound by"):
         t.add_column(col, justify="right")
     total = p.total_s
     for s in p.stages:
         st = s.stage
-        t.add_row(s.component, s.class_name, str(st.tp), str(-(-st.tp // p.dies_per_card)),
-                  str(s.calls), str(s.batch), f"{st.latency_s * 1e3:.2f}", f"{s.total_s:.3f}",
-                  f"{s.total_s / total:.0%}",
-                  f"{st.dram_bytes / GiB:.2f} ({st.weights_bytes / GiB:.2f} + "
-                  f"{st.activation_bytes / GiB:.2f})", "yes" if st.fits else "NO", st.bottleneck)
+        t.add_row(s.component, s.class_name, str(st.tp), f"{s.calls} x {s.batch}",
+                  f"{st.latency_s * 1e3:.2f}", f"{s.total_s:.3f}", f"{s.total_s / total:.0%}",
+                  f"{st.weights_bytes / GiB:.2f} + {st.activation_bytes / GiB:.2f}",
+                  "yes" if st.fits else "NO", st.bottleneck)
     console.print(t)
     d = p.dominant
     console.print(f"Total {total:.3f} s per {what} ({p.batch / total:.4f} per s); {d.component} "

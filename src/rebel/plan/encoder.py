@@ -550,18 +550,21 @@ def _positive_sorted(values, what: str) -> tuple[int, ...]:
 
 
 def _quiet(work):
-    """Run `work()` with torch.export's dump of the partial graph (logged when a capture fails)
-    kept off the console: the PlanError says what failed."""
-    import logging
+    """Run `work()` with stderr held back: torch.export prints its partial graph there when a
+    capture fails (thousands of lines), which the PlanError replaces. On success whatever was
+    written is passed on."""
+    import contextlib
+    import io
+    import sys
 
-    names = ("torch._export", "torch.export", "torch._dynamo", "torch.fx.experimental.symbolic_shapes",
-             "torch._subclasses.fake_tensor")
-    loggers = [logging.getLogger(n) for n in names]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.CRITICAL)
+    held = io.StringIO()
     try:
-        return work()
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
+        with contextlib.redirect_stderr(held):
+            out = work()
+    except CompileError:
+        raise
+    except BaseException:
+        sys.stderr.write(held.getvalue())
+        raise
+    sys.stderr.write(held.getvalue())
+    return out

@@ -110,11 +110,26 @@ def latent_shape(video: dict) -> tuple[int, int, int, int]:
             video["width"] // video["spatial_compression"])
 
 
+class _QuietDiffusers:
+    """diffusers warns on `.to(float16)` that no module asks to stay FP32: noise for a plan."""
+
+    def __enter__(self):
+        from diffusers.utils import logging
+
+        self.level = logging.get_verbosity()
+        logging.set_verbosity_error()
+
+    def __exit__(self, *exc):
+        from diffusers.utils import logging
+
+        logging.set_verbosity(self.level)
+
+
 def build_transformer(config: dict, video: dict, batch: int = 1, dtype=torch.float16):
     """`CosmosTransformer3DModel` for `config` on meta and its inputs for one call on `video`."""
     from diffusers import CosmosTransformer3DModel
 
-    with torch.device("meta"):
+    with torch.device("meta"), _QuietDiffusers():
         model = CosmosTransformer3DModel(**_init_args(config)).to(dtype).eval()
     c, t, h, w = latent_shape(video)
     mask = 1 if model.config.concat_padding_mask else 0
@@ -127,7 +142,7 @@ def build_transformer(config: dict, video: dict, batch: int = 1, dtype=torch.flo
 def build_unet(config: dict, image: dict, batch: int = 1, dtype=torch.float16):
     from diffusers import UNet2DConditionModel
 
-    with torch.device("meta"):
+    with torch.device("meta"), _QuietDiffusers():
         unet = UNet2DConditionModel(**_init_args(config)).to(dtype).eval()
     c, _, h, w = latent_shape({**image, "frames": 1, "temporal_compression": 1})
     text = unet.config.cross_attention_dim
@@ -167,7 +182,7 @@ def build_vae_decoder(config: dict, video: dict, class_name: str = "AutoencoderK
                       dtype=torch.float16):
     import diffusers
 
-    with torch.device("meta"):
+    with torch.device("meta"), _QuietDiffusers():
         vae = getattr(diffusers, class_name)(**_init_args(config)).to(dtype).eval()
     c, t, h, w = latent_shape(video)
     shape = (1, c, t, h, w) if class_name == "AutoencoderKLCosmos" else (1, c, h, w)
