@@ -173,13 +173,15 @@ def _print_pipeline(p, console) -> None:
                   f"on {p.hardware}")
     console.print(NOTE)
     t = Table(title=f"Stages, one {what}")
-    for col in ("stage", "class", "dies (TP)", "calls x batch", "call ms", "total s", "share",
+    console.print("Stages: " + ", ".join(f"{s.component} = {s.class_name}" for s in p.stages),
+                  soft_wrap=True)
+    for col in ("stage", "dies (TP)", "calls x batch", "call ms", "total s", "share",
                 "GiB/die w + act", "fits", "bound by"):
         t.add_column(col, justify="right")
     total = p.total_s
     for s in p.stages:
         st = s.stage
-        t.add_row(s.component, s.class_name, str(st.tp), f"{s.calls} x {s.batch}",
+        t.add_row(s.component, str(st.tp), f"{s.calls} x {s.batch}",
                   f"{st.latency_s * 1e3:.2f}", f"{s.total_s:.3f}", f"{s.total_s / total:.0%}",
                   f"{st.weights_bytes / GiB:.2f} + {st.activation_bytes / GiB:.2f}",
                   "yes" if st.fits else "NO", st.bottleneck)
