@@ -6,6 +6,8 @@
     rbln-plan examples/configs/llama-3-8b --tp 4 --batch 1 8 32 64 --simulate 1000 --rps 2.5
     rbln-plan examples/configs/llama-3-8b --tp 4 --batch 1 8 32 --report out/   # HTML + plots
     rbln-plan examples/configs/llama-3-8b --search --rps 10 --verify 300  # tails, by replay
+    rbln-plan examples/configs/bert-large --seq-len 128 384 --batch 1 8   # encoders
+    rbln-plan examples/configs/cosmos-7b-text2world --tp 32               # diffusers folders
 
 Without --search it prints one plan (fits?, TTFT, TPOT per batch bucket, tokens/s, watts,
 tokens per joule, the bottleneck of each phase); --search tries TP sizes, batch buckets and
@@ -15,6 +17,7 @@ scheduler in virtual time on one replica of the plan, each step costed by the pr
 and prints TTFT / TPOT percentiles, queueing and preemptions (needs vLLM: the `vllm` extra).
 `--report DIR` writes an HTML page with plots of all of it. `--json` prints the same answers as
 one JSON object for scripts. Every figure is predicted (rebel.plan), not measured.
+Encoder configs and diffusers pipeline folders are planned by `plan_families` (docs/planning.md).
 The exit status is 1 when the plan does not fit, 2 on an error.
 """
 from __future__ import annotations
