@@ -5,7 +5,8 @@ transformers/diffusers classes on the meta device (shapes, no weights; nothing i
 the published configurations, compiled for prediction only, and timed by the timing model:
 
 - text encoder: the T5-11B encoder (`T5EncoderModel`; d_model 1024, d_ff 65536, 24 layers,
-  128 heads x 128, vocab 32128, ReLU FFN), once per video on a 512-token prompt;
+  128 heads x 128, vocab 32128, ReLU FFN), on a 512-token prompt, twice per video (the
+  prompt and the negative prompt, as the pipeline encodes them under guidance);
 - denoiser: `CosmosTransformer3DModel` at the 7B Text2World config (hidden 4096 = 32 heads x 128,
   28 layers, MLP ratio 4, AdaLN-LoRA 256, patch (1, 2, 2), 16 latent channels, text 1024) on the
   latent of a 704x1280, 121-frame video through the 8x8x8 tokenizer: 16 x 16 x 88 x 160, i.e.
@@ -14,6 +15,9 @@ the published configurations, compiled for prediction only, and timed by the tim
   `post_quant_conv` + `decoder`, once per video.
 
 Run `python benchmarks/cosmos_predict.py` for the table; `full_size_table()` returns its rows.
+The builders and the stage compile are `rebel.plan.pipeline`'s: `rbln-plan
+examples/configs/cosmos-7b-text2world` (the same constants as a diffusers checkpoint's configs)
+plans the same pipeline, and `folder_plan()` here prints it beside the table.
 """
 from __future__ import annotations
 
@@ -24,10 +28,11 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from rebel.compiler.compile import compile_module
 from rebel.npu import load_spec
-from rebel.runtime.runtime import activation_bytes
-from rebel.runtime.timeline import predict
+from rebel.plan.pipeline import (CosmosDenoise, Stage, VAEDecode, build_t5,  # noqa: F401
+                                 build_transformer, build_vae_decoder, compile_stage, latent_shape,
+                                 meta, plan_pipeline)
+from rebel.plan.pipeline import smallest_fit as _smallest_fit
 
 HALF = torch.float16
 NPU = "RBLN-CA25"
@@ -47,130 +52,10 @@ VIDEO = dict(height=704, width=1280, frames=121, fps=30, steps=36, prompt_tokens
              spatial_compression=8, temporal_compression=8)
 
 
-def meta(*shape, dtype=HALF):
-    return torch.empty(*shape, dtype=dtype, device="meta")
-
-
-def latent_shape(video: dict) -> tuple[int, int, int, int]:
-    """(C, T, H, W) of the latent the 8x8x8 causal tokenizer makes of the video: the first frame
-    is coded alone, then 8 frames per latent frame."""
-    t = (video["frames"] - 1) // video["temporal_compression"] + 1
-    return (video["latent_channels"], t, video["height"] // video["spatial_compression"],
-            video["width"] // video["spatial_compression"])
-
-
-class CosmosDenoise(torch.nn.Module):
-    """One denoiser call, as `CosmosTransformer3DModel.forward` runs it, from the latent with the
-    padding-mask channel already appended (the pipeline's mask is all zeros at 704x1280; its
-    nearest resize and concat are a host-side copy of one 16x88x160 plane, and torchvision, which
-    diffusers uses for the resize, is not in the main environment). Rotary and learnable
-    positional embeddings and the timestep embedding are computed in the graph, as diffusers
-    does, from the shapes."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, latent_with_mask, timestep, text):
-        m = self.model
-        _, _, frames, height, width = latent_with_mask.shape
-        p_t, p_h, p_w = m.config.patch_size
-        rope = m.rope(latent_with_mask)
-        pos = m.learnable_pos_embed(latent_with_mask)
-        h = m.patch_embed(latent_with_mask).flatten(1, 3)
-        temb, embedded = m.time_embed(h, timestep)
-        for block in m.transformer_blocks:
-            h = block(h, text, embedded, temb, rope, pos, None, None)
-        h = m.proj_out(m.norm_out(h, embedded, temb))
-        h = h.unflatten(2, (p_h, p_w, p_t, -1)).unflatten(1, (frames // p_t, height // p_h, width // p_w))
-        h = h.permute(0, 7, 1, 6, 2, 4, 3, 5)  # diffusers' unpatchify order
-        return h.flatten(6, 7).flatten(4, 5).flatten(2, 3)
-
-
-class VAEDecode(torch.nn.Module):
-    """`AutoencoderKLCosmos._decode`: post-quant conv, then the decoder (its last step is the
-    inverse Haar wavelet patcher back to pixels)."""
-
-    def __init__(self, vae):
-        super().__init__()
-        self.vae = vae
-
-    def forward(self, z):
-        return self.vae.decoder(self.vae.post_quant_conv(z))
-
-
-def build_transformer(config: dict, video: dict, batch: int = 1):
-    from diffusers import CosmosTransformer3DModel
-
-    with torch.device("meta"):
-        model = CosmosTransformer3DModel(**config).to(HALF).eval()
-    c, t, h, w = latent_shape(video)
-    return CosmosDenoise(model), [meta(batch, c + 1, t, h, w), meta(batch),
-                                  meta(batch, video["prompt_tokens"], config["text_embed_dim"])]
-
-
-def build_t5(config: dict, video: dict):
-    from transformers import T5Config, T5EncoderModel
-
-    with torch.device("meta"):
-        model = T5EncoderModel(T5Config(**config)).to(HALF).eval()
-    return model, [meta(1, video["prompt_tokens"], dtype=torch.long)]
-
-
-def build_vae_decoder(config: dict, video: dict):
-    from diffusers import AutoencoderKLCosmos
-
-    with torch.device("meta"):
-        vae = AutoencoderKLCosmos(**config).to(HALF).eval()
-    return VAEDecode(vae), [meta(1, *latent_shape(video))]
-
-
-# ---- prediction -------------------------------------------------------------------------------
-
+# The stage builders, the stage compile and the fit search are rebel.plan.pipeline's (`rbln-plan`
+# on a diffusers folder runs the same code: examples/configs/cosmos-7b-text2world holds these
+# constants as a checkpoint's configs).
 GiB = 2**30
-
-
-@dataclass
-class Stage:
-    """One stage compiled at one tensor-parallel size: its DRAM per die and one call's time."""
-
-    name: str
-    tp: int
-    weights_bytes: int       # per die (its slices of split weights, all of the others)
-    activation_bytes: int    # per die, buffers reused once dead (runtime.activation_bytes)
-    capacity_bytes: int      # usable DRAM of one die (16 GiB less the firmware reservation)
-    latency_s: float         # one call, host copies included
-    collective_s: float      # of which: all-reduce/all-gather on the link
-    link: str                # the link the collectives take
-    compile_s: float
-
-    @property
-    def dram_bytes(self) -> int:
-        return self.weights_bytes + self.activation_bytes
-
-    @property
-    def fits(self) -> bool:
-        return self.dram_bytes <= self.capacity_bytes
-
-
-def compile_stage(name: str, module, inputs, tp: int = 1, npu: str = NPU) -> Stage:
-    """Compile `module` on meta inputs at `tp` dies and predict one call from die 0 (a group of
-    more dies than a card has collectives over the card-to-card link)."""
-    from rebel.device.events import LINK
-    from rebel.runtime.timeline import die_group
-
-    spec = load_spec(npu)
-    start = time.perf_counter()
-    compiled = compile_module(module, inputs, npu=npu, tensor_parallel_size=tp, progress=False)
-    compile_s = time.perf_counter() - start
-    if not compiled.meta:
-        raise RuntimeError(f"{name}: expected a meta (prediction-only) compile")
-    program = compiled.program
-    timeline = predict(program, spec)
-    collective = sum(e.dur_s for e in timeline.events if e.device == 0 and e.track == LINK)
-    _, link = die_group(program, spec)
-    return Stage(name, tp, program.weight_bytes, activation_bytes(program), spec.die.memory.dram_usable_bytes,
-                 timeline.latency_s, collective, link.name if tp > 1 else "-", compile_s)
 
 
 @dataclass
@@ -187,6 +72,7 @@ class Row:
     frames: int
     fps: int
     notes: list[str] = field(default_factory=list)
+    text_calls: int = 2  # the prompt and the negative prompt (guidance), as the pipeline encodes them
 
     @property
     def step_s(self) -> float:
@@ -198,7 +84,7 @@ class Row:
 
     @property
     def video_s(self) -> float:
-        return self.t5.latency_s + self.denoise_s + self.vae.latency_s
+        return self.text_calls * self.t5.latency_s + self.denoise_s + self.vae.latency_s
 
     @property
     def frames_per_s(self) -> float:
@@ -214,7 +100,7 @@ class Row:
         """Requests overlapped with each stage on dies of its own (the next request's T5 and the
         previous one's VAE decode during this one's denoising loop): one video leaves per
         slowest stage."""
-        return 3600.0 / max(self.t5.latency_s, self.denoise_s, self.vae.latency_s)
+        return 3600.0 / max(self.text_calls * self.t5.latency_s, self.denoise_s, self.vae.latency_s)
 
     @property
     def videos_per_hour_sequential(self) -> float:
@@ -230,18 +116,6 @@ class Row:
                  videos_per_hour_sequential=self.videos_per_hour_sequential,
                  videos_per_hour_pipelined=self.videos_per_hour_pipelined)
         return d
-
-
-def _smallest_fit(name, build, sizes, npu):
-    """The stage at the first size of `sizes` whose DRAM per die fits, and every size tried."""
-    tried = []
-    for tp in sizes:
-        module, inputs = build()
-        stage = compile_stage(name, module, inputs, tp, npu)
-        tried.append(stage)
-        if stage.fits:
-            return stage, tried
-    return tried[-1], tried
 
 
 def full_size_table(cards=(1, 2, 4, 8), dit: dict | None = None, t5: dict | None = None,
@@ -284,7 +158,7 @@ def _gib(b: int) -> str:
 
 def format_table(rows: list[Row]) -> str:
     head = ("| cards | DiT TP | DiT DRAM/die GiB (w + act) | fits | DiT call s | of which link s | step s "
-            "(2 calls) | T5 s | VAE s | video s (36 steps) | frames/s | x real time | videos/h seq | "
+            "(2 calls) | T5 s (x2) | VAE s | video s (36 steps) | frames/s | x real time | videos/h seq | "
             "videos/h pipelined |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
@@ -340,6 +214,17 @@ def realtime_scan(resolutions=((704, 1280), (352, 640), (176, 320)), tp: int = 3
     return out
 
 
+def folder_plan(folder: str | None = None, tp: int = 32, npu: str = NPU):
+    """`rebel.plan.pipeline.plan_pipeline` on the example checkpoint folder at the table's video."""
+    from pathlib import Path
+
+    folder = folder or str(Path(__file__).resolve().parents[1] / "examples" / "configs" /
+                           "cosmos-7b-text2world")
+    return plan_pipeline(folder, npu, height=VIDEO["height"], width=VIDEO["width"],
+                         frames=VIDEO["frames"], steps=VIDEO["steps"],
+                         prompt_tokens=VIDEO["prompt_tokens"], tp={"transformer": tp})
+
+
 def main(argv: list[str] | None = None) -> None:
     argparse.ArgumentParser(description=__doc__).parse_args(argv)
     start = time.perf_counter()
@@ -348,6 +233,8 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print(format_stages(rows))
     print(f"\nwhole table: {time.perf_counter() - start:.0f} s wall (compiles included)")
+    print("\nthe same pipeline through rbln-plan (examples/configs/cosmos-7b-text2world, DiT at TP=32):")
+    print(folder_plan(tp=32))
     print("\nreal time (121 frames in 4.03 s) at lower resolutions, DiT on 32 dies, VAE on one "
           "(T5, 0.23 s, not counted):")
     for r in realtime_scan():

@@ -242,9 +242,9 @@ def test_cli_plan_that_misses_says_how_many_cards(tmp_path, small_die, capsys):
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
-    code = main([str(write(tmp_path, {**TINY, "model_type": "bert"})), "--json"])
+    code = main([str(write(tmp_path, {**TINY, "model_type": "gpt2"})), "--json"])
     err = capsys.readouterr().err
-    assert code == 2 and err.startswith("rbln-plan: error:") and "'bert'" in err
+    assert code == 2 and err.startswith("rbln-plan: error:") and "'gpt2'" in err
     assert err.count("\n") == 1
     assert main([str(tmp_path / "missing")]) == 2
 

@@ -6,6 +6,8 @@
     rbln-plan examples/configs/llama-3-8b --tp 4 --batch 1 8 32 64 --simulate 1000 --rps 2.5
     rbln-plan examples/configs/llama-3-8b --tp 4 --batch 1 8 32 --report out/   # HTML + plots
     rbln-plan examples/configs/llama-3-8b --search --rps 10 --verify 300  # tails, by replay
+    rbln-plan examples/configs/bert-large --seq-len 128 384 --batch 1 8   # encoders
+    rbln-plan examples/configs/cosmos-7b-text2world --tp 32               # diffusers folders
 
 Without --search it prints one plan (fits?, TTFT, TPOT per batch bucket, tokens/s, watts,
 tokens per joule, the bottleneck of each phase); --search tries TP sizes, batch buckets and
@@ -15,6 +17,7 @@ scheduler in virtual time on one replica of the plan, each step costed by the pr
 and prints TTFT / TPOT percentiles, queueing and preemptions (needs vLLM: the `vllm` extra).
 `--report DIR` writes an HTML page with plots of all of it. `--json` prints the same answers as
 one JSON object for scripts. Every figure is predicted (rebel.plan), not measured.
+Encoder configs and diffusers pipeline folders are planned by `plan_families` (docs/planning.md).
 The exit status is 1 when the plan does not fit, 2 on an error.
 """
 from __future__ import annotations
@@ -47,8 +50,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description="How many RBLN cards, which TP and batch, "
-                                "at what latency and cost, for a Hugging Face decoder LLM config.")
-    p.add_argument("config", help="config.json or a folder holding one")
+                                "at what latency and cost, for a Hugging Face decoder LLM or encoder config or a "
+                                "diffusers pipeline folder.")
+    p.add_argument("config", help="config.json or a folder holding one (or model_index.json)")
     p.add_argument("--hardware", default="RBLN-CA25", help="product name or spec .toml (default RBLN-CA25)")
     p.add_argument("--dtype", default="float16", choices=("float16", "bfloat16"))
     p.add_argument("--weights", default=None, choices=("int8", "int4"),
@@ -77,6 +81,21 @@ def _parser() -> argparse.ArgumentParser:
                         "scheduler) and report its TTFT / TPOT p90, which the search estimates as means")
     p.add_argument("--report", default=None, metavar="DIR", help="write an HTML report with plots")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    e = p.add_argument_group("encoders (bert, roberta, xlm-roberta, distilbert, t5 encoder, ...)")
+    e.add_argument("--seq-len", type=int, nargs="+", default=None,
+                   help="sequence length bucket(s) (default 128)")
+    e.add_argument("--latency-ms", type=float, default=100.0, help="search: mean latency SLO")
+    e.add_argument("--allow-untested", action="store_true",
+                   help="plan any base model transformers' AutoModel builds for the config")
+    d = p.add_argument_group("diffusers pipelines (a folder holding model_index.json)")
+    d.add_argument("--height", type=int, default=None)
+    d.add_argument("--width", type=int, default=None)
+    d.add_argument("--frames", type=int, default=None)
+    d.add_argument("--steps", type=int, default=None, help="denoising steps")
+    d.add_argument("--no-guidance", action="store_true",
+                   help="no classifier-free guidance (one denoiser half, no negative prompt)")
+    d.add_argument("--prompt-tokens", type=int, default=None,
+                   help="text encoder tokens (default: 512 for T5, the position limit for CLIP)")
     return p
 
 
@@ -84,7 +103,11 @@ def _run(args) -> int:
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # the simulation's scheduler: no INFO chatter
     from ..plan import Planner
     from ..plan.predict import DEFAULT_BATCHES
+    from .plan_families import family, run_encoder, run_pipeline
 
+    kind = family(args.config, args.allow_untested)
+    if kind != "decoder":
+        return (run_pipeline if kind == "pipeline" else run_encoder)(args, _console())
     planner = Planner(args.config, args.hardware, args.dtype, exact=args.exact, weights=args.weights)
     if args.search:
         if args.tp is not None and args.tp < 1:
