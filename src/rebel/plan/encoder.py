@@ -23,7 +23,6 @@ With arrival rate `l` per replica, utilization `rho = l * L(b) / b`, the mean la
 from __future__ import annotations
 
 import inspect
-import json
 import linecache
 import math
 import re
@@ -36,7 +35,7 @@ import torch
 from ..errors import CompileError, PlanError
 from ..npu import load_spec
 from ..npu.spec import GiB, ProductSpec
-from .model import DTYPES
+from .model import DTYPES, read_table  # noqa: F401  (read_table: re-exported for the CLI)
 from .predict import Breakdown, PhaseTime
 
 # model_type -> transformers class: the encoders the planner is tested on.
@@ -47,26 +46,6 @@ DEFAULT_SEQ_LENS = (128,)
 DEFAULT_BATCHES = (1, 2, 4, 8, 16, 32, 64)
 _DROP = ("model_type", "architectures", "transformers_version", "torch_dtype", "dtype", "auto_map",
          "quantization_config")
-
-
-def read_table(path: str | Path) -> dict:
-    """config.json of `path` (the file or its folder) as a dict, `_name` set to the folder."""
-    if isinstance(path, dict):
-        return dict(path)
-    p = Path(path)
-    if p.is_dir():
-        p = p / "config.json"
-    if not p.is_file():
-        raise PlanError(f"no Hugging Face config at {str(path)!r} (give a config.json or a folder "
-                        "holding one)")
-    try:
-        table = json.loads(p.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise PlanError(f"{p} is not a readable JSON config: {e}") from None
-    if not isinstance(table, dict):
-        raise PlanError(f"{p} must hold a JSON object, got {type(table).__name__}")
-    table.setdefault("_name", p.parent.name if p.name == "config.json" else p.stem)
-    return table
 
 
 def untested_encoder_class(model_type: str) -> str | None:

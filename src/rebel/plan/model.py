@@ -81,24 +81,38 @@ class ModelShape:
         return self.layers * 2 * math.ceil(self.kv_heads / tp) * self.head_dim * dtype_bytes
 
 
-def read_config(path: str | Path) -> dict:
-    """The config.json of `path` (the file itself, or a folder holding one) as a dict, checked
-    for what a decoder LLM needs; PlanError naming the problem otherwise."""
+def read_json(p: Path, what: str = "JSON config") -> dict:
+    """The JSON object in file `p`; PlanError naming the file otherwise."""
+    try:
+        table = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise PlanError(f"{p} is not a readable {what}: {e}") from None
+    if not isinstance(table, dict):
+        raise PlanError(f"{p} must hold a JSON object, got {type(table).__name__}")
+    return table
+
+
+def read_table(path: str | Path) -> dict:
+    """config.json of `path` (the file or its folder; or a dict, copied) as a dict, unchecked,
+    `_name` set to the folder's name."""
+    if isinstance(path, dict):
+        return dict(path)
     p = Path(path)
     if p.is_dir():
         p = p / "config.json"
     if not p.is_file():
         raise PlanError(f"no Hugging Face config at {str(path)!r} (give a config.json or a folder "
                         "holding one)")
-    try:
-        table = json.loads(p.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise PlanError(f"{p} is not a readable JSON config: {e}") from None
-    if not isinstance(table, dict):
-        raise PlanError(f"{p} must hold a JSON object, got {type(table).__name__}")
-    table = dict(table)
+    table = read_json(p)
     table.setdefault("_name", p.parent.name if p.name == "config.json" else p.stem)
-    return check_config(table, str(p))
+    return table
+
+
+def read_config(path: str | Path) -> dict:
+    """The config.json of `path` (the file itself, or a folder holding one) as a dict, checked
+    for what a decoder LLM needs; PlanError naming the problem otherwise."""
+    p = Path(path)
+    return check_config(read_table(p), str(p / "config.json" if p.is_dir() else p))
 
 
 def load_config(config) -> dict:

@@ -22,7 +22,6 @@ calls run one after another, and the stage with the largest share dominates.
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -33,7 +32,7 @@ import torch
 from ..errors import CompileError, PlanError
 from ..npu import load_spec
 from ..npu.spec import GiB, ProductSpec
-from .model import DTYPES
+from .model import DTYPES, read_json
 from .predict import Breakdown
 
 TEXT_ENCODERS = ("T5EncoderModel", "CLIPTextModel", "CLIPTextModelWithProjection")
@@ -292,12 +291,7 @@ def read_pipeline(path) -> tuple[dict, list[Component], list[str]]:
     index_file = folder / "model_index.json"
     if not index_file.is_file():
         raise PlanError(f"no diffusers pipeline at {str(path)!r} (a folder holding model_index.json)")
-    try:
-        index = json.loads(index_file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise PlanError(f"{index_file} is not readable JSON: {e}") from None
-    if not isinstance(index, dict):
-        raise PlanError(f"{index_file} must hold a JSON object")
+    index = read_json(index_file, "JSON file")
     comps, host = [], []
     for name, entry in index.items():
         if name.startswith("_") or not isinstance(entry, list):
@@ -317,10 +311,7 @@ def read_pipeline(path) -> tuple[dict, list[Component], list[str]]:
         cfg_file = folder / name / "config.json"
         if not cfg_file.is_file():
             raise PlanError(f"{folder}: component {name!r} ({cls}) has no {name}/config.json")
-        try:
-            config = json.loads(cfg_file.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise PlanError(f"{cfg_file} is not readable JSON: {e}") from None
+        config = read_json(cfg_file, "JSON file")
         comps.append(Component(name, library, cls, config, role))
     roles = [c.role for c in comps]
     if roles.count("denoiser") != 1:
