@@ -144,7 +144,7 @@ def _run(args) -> int:
             _print_search(result)
             if verified:
                 _print_verified(result, [v.summary() for v in verified])
-            elif result.percentile:
+            elif result.percentile and result.deployments:
                 _print_verified(result, [d.replayed for d in result.deployments], result.percentile)
         if args.report:
             _report(args, search=result)
@@ -343,18 +343,22 @@ def _print_search(r) -> None:
         t = Table(title="Cheapest deployments meeting the SLOs"
                   + ("" if r.percentile is None else f" at p{r.percentile}")
                   + " (TTFT / TPOT: the steady-state estimate, means)")
+        several = any(d.servers > 1 for d in r.deployments)
         for col in ("cards", "servers", "TP", "replicas", "batch", "chunk", "running", "TTFT ms",
-                    "TPOT ms", "prefill", "tok/s", "W", "W per server", "tok/J"):
+                    "TPOT ms", "prefill", "W", *(("W per server",) if several else ()), "tok/J"):
             t.add_column(col, justify="right")
         for d in r.deployments:
+            per_server = (" + ".join(f"{w:.0f}" for w in d.watts_per_server),) if several else ()
             t.add_row(str(d.cards), str(d.servers) if d.servers == 1 else
                       f"{d.servers} ({'+'.join(map(str, d.server_cards))})",
                       str(d.tp), str(d.replicas), str(d.batch), str(d.chunk), f"{d.running:.1f}",
                       f"{d.ttft_s * 1e3:.0f}", f"{d.tpot_s * 1e3:.1f}",
-                      f"{d.prefill_utilization:.0%}", f"{d.tokens_per_s:.0f}", f"{d.watts:.0f}",
-                      " + ".join(f"{w:.0f}" for w in d.watts_per_server),
+                      f"{d.prefill_utilization:.0%}", f"{d.watts:.0f}", *per_server,
                       f"{d.tokens_per_joule:.2f}")
         console.print(t)
+        console.print(f"Each serves {r.deployments[0].tokens_per_s:.0f} output tok/s; servers: "
+                      "cards on each server; prefill: the share of a replica's time prefilling; "
+                      "chunk: prompt tokens per step and request (prefill graph)", soft_wrap=True)
     for n in r.notes:
         console.print(f"note: {n}")
 

@@ -647,7 +647,16 @@ class Planner:
                         chosen = (best, hit)
             steps_done += 1
             if chosen is None:
-                result.notes.append(f"TP={tp}: misses the SLOs at p{percentile} on up to {where_limit}")
+                mine = [(i, c) for (t, c, i) in replays if t == tp]
+                seen = ""
+                if mine:  # what the replay on the most cards tried saw
+                    i, c = max(mine)
+                    r = replays[(tp, c, i)]
+                    seen = (f" (replayed on {ladder[i][0]} card(s), chunk {c}: TTFT p{percentile} "
+                            f"{r[f'ttft_p{percentile}_s'] * 1e3:.0f} ms, TPOT p{percentile} "
+                            f"{r[f'tpot_p{percentile}_s'] * 1e3:.1f} ms)")
+                result.notes.append(f"TP={tp}: misses the SLOs at p{percentile} on up to {where_limit}"
+                                    + seen)
                 continue
             c, i = chosen
             where = ladder[i][1]
