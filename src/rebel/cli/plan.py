@@ -360,7 +360,7 @@ def _print_search(r) -> None:
                       "cards on each server; prefill: the share of a replica's time prefilling; "
                       "chunk: prompt tokens per step and request (prefill graph)", soft_wrap=True)
     for n in r.notes:
-        console.print(f"note: {n}")
+        console.print(f"note: {n}", soft_wrap=True)
 
 
 if __name__ == "__main__":
