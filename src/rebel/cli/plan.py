@@ -8,10 +8,14 @@
     rbln-plan examples/configs/llama-3-8b --search --rps 10 --verify 300  # tails, by replay
     rbln-plan examples/configs/bert-large --seq-len 128 384 --batch 1 8   # encoders
     rbln-plan examples/configs/cosmos-7b-text2world --tp 32               # diffusers folders
+    rbln-plan examples/configs/llama-3-8b --search --rps 10 --slo-percentile 90  # SLOs at p90
+    rbln-plan examples/configs/llama-3-8b --search --rps 40 --servers 2 --prompt-len 512:2048
 
 Without --search it prints one plan (fits?, TTFT, TPOT per batch bucket, tokens/s, watts,
-tokens per joule, the bottleneck of each phase); --search tries TP sizes, batch buckets and
-replica counts and prints the cheapest deployments meeting the SLOs. `--simulate N` (or
+tokens per joule, the bottleneck of each phase); --search tries TP sizes, batch buckets, prefill
+chunks and card counts (over --servers servers of --cards-per-server cards) and prints the
+cheapest deployments meeting the SLOs, on means or, with --slo-percentile, at that percentile
+of a replay of each candidate. `--simulate N` (or
 `--trace FILE.jsonl`) replays N Poisson requests at --rps (or the trace) through vLLM's own
 scheduler in virtual time on one replica of the plan, each step costed by the predicted graphs,
 and prints TTFT / TPOT percentiles, queueing and preemptions (needs vLLM: the `vllm` extra).
@@ -23,7 +27,6 @@ The exit status is 1 when the plan does not fit, 2 on an error.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -62,9 +65,18 @@ def _parser() -> argparse.ArgumentParser:
                    help="decode batch bucket(s) (plan default: 1; search default: 1 2 4 ... 128)")
     p.add_argument("--cards", type=int, default=None,
                    help="cards to deploy on (plan; 0: the fewest one replica fits on) or the most "
-                        "to consider (search, default 8)")
-    p.add_argument("--prompt-len", type=int, default=1024)
-    p.add_argument("--output-len", type=int, default=256)
+                        "to consider (search, default: --servers x --cards-per-server)")
+    p.add_argument("--cards-per-server", type=int, default=8, metavar="N",
+                   help="cards one server holds, 1-8 (default 8); a TP group never spans servers")
+    p.add_argument("--servers", type=int, default=None, metavar="N",
+                   help="search: the most servers to use (default 1, or as --cards needs)")
+    p.add_argument("--prompt-len", default="1024", metavar="LEN",
+                   help="prompt tokens: N, LOW:HIGH (uniform), exp:MEAN[:MAX] or normal:MEAN:STD "
+                        "(plans use the mean, --simulate / --verify / percentile searches draw)")
+    p.add_argument("--output-len", default="256", metavar="LEN", help="output tokens, as --prompt-len")
+    p.add_argument("--chunk", type=int, nargs="+", default=None, metavar="TOKENS",
+                   help="prefill chunk (plan, default 128) or the chunks to search "
+                        "(default 128 256 512 1024)")
     p.add_argument("--search", action="store_true", help="search TP, batch and cards for the SLOs")
     p.add_argument("--ttft-ms", type=float, default=500.0, help="search: time-to-first-token SLO")
     p.add_argument("--tpot-ms", type=float, default=50.0, help="search: time-per-output-token SLO")
@@ -78,7 +90,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="replay this JSONL trace instead (arrival_s, prompt_len, output_len per line)")
     p.add_argument("--verify", type=int, default=0, metavar="N",
                    help="search: replay N Poisson requests on each deployment found (vLLM's "
-                        "scheduler) and report its TTFT / TPOT p90, which the search estimates as means")
+                        "scheduler) and report its TTFT / TPOT p90, which the search estimates as "
+                        "means; with --slo-percentile, the requests per replay (default 200)")
+    p.add_argument("--slo-percentile", default=None, metavar="P", type=_percentile,
+                   help="search: meet the SLOs at this percentile (50, 90, 99 or p50 / p90 / p99) of "
+                        "a replay through vLLM's scheduler instead of on means")
     p.add_argument("--report", default=None, metavar="DIR", help="write an HTML report with plots")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     e = p.add_argument_group("encoders (bert, roberta, xlm-roberta, distilbert, t5 encoder, ...)")
@@ -99,25 +115,50 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _percentile(text: str) -> int:
+    value = text.strip().lower().removeprefix("p")
+    if value not in ("50", "90", "99"):
+        raise argparse.ArgumentTypeError(f"{text!r}: give 50, 90 or 99 (or p50, p90, p99)")
+    return int(value)
+
+
 def _run(args) -> int:
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # the simulation's scheduler: no INFO chatter
     from ..plan import Planner
+    from ..plan.planner import DEFAULT_CHUNKS
     from ..plan.predict import DEFAULT_BATCHES
     from .plan_families import family, run_encoder, run_pipeline
 
     kind = family(args.config, args.allow_untested)
     if kind != "decoder":
         return (run_pipeline if kind == "pipeline" else run_encoder)(args, _console())
-    planner = Planner(args.config, args.hardware, args.dtype, exact=args.exact, weights=args.weights)
+    from ..plan.serving import parse_lengths
+
+    args.prompt_lengths = parse_lengths(args.prompt_len, "--prompt-len")
+    args.output_lengths = parse_lengths(args.output_len, "--output-len")
+    # plans and the estimate take the means; sequences may reach the longest of each
+    args.prompt_len = max(1, round(args.prompt_lengths.mean))
+    args.output_len = max(1, round(args.output_lengths.mean))
+    args.max_seq_len = args.prompt_lengths.high + args.output_lengths.high
+    for name in ("servers", "verify"):
+        if getattr(args, name) is not None and getattr(args, name) < (1 if name == "servers" else 0):
+            raise RBLNError(f"--{name} must be positive, got {getattr(args, name)}")
+    if args.chunk and min(args.chunk) < 1:
+        raise RBLNError(f"--chunk takes positive token counts, got {args.chunk}")
+    planner = Planner(args.config, args.hardware, args.dtype, exact=args.exact, weights=args.weights,
+                      cards_per_server=args.cards_per_server,
+                      **({"chunk": args.chunk[0]} if args.chunk and not args.search else {}))
     if args.search:
         if args.tp is not None and args.tp < 1:
             raise RBLNError(f"--tp must be positive, got {args.tp}")
         result = _with_progress(args.json, lambda progress: planner.search(
-            args.rps, args.ttft_ms, args.tpot_ms, args.prompt_len, args.output_len,
-            batches=args.batch or DEFAULT_BATCHES,
-            max_cards=8 if args.cards is None else args.cards,
-            tp_sizes=[args.tp] if args.tp else None, progress=progress, top=args.top))
-        verified = _verify(planner, result, args) if args.verify and result.deployments else []
+            args.rps, args.ttft_ms, args.tpot_ms, args.prompt_lengths, args.output_lengths,
+            batches=args.batch or DEFAULT_BATCHES, max_cards=args.cards, servers=args.servers,
+            tp_sizes=[args.tp] if args.tp else None, progress=progress, top=args.top,
+            chunks=args.chunk or DEFAULT_CHUNKS, percentile=args.slo_percentile,
+            replay_requests=args.verify or 200))
+        verified = _verify(planner, result, args) \
+            if args.verify and result.deployments and not args.slo_percentile else []
         if args.json:
             out = result.to_dict()
             for d, v in zip(out["deployments"], verified):
@@ -126,7 +167,9 @@ def _run(args) -> int:
         else:
             _print_search(result)
             if verified:
-                _print_verified(result, verified)
+                _print_verified(result, [v.summary() for v in verified])
+            elif result.percentile and result.deployments:
+                _print_verified(result, [d.replayed for d in result.deployments], result.percentile)
         if args.report:
             _report(args, search=result)
         return 0
@@ -134,7 +177,7 @@ def _run(args) -> int:
         result = planner.min_cards(args.prompt_len, args.output_len, (args.batch or [1])[-1])
     else:
         result = planner.plan(args.tp, args.batch or [1], args.prompt_len, args.output_len,
-                              args.cards)
+                              args.cards, max_seq_len=args.max_seq_len)
     fewest = None
     if not result.fits:  # say how many cards it needs, or by how much it misses everywhere
         try:
@@ -166,29 +209,34 @@ def _run(args) -> int:
 
 
 def _verify(planner, result, args) -> list:
-    """Each deployment's replica serving `--verify` Poisson requests through vLLM's scheduler."""
+    """Each deployment's replica serving `--verify` Poisson requests through vLLM's scheduler,
+    at its prefill chunk and sequence slots, on the search's compiled predictor."""
     from ..plan.predict import DEFAULT_BATCHES
     from ..plan.serving import poisson_trace
 
-    folder = _config_folder(args.config)
-    return [_replay(planner, folder, d.tp, [b for b in (args.batch or DEFAULT_BATCHES) if b <= d.batch],
-                    args.prompt_len + args.output_len,
-                    poisson_trace(args.verify, args.rps / d.replicas, args.prompt_len,
-                                  args.output_len, seed=0))
+    return [planner.replay(d.tp, args.batch or DEFAULT_BATCHES, args.max_seq_len,
+                           poisson_trace(args.verify, args.rps / d.replicas, args.prompt_lengths,
+                                         args.output_lengths, seed=0),
+                           chunk=d.chunk, chunks=result.chunks, slots=d.batch)
             for d in result.deployments]
 
 
-def _print_verified(result, verified) -> None:
+def _print_verified(result, summaries, q: int = 90) -> None:
     from rich.table import Table
 
-    t = Table(title="Replayed through vLLM's scheduler (one replica each)")
-    for col in ("cards", "TP", "replicas", "TTFT p50 / p90 ms", "TPOT p50 / p90 ms", "p90 meets SLOs"):
+    title = ("Replayed through vLLM's scheduler (one replica each)" if result.percentile is None else
+             f"Confirmed by replay through vLLM's scheduler ({result.replays} replays of "
+             f"{result.replay_requests} requests, one replica each)")
+    t = Table(title=title)
+    for col in ("cards", "TP", "replicas", "chunk", "TTFT p50 / p90 / p99 ms",
+                "TPOT p50 / p90 / p99 ms", f"p{q} meets SLOs"):
         t.add_column(col, justify="right")
-    for d, v in zip(result.deployments, verified):
-        ttft, tpot = v.percentiles("ttft"), v.percentiles("tpot")
-        ok = ttft[90] <= result.ttft_slo_s and tpot[90] <= result.tpot_slo_s
-        t.add_row(str(d.cards), str(d.tp), str(d.replicas), f"{ttft[50] * 1e3:.0f} / {ttft[90] * 1e3:.0f}",
-                  f"{tpot[50] * 1e3:.1f} / {tpot[90] * 1e3:.1f}", "yes" if ok else "no")
+    for d, s in zip(result.deployments, summaries):
+        ok = s[f"ttft_p{q}_s"] <= result.ttft_slo_s and s[f"tpot_p{q}_s"] <= result.tpot_slo_s
+        t.add_row(str(d.cards), str(d.tp), str(d.replicas), str(d.chunk),
+                  " / ".join(f"{s[f'ttft_p{p}_s'] * 1e3:.0f}" for p in (50, 90, 99)),
+                  " / ".join(f"{s[f'tpot_p{p}_s'] * 1e3:.1f}" for p in (50, 90, 99)),
+                  "yes" if ok else "no")
     _console().print(t)
 
 
@@ -201,44 +249,12 @@ def _simulate(planner, plan, args):
     else:
         if args.simulate < 1:
             raise RBLNError(f"--simulate takes a number of requests >= 1, got {args.simulate}")
-        trace = poisson_trace(args.simulate, args.rps / plan.replicas, args.prompt_len,
-                              args.output_len, seed=0)
+        trace = poisson_trace(args.simulate, args.rps / plan.replicas, args.prompt_lengths,
+                              args.output_lengths, seed=0)
     longest = max(r.prompt_len + r.output_len for r in trace)
-    return _replay(planner, _config_folder(args.config), plan.tp, [d.batch for d in plan.decode],
-                   max(longest, args.prompt_len + args.output_len), trace,
-                   progress=not args.json and sys.stderr.isatty())
-
-
-def _replay(planner, folder: str, tp: int, batches: list[int], max_seq_len: int, trace,
-            progress: bool = False):
-    """One replica at `tp` with these batch buckets (the largest: its sequence slots) and the
-    KV blocks its dies hold, serving `trace` through vLLM's scheduler."""
-    from ..plan.serving import scheduler_config, simulate
-
-    pred = planner.predictor(tp, batches, max_seq_len)
-    blocks = pred.memory().kv_blocks_total
-    if blocks < pred.blocks_per_seq:
-        raise RBLNError(f"the KV cache holds {blocks} blocks, fewer than one sequence of "
-                        f"{pred.max_seq_len} tokens needs ({pred.blocks_per_seq})")
-    with contextlib.redirect_stdout(sys.stderr):  # vLLM logs to stdout: keep it for the answer
-        vllm_config, kv = scheduler_config(folder, max_num_seqs=max(batches),
-                                           max_model_len=pred.max_seq_len,
-                                           block_size=pred.block_size, num_blocks=blocks)
-        return simulate(trace, pred.step_cost(), vllm_config, kv, progress=progress)
-
-
-def _config_folder(config: str) -> str:
-    """vLLM reads a model folder: the config's own, or a temporary one holding a copy of it."""
-    import shutil
-    import tempfile
-    from pathlib import Path
-
-    path = Path(config)
-    if path.is_dir() or path.name == "config.json":
-        return str(path if path.is_dir() else path.parent)
-    folder = Path(tempfile.mkdtemp(prefix="rbln-plan-"))
-    shutil.copy(path, folder / "config.json")
-    return str(folder)
+    return planner.replay(plan.tp, [d.batch for d in plan.decode],
+                          max(longest, args.max_seq_len), trace,
+                          progress=not args.json and sys.stderr.isatty())
 
 
 def _report(args, plans=(), search=None, serving=None) -> None:
@@ -293,7 +309,8 @@ def _print_plan(p) -> None:
     console = _console()
     m = p.memory
     console.print(f"{p.model}: {p.params_label('parameters')}, {p.dtype}, on {p.cards} x "
-                  f"{p.hardware}, TP={p.tp}, {p.replicas} replica(s)")
+                  f"{p.hardware}, TP={p.tp}, {p.replicas} replica(s)"
+                  + (f", {p.servers} servers" if p.servers > 1 else ""))
     console.print(NOTE)
     mem = Table(title="DRAM per die")
     for col in ("weights GiB", "activations GiB", "KV GiB (largest batch)", "usable GiB",
@@ -324,33 +341,50 @@ def _print_plan(p) -> None:
         phases.add_row(f"decode step, batch {d.batch}",
                        *(f"{v * 1e3:.2f}" for v in d.breakdown.as_dict().values()))
     console.print(phases)
-    console.print(f"Power: {p.watts:.0f} W at TDP ({p.cards} card(s); spec {p.spec_file})",
-                  soft_wrap=True)
+    per_server = "" if p.servers < 2 else " per server: " + ", ".join(
+        f"{c} card(s) {w:.0f} W" for c, w in zip(p.server_cards, p.watts_per_server))
+    console.print(f"Power: {p.watts:.0f} W at TDP ({p.cards} card(s) on {p.servers} server(s)"
+                  f"{per_server}; spec {p.spec_file})", soft_wrap=True)
 
 
 def _print_search(r) -> None:
     from rich.table import Table
 
     console = _console()
-    console.print(f"{r.model} on {r.hardware}: {r.rps:g} req/s of {r.prompt_len} in / "
-                  f"{r.output_len} out; SLOs TTFT <= {r.ttft_slo_s * 1e3:g} ms, "
-                  f"TPOT <= {r.tpot_slo_s * 1e3:g} ms")
+    def lengths(text, mean):
+        return text if text in ("", str(mean)) or ":" not in text else f"{text} (mean {mean})"
+
+    at = "on means" if r.percentile is None else f"at p{r.percentile} of a replay"
+    console.print(f"{r.model} on {r.hardware} (up to {r.max_cards} card(s), {r.cards_per_server} per "
+                  f"server): {r.rps:g} req/s of {lengths(r.prompt_lengths, r.prompt_len) or r.prompt_len} "
+                  f"in / {lengths(r.output_lengths, r.output_len) or r.output_len} out; SLOs "
+                  f"TTFT <= {r.ttft_slo_s * 1e3:g} ms, TPOT <= {r.tpot_slo_s * 1e3:g} ms {at}",
+                  soft_wrap=True)
     console.print(NOTE)
     if not r.deployments:
         console.print("No deployment meets the SLOs.")
     else:
-        t = Table(title="Cheapest deployments meeting the SLOs")
-        for col in ("cards", "TP", "replicas", "batch", "running", "TTFT ms", "TPOT ms",
-                    "prefill util", "tok/s", "W", "tok/J"):
+        t = Table(title="Cheapest deployments meeting the SLOs"
+                  + ("" if r.percentile is None else f" at p{r.percentile}")
+                  + " (TTFT / TPOT: the steady-state estimate, means)")
+        several = any(d.servers > 1 for d in r.deployments)
+        for col in ("cards", "servers", "TP", "replicas", "batch", "chunk", "running", "TTFT ms",
+                    "TPOT ms", "prefill", "W", *(("W per server",) if several else ()), "tok/J"):
             t.add_column(col, justify="right")
         for d in r.deployments:
-            t.add_row(str(d.cards), str(d.tp), str(d.replicas), str(d.batch), f"{d.running:.1f}",
+            per_server = (" + ".join(f"{w:.0f}" for w in d.watts_per_server),) if several else ()
+            t.add_row(str(d.cards), str(d.servers) if d.servers == 1 else
+                      f"{d.servers} ({'+'.join(map(str, d.server_cards))})",
+                      str(d.tp), str(d.replicas), str(d.batch), str(d.chunk), f"{d.running:.1f}",
                       f"{d.ttft_s * 1e3:.0f}", f"{d.tpot_s * 1e3:.1f}",
-                      f"{d.prefill_utilization:.0%}", f"{d.tokens_per_s:.0f}", f"{d.watts:.0f}",
+                      f"{d.prefill_utilization:.0%}", f"{d.watts:.0f}", *per_server,
                       f"{d.tokens_per_joule:.2f}")
         console.print(t)
+        console.print(f"Each serves {r.deployments[0].tokens_per_s:.0f} output tok/s; servers: "
+                      "cards on each server; prefill: the share of a replica's time prefilling; "
+                      "chunk: prompt tokens per step and request (prefill graph)", soft_wrap=True)
     for n in r.notes:
-        console.print(f"note: {n}")
+        console.print(f"note: {n}", soft_wrap=True)
 
 
 if __name__ == "__main__":

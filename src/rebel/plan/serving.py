@@ -48,16 +48,105 @@ class TraceRequest:
                              f"{self.prompt_len} and {self.output_len}")
 
 
-def poisson_trace(n: int, rate: float, prompt_len: int | tuple[int, int],
-                  output_len: int | tuple[int, int], seed: int = 0) -> list[TraceRequest]:
-    """n requests arriving as a Poisson process of `rate` requests/s; each length fixed, or drawn
-    uniformly from an inclusive (low, high) range."""
+@dataclass(frozen=True)
+class Lengths:
+    """A distribution of token counts (prompt or output lengths) a synthetic trace draws from:
+    `fixed` (low), `uniform` (low..high inclusive), `exp` (exponential of mean `mean`, redrawn
+    above `high`) or `normal` (mean, std; redrawn outside 1..high). `parse_lengths` reads the
+    command line's spelling."""
+
+    kind: str
+    low: int
+    high: int
+    mean_arg: float = 0.0
+    std: float = 0.0
+
+    KINDS = ("fixed", "uniform", "exp", "normal")
+
+    @property
+    def mean(self) -> float:
+        """The distribution's mean (what the steady-state estimate plans with)."""
+        if self.kind == "fixed":
+            return float(self.low)
+        if self.kind == "uniform":
+            return (self.low + self.high) / 2
+        if self.kind == "exp":  # exponential of rate 1/mean truncated at high
+            m, h = self.mean_arg, self.high
+            return min(float(h), max(1.0, m - h / math.expm1(h / m)))
+        return self.mean_arg
+
+    def draw(self, g: random.Random) -> int:
+        if self.kind == "fixed":
+            return self.low
+        if self.kind == "uniform":
+            return g.randint(self.low, self.high)
+        while True:
+            x = g.expovariate(1 / self.mean_arg) if self.kind == "exp" else g.gauss(self.mean_arg, self.std)
+            v = max(1, round(x)) if self.kind == "exp" else round(x)
+            if 1 <= v <= self.high:
+                return v
+
+    def __str__(self) -> str:
+        return {"fixed": f"{self.low}", "uniform": f"{self.low}:{self.high}",
+                "exp": f"exp:{self.mean_arg:g}:{self.high}",
+                "normal": f"normal:{self.mean_arg:g}:{self.std:g}"}[self.kind]
+
+
+def parse_lengths(text, what: str = "length") -> Lengths:
+    """`1024` (every request), `512:2048` (uniform, inclusive), `exp:MEAN[:MAX]` (exponential,
+    MAX default 4 x MEAN) or `normal:MEAN:STD` (clipped to 1 .. MEAN + 4 STD by redrawing);
+    an int or an inclusive (low, high) tuple as well."""
+    if isinstance(text, Lengths):
+        return text
+    if isinstance(text, tuple):
+        text = f"{text[0]}:{text[1]}"
+    text = str(text).strip()
+    parts = text.split(":")
+    hint = (f"{what} {text!r}: give N, LOW:HIGH (uniform), exp:MEAN[:MAX] or normal:MEAN:STD, "
+            "with positive token counts")
+
+    def number(v: str, integer: bool = True):
+        try:
+            x = int(v) if integer else float(v)
+        except ValueError:
+            raise InputError(hint) from None
+        if not x > 0 or not math.isfinite(x):
+            raise InputError(hint)
+        return x
+
+    name = parts[0].lower()
+    if name == "exp" and len(parts) in (2, 3):
+        mean = number(parts[1], False)
+        high = number(parts[2]) if len(parts) == 3 else max(1, round(4 * mean))
+        if high < mean:
+            raise InputError(f"{what} {text!r}: MAX {high} is below the mean {mean:g}")
+        return Lengths("exp", 1, high, mean)
+    if name == "normal" and len(parts) == 3:
+        mean, std = number(parts[1], False), number(parts[2], False)
+        return Lengths("normal", 1, max(1, round(mean + 4 * std)), mean, std)
+    if len(parts) == 1:
+        n = number(parts[0])
+        return Lengths("fixed", n, n)
+    if len(parts) == 2:
+        low, high = number(parts[0]), number(parts[1])
+        if low > high:
+            raise InputError(f"{what} {text!r}: the range's low end is above its high end")
+        return Lengths("uniform", low, high) if low < high else Lengths("fixed", low, low)
+    raise InputError(hint)
+
+
+def poisson_trace(n: int, rate: float, prompt_len: int | tuple[int, int] | str | Lengths,
+                  output_len: int | tuple[int, int] | str | Lengths, seed: int = 0) -> list[TraceRequest]:
+    """n requests arriving as a Poisson process of `rate` requests/s; each length fixed, drawn
+    uniformly from an inclusive (low, high) range, or from a `Lengths` (or its spelling, see
+    `parse_lengths`)."""
     if n < 1 or not rate > 0:
         raise InputError(f"a Poisson trace needs n >= 1 requests and a rate > 0, got n={n}, rate={rate}")
     g = random.Random(seed)
+    prompt_len, output_len = parse_lengths(prompt_len, "prompt length"), parse_lengths(output_len, "output length")
 
-    def draw(length):
-        return g.randint(*length) if isinstance(length, tuple) else int(length)
+    def draw(length: Lengths):
+        return length.draw(g)
 
     now, trace = 0.0, []
     for _ in range(n):
@@ -197,7 +286,7 @@ class ServingResult:
 
 def scheduler_config(model: str | Path, *, max_num_seqs: int, max_model_len: int, block_size: int,
                      num_blocks: int, max_num_batched_tokens: int = 8192,
-                     enable_prefix_caching: bool = True):
+                     enable_prefix_caching: bool = True, prefill_chunk: int | None = None):
     """vLLM's engine configuration and KV-cache layout for a simulation, built by vLLM's own
     `EngineArgs` from the model's config.json folder (no weights or tokenizer are read). The
     defaults are those vllm_rbln serves with (vLLM's offline defaults: 8192 batched tokens,
@@ -206,7 +295,12 @@ def scheduler_config(model: str | Path, *, max_num_seqs: int, max_model_len: int
     The configuration needs a vLLM platform: a process that has not chosen one yet takes vLLM's
     CPU platform (the scheduler is the same on every platform); one already on vllm_rbln's is
     told the configuration is for a simulation, so it asks for no compiled folder. To simulate
-    what a served engine would do, pass that engine's own configuration to `simulate`."""
+    what a served engine would do, pass that engine's own configuration to `simulate`.
+
+    prefill_chunk: at most this many prompt tokens of a request per step (vLLM's
+    `long_prefill_token_threshold`), so a long prompt is spread over several steps, each also
+    running the decode batch (a step then carries a chunk, and decoding stalls for one chunk
+    at a time instead of a whole prompt); None: a step takes what the token budget allows."""
     import torch
     _choose_platform()
     from vllm.engine.arg_utils import EngineArgs
@@ -216,7 +310,8 @@ def scheduler_config(model: str | Path, *, max_num_seqs: int, max_model_len: int
                       max_model_len=max_model_len, block_size=block_size,
                       max_num_batched_tokens=max_num_batched_tokens,
                       enable_chunked_prefill=True, enable_prefix_caching=enable_prefix_caching,
-                      num_gpu_blocks_override=num_blocks)
+                      num_gpu_blocks_override=num_blocks,
+                      **({"long_prefill_token_threshold": prefill_chunk} if prefill_chunk else {}))
     # a process already on vllm_rbln's platform (it serves compiled folders only) is told that
     # this configuration is for a simulation (vllm_rbln.platform.SIMULATION)
     with _environ(RBLN_VLLM_SIMULATION="1"):
