@@ -81,3 +81,34 @@ def test_results_do_not_depend_on_thread_count(monkeypatch):
     before = torch.get_num_threads()
     runtime.run(x)
     assert torch.get_num_threads() == before
+
+
+def test_products_mkl_splits_do_not_depend_on_the_load(monkeypatch):
+    """A [64, 1536] x [1536, 576] product, which MKL sums in another order at 1 and 2 threads,
+    gives the same bits whatever count the load-adaptive policy picks for the run: multi-row
+    products run at the machine's fixed count (rebel.device.gemm_threads)."""
+    import pytest
+
+    from rebel.device import gemm_threads
+
+    torch.manual_seed(0)
+    x, w = torch.randn(64, 1536), torch.randn(576, 1536)
+    plain = []
+    saved = torch.get_num_threads()
+    for count in (1, 2):
+        torch.set_num_threads(count)
+        plain.append(torch.nn.functional.linear(x, w))
+    torch.set_num_threads(saved)
+    if torch.equal(*plain) or gemm_threads._mkl_local() is None or gemm_threads.fixed_threads() is None:
+        pytest.skip("this BLAS sums the product the same way at 1 and 2 threads (nothing to fix)")
+    layer = torch.nn.Linear(1536, 576, bias=False)
+    compiled = rebel.compile_from_torch(layer.eval(), example_inputs=[x])
+    runtime = rebel.Runtime(compiled, tensor_type="pt")
+    monkeypatch.delenv(threads.THREADS_ENV, raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    outputs = []
+    for count in (1, 2):
+        monkeypatch.setattr(threads, "free_cores", lambda count=count: count)
+        assert threads.run_threads() == count
+        outputs.append(runtime.run(x))
+    assert torch.equal(outputs[0], outputs[1])

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from ..ir import resolve_target
-from . import moe, quant, vendor_ops  # noqa: F401  register rbln::linear_weight_only, rbln::moe_*, rbln_custom_ops
+from . import gemm_threads, moe, quant, vendor_ops  # noqa: F401  register rbln::linear_weight_only, rbln::moe_*, rbln_custom_ops
 
 NEG_INF = float("-inf")
 
@@ -236,6 +236,8 @@ def paged_attention_planned(plan: PagedPlan, q, k, v, k_cache, v_cache, partitio
 
 _sdpa = torch.nn.functional.scaled_dot_product_attention
 _linear = torch.ops.aten.linear.default._op
+_MKL_LOCAL = gemm_threads._mkl_local()
+_GEMM_THREADS = gemm_threads.fixed_threads()
 _einsum = torch._VF.einsum  # torch.einsum without its Python wrapper (two operands: no path search)
 _ZERO = torch.zeros(())  # where()'s zeros: a 0-d float32 broadcasts as zeros_like did, no allocation
 _index = torch.ops.aten.index.Tensor._op  # what `t[bi, :, ji]` calls, without the indexing parse
@@ -310,6 +312,12 @@ def linear_on_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     order differs (max |diff| ~5e-5 before rounding to 16 bits), and neither order is the chip's."""
     if x.dim() > 2 and not x.is_contiguous():
         x = x.contiguous()
+    if x.numel() > x.shape[-1] and _MKL_LOCAL is not None and _GEMM_THREADS is not None:
+        previous = _MKL_LOCAL(_GEMM_THREADS)  # more than one row: a machine-fixed count (gemm_threads)
+        try:
+            return _linear(x, weight, bias)
+        finally:
+            _MKL_LOCAL(previous)
     return _linear(x, weight, bias)
 
 

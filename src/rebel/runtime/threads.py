@@ -16,8 +16,9 @@ the kernel's count of runnable threads (/proc/loadavg) less this process's own r
 looked at again at most once a second. Without /proc it leaves one core to the caller (the
 policy of vLLM's CPU worker, which vllm_rbln's workers keep: their engine and front-end run
 beside them). `RBLN_NUM_THREADS` chooses the count; an `OMP_NUM_THREADS` the user set is left
-alone (torch already honours it). Results do not depend on the count: the device computes each
-kernel the same way at any count (tests compare).
+alone (torch already honours it). Results do not depend on the count: products of more than one
+row, which MKL may split differently at other counts, run at a count fixed for the machine
+(device/gemm_threads.py); tests compare.
 
 The count is set for the run only and restored afterwards, per calling thread (OpenMP keeps the
 count per thread; a run nested in another, as a pipeline's stages are, leaves it to the
@@ -26,34 +27,19 @@ outermost), so code outside the runtime keeps the caller's torch settings.
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import threading
 import time
 
 import torch
 
+from ..device.gemm_threads import usable_cores  # noqa: F401  (part of this module's API)
+
 THREADS_ENV = "RBLN_NUM_THREADS"
 RECHECK_S = 1.0  # how long a look at the other processes' load holds
 _free = (float("-inf"), 1)  # (when looked, free cores then)
 
 _local = threading.local()  # per thread: depth of nested runs, the count to restore
-
-
-@functools.lru_cache(maxsize=1)
-def usable_cores() -> int:
-    """Cores this process may run on: its CPU affinity, capped by a cgroup v2 CPU quota."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
-    try:
-        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()[:2]
-        if quota != "max":
-            cores = min(cores, max(1, int(int(quota) // int(period))))
-    except (OSError, ValueError):
-        pass
-    return max(1, cores)
 
 
 def run_threads() -> int | None:
