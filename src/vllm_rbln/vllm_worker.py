@@ -17,7 +17,7 @@ from vllm.logger import init_logger
 from vllm.v1.worker.gpu_worker import Worker, init_worker_distributed_environment
 from vllm.v1.worker.worker_base import CompilationTimes
 
-from .threads import set_serving_threads
+from .threads import set_fixed_serving_threads
 from .vllm_model_runner import RblnVllmModelRunner
 
 logger = init_logger("vllm.rbln.vllm_worker")
@@ -37,7 +37,7 @@ class RblnVllmWorker(Worker):
     def load_model(self, *args, **kwargs) -> None:
         super().load_model(*args, **kwargs)  # ends at 1 thread, a GPU worker's choice
         # before warm-up compiles the graphs (Dynamo guards on the thread count)
-        set_serving_threads(self.parallel_config.local_world_size)
+        set_fixed_serving_threads(self.parallel_config.local_world_size)
 
     def _maybe_get_memory_pool_context(self, tag: str):
         return contextlib.nullcontext()  # no sleep-mode allocator: host tensors, device DRAM
