@@ -27,6 +27,8 @@ import os
 import torch
 from vllm.logger import init_logger
 
+from rebel.device import gemm_threads
+
 logger = init_logger("vllm.rbln.threads")
 
 
@@ -48,6 +50,7 @@ def set_serving_threads() -> None:
         return
     if os.environ.pop(OMP_NUM_THREADS_SET_BY_VLLM, None) is not None:
         os.environ.pop("OMP_NUM_THREADS", None)
+        gemm_threads.refresh()  # multi-row products: the machine's fixed count again
     if torch.get_num_threads() != 1:
         logger.info("vllm_rbln: torch threads %d -> 1 between device runs; each run uses the "
                     "free cores (set RBLN_NUM_THREADS or OMP_NUM_THREADS to choose)",

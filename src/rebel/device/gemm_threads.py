@@ -61,3 +61,12 @@ def fixed_threads() -> int | None:
     if os.environ.get("OMP_NUM_THREADS"):
         return None
     return usable_cores()
+
+
+COUNT = fixed_threads()  # what multi-row products use now (None: leave MKL's count alone)
+
+
+def refresh() -> None:
+    """Read the environment again (a serving engine drops the OMP_NUM_THREADS it started with)."""
+    global COUNT
+    COUNT = fixed_threads()

@@ -237,7 +237,6 @@ def paged_attention_planned(plan: PagedPlan, q, k, v, k_cache, v_cache, partitio
 _sdpa = torch.nn.functional.scaled_dot_product_attention
 _linear = torch.ops.aten.linear.default._op
 _MKL_LOCAL = gemm_threads._mkl_local()
-_GEMM_THREADS = gemm_threads.fixed_threads()
 _einsum = torch._VF.einsum  # torch.einsum without its Python wrapper (two operands: no path search)
 _ZERO = torch.zeros(())  # where()'s zeros: a 0-d float32 broadcasts as zeros_like did, no allocation
 _index = torch.ops.aten.index.Tensor._op  # what `t[bi, :, ji]` calls, without the indexing parse
@@ -312,8 +311,9 @@ def linear_on_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     order differs (max |diff| ~5e-5 before rounding to 16 bits), and neither order is the chip's."""
     if x.dim() > 2 and not x.is_contiguous():
         x = x.contiguous()
-    if x.numel() > x.shape[-1] and _MKL_LOCAL is not None and _GEMM_THREADS is not None:
-        previous = _MKL_LOCAL(_GEMM_THREADS)  # more than one row: a machine-fixed count (gemm_threads)
+    count = gemm_threads.COUNT
+    if count is not None and _MKL_LOCAL is not None and x.numel() > x.shape[-1]:
+        previous = _MKL_LOCAL(count)  # more than one row: a machine-fixed count (gemm_threads)
         try:
             return _linear(x, weight, bias)
         finally:
