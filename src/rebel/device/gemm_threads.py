@@ -50,17 +50,23 @@ def _mkl_local():
     return fn
 
 
+def chosen_threads() -> int | None:
+    """The count RBLN_NUM_THREADS chooses, or None when it is not set."""
+    chosen = os.environ.get(THREADS_ENV)
+    if not chosen:
+        return None
+    try:
+        return max(1, int(chosen))
+    except ValueError:
+        raise ValueError(f"{THREADS_ENV} must be a positive integer, got {chosen!r}") from None
+
+
 def fixed_threads() -> int | None:
     """The thread count every multi-row product uses (None: OMP_NUM_THREADS fixes it already)."""
-    chosen = os.environ.get(THREADS_ENV)
-    if chosen:
-        try:
-            return max(1, int(chosen))
-        except ValueError:
-            raise ValueError(f"{THREADS_ENV} must be a positive integer, got {chosen!r}") from None
-    if os.environ.get("OMP_NUM_THREADS"):
+    chosen = chosen_threads()
+    if chosen is None and os.environ.get("OMP_NUM_THREADS"):
         return None
-    return usable_cores()
+    return chosen or usable_cores()
 
 
 COUNT = fixed_threads()  # what multi-row products use now (None: leave MKL's count alone)

@@ -107,8 +107,21 @@ class DecodePoint:
         return self.breakdown.bottleneck
 
 
+class _OnServers:
+    """Servers and watts of something placed on `server_cards` (cards used per server)."""
+
+    @property
+    def servers(self) -> int:
+        return len(self.server_cards)
+
+    @property
+    def watts_per_server(self) -> tuple[float, ...]:
+        per_card = self.watts / self.cards
+        return tuple(c * per_card for c in self.server_cards)
+
+
 @dataclass(frozen=True)
-class Plan:
+class Plan(_OnServers):
     model: str
     params: int
     hardware: str
@@ -137,15 +150,6 @@ class Plan:
         active = "" if self.active_params in (None, self.params) else \
             f" ({self.active_params / 1e9:.2f}B active)"
         return f"{self.params / 1e9:.2f}B {word}{active}"
-
-    @property
-    def servers(self) -> int:
-        return len(self.server_cards)
-
-    @property
-    def watts_per_server(self) -> tuple[float, ...]:
-        per_card = self.watts / self.cards
-        return tuple(c * per_card for c in self.server_cards)
 
     @property
     def fits(self) -> bool:
@@ -202,7 +206,7 @@ class Plan:
 
 
 @dataclass(frozen=True)
-class Deployment:
+class Deployment(_OnServers):
     """One deployment the search found meeting the SLOs, as it runs at the request rate."""
 
     tp: int
@@ -219,15 +223,6 @@ class Deployment:
     chunk: int = 128              # prefill chunk tokens (at most this many per request a step)
     server_cards: tuple[int, ...] = ()  # cards used on each server
     replayed: dict | None = None  # percentile search: its replica's replay (ServingResult.summary)
-
-    @property
-    def servers(self) -> int:
-        return len(self.server_cards)
-
-    @property
-    def watts_per_server(self) -> tuple[float, ...]:
-        per_card = self.watts / self.cards
-        return tuple(c * per_card for c in self.server_cards)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "servers": self.servers, "watts_per_server": list(self.watts_per_server)}

@@ -33,9 +33,8 @@ import time
 
 import torch
 
-from ..device.gemm_threads import usable_cores  # noqa: F401  (part of this module's API)
+from ..device.gemm_threads import THREADS_ENV, chosen_threads, usable_cores  # noqa: F401  (this module's API too)
 
-THREADS_ENV = "RBLN_NUM_THREADS"
 RECHECK_S = 1.0  # how long a look at the other processes' load holds
 _free = (float("-inf"), 1)  # (when looked, free cores then)
 
@@ -44,15 +43,10 @@ _local = threading.local()  # per thread: depth of nested runs, the count to res
 
 def run_threads() -> int | None:
     """The thread count runs use, or None to leave torch's setting alone (OMP_NUM_THREADS)."""
-    chosen = os.environ.get(THREADS_ENV)
-    if chosen:
-        try:
-            return max(1, int(chosen))
-        except ValueError:
-            raise ValueError(f"{THREADS_ENV} must be a positive integer, got {chosen!r}") from None
-    if os.environ.get("OMP_NUM_THREADS"):
+    chosen = chosen_threads()
+    if chosen is None and os.environ.get("OMP_NUM_THREADS"):
         return None
-    return free_cores()
+    return chosen or free_cores()
 
 
 def free_cores() -> int:
