@@ -105,6 +105,7 @@ def worker(args) -> None:
     import torch
 
     torch.set_num_threads(args.threads)  # one thread: less exposed to other load on the machine
+    os.environ["RBLN_NUM_THREADS"] = str(args.threads)  # the runtime's runs too (else: the free cores)
     out = {"encoder block 4x64x256": _module_ratio(_encoder, args.repeats),
            "MLP 1024x4, batch 64": _module_ratio(_mlp, args.repeats)}
     if args.llm:
