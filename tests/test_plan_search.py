@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 
@@ -14,23 +13,10 @@ from rebel.npu import load_spec
 from rebel.plan import Planner, Predictor
 from rebel.plan.serving import Lengths, parse_lengths, poisson_trace
 
-TINY = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "intermediate_size": 128, "vocab_size": 256,
-        "max_position_embeddings": 4096, "tie_word_embeddings": False}
+from test_plan import TINY, tiny, write  # noqa: F401  (tests/test_plan.py: the tiny config, its writer, fixture)
+
 # 32 heads: TP up to 32 divides them (a group as large as one server of 8 x 4 dies)
 WIDE_HEADS = {**TINY, "hidden_size": 256, "num_attention_heads": 32, "num_key_value_heads": 32}
-
-
-def write(tmp_path: Path, table: dict, name: str = "tiny") -> Path:
-    folder = tmp_path / name
-    folder.mkdir()
-    (folder / "config.json").write_text(json.dumps(table))
-    return folder
-
-
-@pytest.fixture
-def tiny(tmp_path):
-    return write(tmp_path, TINY)
 
 
 # ---- servers and cards --------------------------------------------------------------------

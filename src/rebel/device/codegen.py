@@ -178,7 +178,7 @@ def _generate(kernels, keep: set[str], name: str, shared: frozenset) -> tuple[st
                 fn_, args = in_place
                 kwargs = [f"{k}={em.expr(v)}" for k, v in op.kwargs.items()]
                 dense = " and ".join(f"{em.expr(a)}.is_contiguous()" for a in args if isinstance(a, Ref))
-                line = (f"{out} = {em.const(fn_._op)}({', '.join([em.expr(a) for a in args] + kwargs)}) "
+                line = (f"{out} = {em.const(fn_)}({', '.join([em.expr(a) for a in args] + kwargs)}) "
                         f"if {dense} else {em.const(fn)}({', '.join([em.expr(a) for a in op.args] + kwargs)})")
             else:
                 args = [em.expr(a) for a in op.args]
@@ -246,7 +246,7 @@ def _in_place(op: Op, produced: dict, readers: dict, keep: set):
             continue
         if i == 1:
             args = [args[1], args[0]]
-        return resolve_target(target), args
+        return _direct(resolve_target(target)), args
     return None
 
 

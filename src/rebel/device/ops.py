@@ -73,7 +73,7 @@ def paged_attention_inplace(q, k, v, k_cache, v_cache, block_table, positions, p
         keys, values = (_partition(cache, block_table, 0, per_partition, context).float()
                         for cache in (k_cache, v_cache))
         visible = torch.arange(context).view(1, 1, 1, -1) <= positions.view(b, 1, s, 1)
-        out = one_partition_attention(q.float(), keys, values, visible, scale)
+        out = one_partition_attention(q.float(), keys, values, visible, scale, blind_queries(visible))
         return out.to(q.dtype), k_cache, v_cache
     qf = q.float().view(b, kv_heads, group, s, d)
     m = torch.full((b, kv_heads, group, s, 1), NEG_INF)
@@ -92,18 +92,24 @@ def paged_attention_inplace(q, k, v, k_cache, v_cache, block_table, positions, p
     return out.view(b, heads, s, d).to(q.dtype), k_cache, v_cache
 
 
-def one_partition_attention(q, keys, values, visible, scale: float) -> torch.Tensor:
+def blind_queries(visible: torch.Tensor) -> torch.Tensor | None:
+    """[b, 1, s, 1]: the queries that see no key of the partition (padding), or None if none."""
+    blind = ~visible.any(-1, keepdim=True)
+    return blind if bool(blind.any()) else None
+
+
+def one_partition_attention(q, keys, values, visible, scale: float, blind=None) -> torch.Tensor:
     """Attention of queries whose keys all lie in the first partition: one partial softmax and
     nothing to combine, i.e. plain softmax attention, computed by PyTorch's fused CPU kernel
     (SDPA: flash attention, grouped-query heads without repeating K/V) in one call instead of
     about twenty small ops. q [b, heads, s, d]; keys, values [b, kv_heads, width, d]; visible
     [b, 1, s, width] (True: the query sees the key) or None when every query sees every key.
-    A query that sees no key (padding) gets zeros, as the partitioned combination gives."""
+    A query that sees no key (padding: `blind`, from `blind_queries`) gets zeros, as the
+    partitioned combination gives."""
     if visible is None:
         return _sdpa(q, keys, values, scale=scale, enable_gqa=True)
     out = _sdpa(q, keys, values, attn_mask=visible, scale=scale, enable_gqa=True)
-    blind = ~visible.any(-1, keepdim=True)
-    return out.masked_fill_(blind, 0.0) if bool(blind.any()) else out
+    return out if blind is None else out.masked_fill_(blind, 0.0)
 
 
 def _merge_partition(m, denom, acc, scores, values, einsum):
@@ -187,14 +193,16 @@ class PagedPlan:
             self._parts[key] = got
         return got
 
-    def visible(self, block_size: int, partition_len: int) -> torch.Tensor:
-        """The first partition's mask as `one_partition_attention` takes it, [b, 1, s, width]."""
+    def visible(self, block_size: int, partition_len: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The first partition's mask as `one_partition_attention` takes it, [b, 1, s, width],
+        and its queries that see no key (`blind_queries`), once per run for every layer."""
         key = ("visible", block_size, partition_len)
         got = self._parts.get(key)
         if got is None:
             width, _, hidden = self.partitions(block_size, partition_len)[0]
             b, s = self.positions.shape
-            got = self._parts[key] = ~hidden.view(b, 1, s, width)
+            visible = ~hidden.view(b, 1, s, width)
+            got = self._parts[key] = (visible, blind_queries(visible))
         return got
 
 
@@ -217,8 +225,9 @@ def paged_attention_planned(plan: PagedPlan, q, k, v, k_cache, v_cache, partitio
         width, gather, hidden = parts[0]
         keys = _gathered(k_cache, gather, per_partition, width).float()
         values = _gathered(v_cache, gather, per_partition, width).float()
-        visible = None if hidden is None else plan.visible(block_size, partition_len)
-        return one_partition_attention(q.float(), keys, values, visible, scale).to(q.dtype), k_cache, v_cache
+        visible, blind = (None, None) if hidden is None else plan.visible(block_size, partition_len)
+        out = one_partition_attention(q.float(), keys, values, visible, scale, blind)
+        return out.to(q.dtype), k_cache, v_cache
     qf = q.float().view(b, kv_heads, group, s, d)
     m = torch.full((b, kv_heads, group, s, 1), NEG_INF)
     denom = torch.zeros((b, kv_heads, group, s, 1))
