@@ -67,6 +67,18 @@ class RunReport:
              for e in events if e.track == NEURAL_ENGINE and e.device == device],
             [(e.name, e.dur_s) for e in events if e.category == "fallback"], events, copies)
 
+    def copy(self, **changes) -> RunReport:
+        """This report with its own containers (events, the predicted timeline's, stay shared)
+        and `changes` applied: a run's report, made from the memoised prediction each run, so a
+        caller editing it leaves the prediction as it was. Cheaper than `dataclasses.replace`,
+        which re-runs `__init__`."""
+        new = object.__new__(RunReport)
+        new.__dict__.update(self.__dict__, bytes_moved=dict(self.bytes_moved),
+                            kernels=list(self.kernels), host_fallbacks=list(self.host_fallbacks),
+                            host_copies={way: dict(paths) for way, paths in self.host_copies.items()},
+                            **changes)
+        return new
+
     def _copies(self) -> str:
         """', host copies in: 1.00 MiB pinned, ...' for the paths any copy took."""
         parts = []
