@@ -28,6 +28,7 @@ import math
 import torch
 
 from ..ir import GETITEM, Op, Ref, TensorSpec, resolve_target, to_torch_dtype
+from . import packed_linear
 from .ops import DEVICE_IMPLS, INPLACE_RESULTS, PLANNED, device_fn
 from .rounding import rounded, rounder
 
@@ -110,12 +111,15 @@ class CompiledBlock:
     kernels: (ops, outputs) per kernel; a kernel without ops is a cast that rounds its outputs
     (the input cast reads the caller's tensor, so it always writes a copy). keep: the values code
     outside the block reads (stored into the environment); everything else stays local.
-    shared: values that stay on the device too (buffer updates), whose output cast must copy."""
+    shared: values that stay on the device too (buffer updates), whose output cast must copy.
+    packed: weights the environment holds packed for oneDNN (packed_linear), which a linear
+    reading them takes in that form."""
 
     def __init__(self, kernels: list[tuple[list[Op], list[str]]], dtype: str, keep: set[str],
-                 name: str = "block", shared: frozenset = frozenset()):
+                 name: str = "block", shared: frozenset = frozenset(),
+                 packed: frozenset = frozenset()):
         self.dtype = to_torch_dtype(dtype)
-        self.source, namespace = _generate(kernels, keep, name, shared)
+        self.source, namespace = _generate(kernels, keep, name, shared, packed)
         namespace.update(R=rounder(self.dtype), C=rounded, D=self.dtype)
         code = compile(self.source, f"<rbln {name}>", "exec")
         exec(code, namespace)  # noqa: S102 - our own generated source, from the program's ops
@@ -125,7 +129,8 @@ class CompiledBlock:
         self.fn(env)
 
 
-def _generate(kernels, keep: set[str], name: str, shared: frozenset) -> tuple[str, dict]:
+def _generate(kernels, keep: set[str], name: str, shared: frozenset,
+              packed: frozenset = frozenset()) -> tuple[str, dict]:
     em = _Emitter()
     body: list[str] = []
     produced: dict[str, Op] = {}
@@ -156,13 +161,19 @@ def _generate(kernels, keep: set[str], name: str, shared: frozenset) -> tuple[st
                 stmts.append((f"{em.var(o)} = C({em.var(o)}, D)", [o]))
             continue
         for op in ops:
-            for r in op.refs:
+            weight = _packed_weight(op, packed)
+            refs = [r + packed_linear.SUFFIX if r == weight else r for r in op.refs]
+            for r in refs:
                 load(r)
             fn = None if op.target == GETITEM else _direct(device_fn(op.target))
             out = em.var(op.name)
             planned = PLANNED.get(op.target)
             if op.target == GETITEM:
                 line = f"{out} = {em.expr(op.args[0])}[{em.expr(op.args[1])}]"
+            elif weight is not None:
+                args = [em.expr(a) for a in op.args]
+                args[1] = em.var(weight + packed_linear.SUFFIX)
+                line = f"{out} = {em.const(packed_linear.linear)}({', '.join(args)})"
             elif planned is not None and not op.kwargs and len(op.args) > max(planned[1]):
                 make, at, kernel = planned
                 key = (op.target,) + tuple(em.expr(op.args[i]) for i in at)
@@ -184,7 +195,7 @@ def _generate(kernels, keep: set[str], name: str, shared: frozenset) -> tuple[st
                 args = [em.expr(a) for a in op.args]
                 args += [f"{k}={em.expr(v)}" for k, v in op.kwargs.items()]
                 line = f"{out} = {em.const(fn)}({', '.join(args)})"
-            stmts.append((line, op.refs))
+            stmts.append((line, refs))
             inside[op.name] = op
             produced[op.name] = op
         stmts.extend(_rounding(ops, outputs, inside, em, own))
@@ -202,6 +213,14 @@ def _generate(kernels, keep: set[str], name: str, shared: frozenset) -> tuple[st
     body += [f"env[{n!r}] = {em.var(n)}" for n in dict.fromkeys(stored)]
     source = f"def {name}(env):\n" + "".join(f"    {line}\n" for line in body or ["pass"])
     return source, dict(em.globals)
+
+
+def _packed_weight(op: Op, packed: frozenset) -> str | None:
+    """The weight a linear reads in packed form, or None."""
+    if op.target != packed_linear.LINEAR or op.kwargs or len(op.args) < 2:
+        return None
+    weight = op.args[1]
+    return weight.name if isinstance(weight, Ref) and weight.name in packed else None
 
 
 def _direct(fn):

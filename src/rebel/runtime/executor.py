@@ -16,6 +16,7 @@ import torch.utils._pytree as pytree
 
 from ..compiler.program import Program
 from ..compiler.tensor_parallel import ALL_GATHER, ALL_REDUCE, SHARD, shard_weight
+from ..device import packed_linear
 from ..device.codegen import CompiledBlock
 from ..device.kernels import BoundOp, FunctionalKernel, round_to_device, run_host_ops, to_device_storage
 from ..ir import Op, Ref, to_torch_dtype
@@ -26,15 +27,21 @@ from ..ir import Op, Ref, to_torch_dtype
 EXECUTOR_ENV = "RBLN_EXECUTOR"
 
 
-def bind_segments(program: Program, mode: str | None = None) -> list:
-    """(segment, work) pairs: device kernels ready to run (collectives kept as ops), host ops."""
-    mode = mode or os.environ.get(EXECUTOR_ENV, "generated")
+def executor_mode() -> str:
+    mode = os.environ.get(EXECUTOR_ENV, "generated")
     if mode not in ("generated", "interpret"):
         raise ValueError(f"{EXECUTOR_ENV} must be 'generated' or 'interpret', got {mode!r}")
+    return mode
+
+
+def bind_segments(program: Program, mode: str | None = None, packed: frozenset = frozenset()) -> list:
+    """(segment, work) pairs: device kernels ready to run (collectives kept as ops), host ops.
+    packed: the weights the dies hold packed for oneDNN (`pack_weights`; generated code only)."""
+    mode = mode or executor_mode()
     segments = []
     for index, seg in enumerate(program.segments):
         if seg.kind == "device" and mode == "generated":
-            work = _generated_blocks(program, index)
+            work = _generated_blocks(program, index, packed)
         elif seg.kind == "device":
             work = [k.ops[0] if k.kind == "collective" else
                     FunctionalKernel(k.ops, k.outputs, program.device_dtype) for k in seg.kernels]
@@ -44,7 +51,7 @@ def bind_segments(program: Program, mode: str | None = None) -> list:
     return segments
 
 
-def _generated_blocks(program: Program, index: int) -> list:
+def _generated_blocks(program: Program, index: int, packed: frozenset = frozenset()) -> list:
     """Device segment `index` as generated blocks, split at the collectives (which run across
     dies between blocks). Each block stores only the values code outside it reads."""
     seg = program.segments[index]
@@ -71,7 +78,7 @@ def _generated_blocks(program: Program, index: int) -> list:
         keep = outside | {r for j, reads in enumerate(reads_by_run) if j != i for r in reads}
         work.append(CompiledBlock([(k.ops, k.outputs) for k in run], program.device_dtype, keep,
                                   name=re.sub(r"\W", "_", f"segment_{seg.name}_{i}"),
-                                  shared=frozenset(program.buffer_updates)))
+                                  shared=frozenset(program.buffer_updates), packed=packed))
     return work
 
 
@@ -98,6 +105,17 @@ def place_weights(program: Program, weights: dict[str, torch.Tensor]) -> list[di
         for rank, die in enumerate(placed):
             die[n] = shard_weight(full, dim, rank, size)
     return placed
+
+
+def pack_weights(programs: list[Program], placed: list[dict], names: frozenset) -> None:
+    """Give each die a packed copy of the weights in `names` (packed_linear), dropping the plain
+    copy where nothing but those linears reads it."""
+    keep = packed_linear.plain_readers(programs, names)
+    for die in placed:
+        for name in names:
+            die[name + packed_linear.SUFFIX] = packed_linear.pack(die[name])
+            if name not in keep:
+                del die[name]
 
 
 def _is_broadcast_zero(t: torch.Tensor) -> bool:

@@ -27,13 +27,14 @@ from ..compiler.program import Program
 from ..device.engine import EventEngine, Timeline
 from ..device.events import HDMA, Event
 from ..device.memory import device_memory
+from ..device.packed_linear import packed_weight_names
 from ..device.timing import hdma_seconds
 from ..errors import ArtifactError, DeviceError, InputError, RBLNError
 from ..ir import TensorSpec, dtype_name, to_torch_dtype
 from ..npu import current_machine
 from ..profiler.trace_file import TraceFile
 from . import device_state
-from .executor import bind_segments, execute, place_weights
+from .executor import bind_segments, execute, executor_mode, pack_weights, place_weights
 from .host_memory import is_pinned
 from .report import RunReport
 from .threads import run_threads_set
@@ -168,9 +169,12 @@ class Runtime:
         self._static = None
         if self._state is not None:
             self._join_context_state()
+        mode = executor_mode()
+        packed = packed_weight_names(self.compiled.buckets) if mode == "generated" else frozenset()
+        pack_weights(self.compiled.buckets, self._die_weights, packed)
         self._buckets = []
         for p in self.compiled.buckets:
-            segments = bind_segments(p)
+            segments = bind_segments(p, mode, packed)
             self._buckets.append(_Bucket(p, segments, pytree.treespec_loads(p.out_spec),
                                          paged=paged_sites(p)))
         self._segments, self._out_spec = self._buckets[0].segments, self._buckets[0].out_spec

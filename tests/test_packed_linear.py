@@ -1,0 +1,97 @@
+"""Wide linears run against a weight packed once for oneDNN (rebel.device.packed_linear): the
+results match the FP32 reference as the MKL path's do, a row's result does not depend on the
+batch it runs in, an untied weight is held packed only, a weight something else reads (a tied
+embedding) keeps its plain copy too, and RBLN_PACKED_LINEAR=0 gives back the plain path,
+bit-identical to the reference interpreter."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import rebel
+from rebel.device import packed_linear
+from rebel.device.codegen import CompiledBlock
+from rebel.runtime.executor import EXECUTOR_ENV
+
+pytestmark = pytest.mark.skipif(not packed_linear.available(), reason="torch without oneDNN")
+WIDE = packed_linear.WIDE_OUT_FEATURES
+
+
+class Head(torch.nn.Module):
+    """A norm and a vocabulary-wide projection, optionally tied to an embedding it also reads."""
+
+    def __init__(self, tied: bool):
+        super().__init__()
+        self.embed = torch.nn.Embedding(WIDE, 32)
+        self.norm = torch.nn.LayerNorm(32)
+        self.head = torch.nn.Linear(32, WIDE, bias=False)
+        if tied:
+            self.head.weight = self.embed.weight
+        self.tied = tied
+
+    def forward(self, ids, x):
+        h = self.norm(x + self.embed(ids)) if self.tied else self.norm(x)
+        return self.head(h)
+
+
+def _compile(model, batches):
+    examples = [[torch.zeros(b, dtype=torch.long), torch.zeros(b, 32)] for b in batches]
+    return rebel.compile_from_torch(model.eval(), example_inputs=examples, progress=False)
+
+
+def _held(runtime):
+    return set(runtime._die_weights[0])
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_wide_head_runs_packed_and_matches_the_reference(tied, monkeypatch):
+    monkeypatch.delenv(packed_linear.ENV, raising=False)
+    torch.manual_seed(0)
+    model = Head(tied)
+    runtime = rebel.Runtime(_compile(model, [1, 4]), tensor_type="pt")
+    name = next(n for n in runtime.program.weights if "weight" in n and
+                tuple(runtime.program.weights[n].shape) == (WIDE, 32))
+    held = _held(runtime)
+    assert name + packed_linear.SUFFIX in held
+    assert (name in held) == tied  # the embedding's lookup reads the plain copy
+    source = "".join(w.source for _, work in runtime._segments for w in work
+                     if isinstance(w, CompiledBlock))
+    assert f"env[{name + packed_linear.SUFFIX!r}]" in source
+
+    ids, x = torch.randint(0, WIDE, (4,)), torch.randn(4, 32)
+    out = runtime.run(ids, x)
+    with torch.no_grad():
+        ref = model(ids, x)
+    assert out.shape == (4, WIDE)
+    assert (out - ref).abs().max() < 0.02 * ref.abs().max()
+    # Each row gives the same logits alone as in the batch of 4 (the batch-1 graph runs it).
+    for row in range(4):
+        assert torch.equal(runtime.run(ids[row:row + 1], x[row:row + 1])[0], out[row])
+
+
+def test_packing_off_is_the_interpreters_result(monkeypatch):
+    torch.manual_seed(1)
+    model = Head(tied=False)
+    compiled = _compile(model, [4])
+    ids, x = torch.randint(0, WIDE, (4,)), torch.randn(4, 32)
+    monkeypatch.setenv(packed_linear.ENV, "0")
+    plain = rebel.Runtime(compiled, tensor_type="pt")
+    assert not any(n.endswith(packed_linear.SUFFIX) for n in _held(plain))
+    monkeypatch.setenv(EXECUTOR_ENV, "interpret")
+    reference = rebel.Runtime(compiled, tensor_type="pt")
+    monkeypatch.delenv(packed_linear.ENV)
+    monkeypatch.setenv(EXECUTOR_ENV, "generated")
+    packed = rebel.Runtime(compiled, tensor_type="pt")
+    a, b, c = plain.run(ids, x), reference.run(ids, x), packed.run(ids, x)
+    assert torch.equal(a, b)
+    # Packed: another FP32 summation order, so a few 16-bit results are one step apart.
+    step = torch.finfo(torch.float16).eps * b.abs().clamp_min(2 ** -14)
+    assert ((c - b).abs() <= 2 * step).all()
+    assert (c != b).float().mean() < 0.02
+
+
+def test_narrow_linears_are_left_to_mkl():
+    model = torch.nn.Sequential(torch.nn.Linear(32, 1024), torch.nn.GELU(), torch.nn.Linear(1024, 8))
+    runtime = rebel.Runtime(rebel.compile_from_torch(model.eval(), example_inputs=[torch.randn(4, 32)],
+                                                     progress=False), tensor_type="pt")
+    assert not any(n.endswith(packed_linear.SUFFIX) for n in _held(runtime))
