@@ -14,6 +14,7 @@ but in place, in native code (`rounding.round_`), and only where it changes some
     is a result that only moves or selects such values (clone, cat, embedding, gather, where,
     relu, max, ...: `EXACT_OPS`), since rounding a 16-bit value changes nothing;
   * a view of a value the kernel computed rounds that value's memory, and with it the view;
+    so does a result of a multi-result kernel that is new memory (`ops.FRESH_RESULTS`);
   * anything else (a multi-result value, an op that may alias without being a view, a cast
     kernel reading the caller's tensor) gets a rounded copy, as the interpreter makes;
   * an output cast of a value this block computed (so rounded, in memory of its own) is skipped.
@@ -29,7 +30,7 @@ import torch
 
 from ..ir import GETITEM, Op, Ref, TensorSpec, resolve_target, to_torch_dtype
 from . import packed_linear
-from .ops import DEVICE_IMPLS, INPLACE_RESULTS, PLANNED, device_fn
+from .ops import DEVICE_IMPLS, FRESH_RESULTS, INPLACE_RESULTS, PLANNED, device_fn
 from .rounding import rounded, rounder
 
 # ATen ops whose result always shares its input's memory (a layout, not a computation).
@@ -352,6 +353,8 @@ def _view_base(op: Op, inside: dict[str, Op]) -> str | None:
             if src is None:
                 return op.refs[0]
             if _op_name(src.target) not in VIEW_OPS:
+                if op.args[1] in FRESH_RESULTS.get(src.target, ()):
+                    return op.name
                 if src.target in DEVICE_IMPLS or _may_alias(resolve_target(src.target)):
                     return None
                 return op.name
