@@ -11,8 +11,8 @@ from rebel import InputError, RBLNError
 CONFIG_NAME = "rbln_config.json"
 CONFIG_VERSION = 1
 MIN_PREFILL_BUCKET = 64   # the default prefill graphs stop halving here (a chat prompt: 30-60 tokens)
-PREFILL_BUCKETS = 3       # at most this many default prefill graphs: each is one more capture of
-                          # the model (SmolLM2: 3 graphs compile in 1.0x, 5 in 1.9x the time)
+PREFILL_BUCKETS = 3       # at most this many halving sizes: each is one more capture of the model
+SHORT_PREFILL_STEP = 16   # below MIN_PREFILL_BUCKET the default sizes step by this many tokens
 
 
 class RBLNConfigError(RBLNError, ValueError):
@@ -32,9 +32,10 @@ class RBLNConfig:
     prefill_chunk_size: prompt tokens per prefill run (longer prompts loop chunks on the host).
     prefill_chunk_sizes: prefill graphs to compile, the largest being prefill_chunk_size; a chunk
       runs in the smallest that holds it, so a short prompt (or a prompt's last chunk) pays a
-      short chunk, not a whole one. Default: prefill_chunk_size and its halves down to
-      MIN_PREFILL_BUCKET tokens, at most PREFILL_BUCKETS graphs (128 -> [64, 128]): each graph
-      is one more compile of the model, so a few sizes, not every one. A folder compiled
+      short chunk, not a whole one. Default (`default_prefill_buckets`): prefill_chunk_size and
+      its halves down to MIN_PREFILL_BUCKET tokens, then steps of SHORT_PREFILL_STEP below
+      (128 -> [16, 32, 48, 64, 128]); each graph is one more compile of the model, so a few
+      sizes, not every one. A folder compiled
       before this option existed holds one prefill graph and loads as [prefill_chunk_size].
     decoder_batch_sizes: decode graphs to compile (default: just batch_size).
     """
@@ -186,10 +187,22 @@ class RBLNConfig:
 
 
 def default_prefill_buckets(chunk: int) -> list[int]:
-    """`chunk` and its halves while they stay whole and at least MIN_PREFILL_BUCKET tokens, at
-    most PREFILL_BUCKETS sizes: 128 -> [64, 128], 2048 -> [512, 1024, 2048], 16 -> [16]."""
+    """The default prefill graphs for a chunk of `chunk` tokens.
+
+    `chunk` and its halves while they stay whole and at least MIN_PREFILL_BUCKET tokens, at most
+    PREFILL_BUCKETS of them: a long prompt's last chunk pads by less than half. When the halves
+    end below 2 * MIN_PREFILL_BUCKET (no further half would be MIN_PREFILL_BUCKET or more), the
+    sizes up to MIN_PREFILL_BUCKET below the smallest step by SHORT_PREFILL_STEP tokens: prompts that short (a chat turn: 20-60 tokens) are where prefill
+    time goes to padding most (a 37-token prompt in a 64-token chunk computes 27 rows for
+    nothing; in steps of 16 a prompt pads by at most 15). A ladder whose halves stop above
+    2 * MIN_PREFILL_BUCKET (2048 -> 512) serves long prompts and gets no short steps.
+    128 -> [16, 32, 48, 64, 128], 64 -> [16, 32, 48, 64], 96 -> [16, 32, 48, 64, 96],
+    2048 -> [512, 1024, 2048], 16 -> [16]."""
     sizes = [chunk]
     while (len(sizes) < PREFILL_BUCKETS and sizes[0] % 2 == 0
            and sizes[0] // 2 >= MIN_PREFILL_BUCKET):
         sizes.insert(0, sizes[0] // 2)
+    if sizes[0] < 2 * MIN_PREFILL_BUCKET:  # no half of at least MIN_PREFILL_BUCKET left
+        below = min(sizes[0] - 1, MIN_PREFILL_BUCKET)
+        sizes[:0] = range(SHORT_PREFILL_STEP, below + 1, SHORT_PREFILL_STEP)
     return sizes
