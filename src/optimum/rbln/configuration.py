@@ -192,9 +192,11 @@ def default_prefill_buckets(chunk: int) -> list[int]:
     `chunk` and its halves while they stay whole and at least MIN_PREFILL_BUCKET tokens, at most
     PREFILL_BUCKETS of them: a long prompt's last chunk pads by less than half. When the halves
     end below 2 * MIN_PREFILL_BUCKET (no further half would be MIN_PREFILL_BUCKET or more), the
-    sizes up to MIN_PREFILL_BUCKET below the smallest step by SHORT_PREFILL_STEP tokens: prompts that short (a chat turn: 20-60 tokens) are where prefill
-    time goes to padding most (a 37-token prompt in a 64-token chunk computes 27 rows for
-    nothing; in steps of 16 a prompt pads by at most 15). A ladder whose halves stop above
+    sizes up to MIN_PREFILL_BUCKET below the smallest step by SHORT_PREFILL_STEP tokens:
+    prompts that short (a chat turn: 20-60 tokens) are where prefill time goes to padding most
+    (a 37-token prompt in a 64-token chunk computes 27 rows for nothing; in steps of 16 a prompt
+    pads by at most 15; SmolLM2's 37-token prefill 108 -> 90 ms wall, compile of its 5 prefill
+    and 2 decode graphs 21 s against 16 s for [64, 128]). A ladder whose halves stop above
     2 * MIN_PREFILL_BUCKET (2048 -> 512) serves long prompts and gets no short steps.
     128 -> [16, 32, 48, 64, 128], 64 -> [16, 32, 48, 64], 96 -> [16, 32, 48, 64, 96],
     2048 -> [512, 1024, 2048], 16 -> [16]."""
