@@ -5,7 +5,7 @@
    device), side by side, batch 1 and batch 4; plus the predicted tokens/s on RBLN-CA25.
 2. Short prompts and prefill buckets: the same model compiled with one prefill graph (every
    chunk padded to 128 tokens, as before rbln_prefill_chunk_sizes) and with the default chunks
-   (16, 32, 48, 64 and 128), side by side: compile time, and the wall and predicted time to
+   (32, 48, 64 and 128), side by side: compile time, and the wall and predicted time to
    first token of a 35-token prompt (runs interleaved, median of 5).
 3. Llama-3-8B shapes on the meta device (no weights): the predicted decode step and tokens/s on
    one RBLN-CA25 card with tensor parallelism 4, context 1024.

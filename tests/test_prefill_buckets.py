@@ -38,20 +38,21 @@ def bucketed(llama_dir):
 
 
 def test_default_buckets():
-    assert default_prefill_buckets(128) == [16, 32, 48, 64, 128]
-    assert default_prefill_buckets(256) == [16, 32, 48, 64, 128, 256]
+    assert default_prefill_buckets(128) == [32, 48, 64, 128]
+    assert default_prefill_buckets(256) == [32, 48, 64, 128, 256]
     assert default_prefill_buckets(512) == [128, 256, 512]  # halves stop above 128: no short steps
     assert default_prefill_buckets(2048) == [512, 1024, 2048]
-    assert default_prefill_buckets(64) == [16, 32, 48, 64]
-    assert default_prefill_buckets(96) == [16, 32, 48, 64, 96]
-    assert default_prefill_buckets(192) == [16, 32, 48, 64, 96, 192]
-    assert default_prefill_buckets(40) == [16, 32, 40]
+    assert default_prefill_buckets(64) == [32, 48, 64]
+    assert default_prefill_buckets(96) == [32, 48, 64, 96]
+    assert default_prefill_buckets(192) == [32, 48, 64, 96, 192]
+    assert default_prefill_buckets(40) == [32, 40]
+    assert default_prefill_buckets(32) == [32]
     assert default_prefill_buckets(16) == [16]
     assert default_prefill_buckets(2) == [2]
     options = RBLNConfig(max_seq_len=2048).finalize(2048)
-    assert options.prefill_chunk_sizes == [16, 32, 48, 64, 128]
+    assert options.prefill_chunk_sizes == [32, 48, 64, 128]
     assert [options.prefill_bucket(n) for n in (1, 16, 17, 37, 48, 49, 64, 65, 128)] == \
-        [16, 16, 32, 48, 48, 64, 64, 128, 128]
+        [32, 32, 32, 48, 48, 64, 64, 128, 128]
 
 
 def test_graphs_are_named_by_their_chunk(bucketed, whole):

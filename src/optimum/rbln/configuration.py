@@ -34,7 +34,7 @@ class RBLNConfig:
       runs in the smallest that holds it, so a short prompt (or a prompt's last chunk) pays a
       short chunk, not a whole one. Default (`default_prefill_buckets`): prefill_chunk_size and
       its halves down to MIN_PREFILL_BUCKET tokens, then steps of SHORT_PREFILL_STEP below
-      (128 -> [16, 32, 48, 64, 128]); each graph is one more compile of the model, so a few
+      (128 -> [32, 48, 64, 128]); each graph is one more compile of the model, so a few
       sizes, not every one. A folder compiled
       before this option existed holds one prefill graph and loads as [prefill_chunk_size].
     decoder_batch_sizes: decode graphs to compile (default: just batch_size).
@@ -191,14 +191,17 @@ def default_prefill_buckets(chunk: int) -> list[int]:
 
     `chunk` and its halves while they stay whole and at least MIN_PREFILL_BUCKET tokens, at most
     PREFILL_BUCKETS of them: a long prompt's last chunk pads by less than half. When the halves
-    end below 2 * MIN_PREFILL_BUCKET (no further half would be MIN_PREFILL_BUCKET or more), the
-    sizes up to MIN_PREFILL_BUCKET below the smallest step by SHORT_PREFILL_STEP tokens:
-    prompts that short (a chat turn: 20-60 tokens) are where prefill time goes to padding most
-    (a 37-token prompt in a 64-token chunk computes 27 rows for nothing; in steps of 16 a prompt
-    pads by at most 15; SmolLM2's 37-token prefill 108 -> 90 ms wall, compile of its 5 prefill
-    and 2 decode graphs 21 s against 16 s for [64, 128]). A ladder whose halves stop above
+    end below 2 * MIN_PREFILL_BUCKET (no further half would be MIN_PREFILL_BUCKET or more), sizes
+    from 2 * SHORT_PREFILL_STEP up to MIN_PREFILL_BUCKET, below the smallest, step by
+    SHORT_PREFILL_STEP tokens: prompts that short (a chat turn: 20-60 tokens) are where prefill
+    time goes to padding most (a 37-token prompt in a 64-token chunk computes 27 rows for
+    nothing; in steps of 16 it pads by at most 15). The steps start at 32, not 16: a graph for
+    16 would spare a prompt of 16 tokens or fewer at most 16 rows, for one more compile of the
+    model. Measured on SmolLM2 (chunk 128, decode batches 1 and 4): the 37-token prefill 108 ->
+    89 ms wall, compile 16.4 s for [64, 128] against 19.7 s for [32, 48, 64, 128] and 20.5 s for
+    [16, 32, 48, 64, 128], which ran no faster. A ladder whose halves stop above
     2 * MIN_PREFILL_BUCKET (2048 -> 512) serves long prompts and gets no short steps.
-    128 -> [16, 32, 48, 64, 128], 64 -> [16, 32, 48, 64], 96 -> [16, 32, 48, 64, 96],
+    128 -> [32, 48, 64, 128], 64 -> [32, 48, 64], 96 -> [32, 48, 64, 96], 40 -> [32, 40],
     2048 -> [512, 1024, 2048], 16 -> [16]."""
     sizes = [chunk]
     while (len(sizes) < PREFILL_BUCKETS and sizes[0] % 2 == 0
@@ -206,5 +209,5 @@ def default_prefill_buckets(chunk: int) -> list[int]:
         sizes.insert(0, sizes[0] // 2)
     if sizes[0] < 2 * MIN_PREFILL_BUCKET:  # no half of at least MIN_PREFILL_BUCKET left
         below = min(sizes[0] - 1, MIN_PREFILL_BUCKET)
-        sizes[:0] = range(SHORT_PREFILL_STEP, below + 1, SHORT_PREFILL_STEP)
+        sizes[:0] = range(2 * SHORT_PREFILL_STEP, below + 1, SHORT_PREFILL_STEP)
     return sizes
