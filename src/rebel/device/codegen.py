@@ -29,9 +29,9 @@ import math
 import torch
 
 from ..ir import GETITEM, Op, Ref, TensorSpec, resolve_target, to_torch_dtype
-from . import packed_linear
+from . import attention_layout, packed_linear
 from .ops import DEVICE_IMPLS, FRESH_RESULTS, INPLACE_RESULTS, PLANNED, device_fn
-from .rounding import rounded, rounder
+from .rounding import round_copier, rounder
 
 # ATen ops whose result always shares its input's memory (a layout, not a computation).
 VIEW_OPS = frozenset("""view _unsafe_view unsqueeze squeeze expand slice select alias t transpose
@@ -120,8 +120,9 @@ class CompiledBlock:
                  name: str = "block", shared: frozenset = frozenset(),
                  packed: frozenset = frozenset()):
         self.dtype = to_torch_dtype(dtype)
+        kernels = attention_layout.rewrite(kernels, keep)
         self.source, namespace = _generate(kernels, keep, name, shared, packed)
-        namespace.update(R=rounder(self.dtype), C=rounded, D=self.dtype)
+        namespace.update(R=rounder(self.dtype), C=round_copier(self.dtype), D=self.dtype)
         code = compile(self.source, f"<rbln {name}>", "exec")
         exec(code, namespace)  # noqa: S102 - our own generated source, from the program's ops
         self.fn = namespace[name]

@@ -84,6 +84,8 @@ def _build() -> ctypes.CDLL | None:
     for name in ("rbln_round_half", "rbln_round_bfloat16"):
         getattr(lib, name).argtypes = (ctypes.c_void_p, ctypes.c_int64)
         getattr(lib, name).restype = None
+        getattr(lib, name + "_copy").argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
+        getattr(lib, name + "_copy").restype = None
     lib.rbln_has_f16c.restype = ctypes.c_int
     return lib
 
@@ -99,13 +101,13 @@ def native():
     return _lib
 
 
-def _rounders() -> dict:
+def _rounders(suffix: str = "") -> dict:
     lib = native()
     table = {}
     if lib is not None:
         if lib.rbln_has_f16c():
-            table[torch.float16] = lib.rbln_round_half
-        table[torch.bfloat16] = lib.rbln_round_bfloat16
+            table[torch.float16] = getattr(lib, "rbln_round_half" + suffix)
+        table[torch.bfloat16] = getattr(lib, "rbln_round_bfloat16" + suffix)
     return table
 
 
@@ -122,8 +124,8 @@ def round_(t: torch.Tensor, dtype: torch.dtype = torch.float16) -> bool:
     if _NATIVE is None:
         _NATIVE = _rounders()
     fn = _NATIVE.get(dtype)
-    if fn is not None and t.is_contiguous() and not t.is_meta and t.device.type == "cpu":
-        fn(t.data_ptr(), t.numel())
+    if fn is not None and not t.is_meta and t.device.type == "cpu" and _dense(t):
+        fn(t.data_ptr(), t.numel())  # a permuted dense tensor fills one block from data_ptr too
         return True
     if not _non_overlapping(t):
         return False
@@ -151,6 +153,20 @@ def rounder(dtype: torch.dtype):
     return round_native
 
 
+def _dense(t: torch.Tensor) -> bool:
+    """Whether t's elements fill one block of memory from its data pointer, each once (contiguous,
+    or a permutation of contiguous, as attention's transposed output): an elementwise rounding
+    may then run over that block in whatever order the memory holds it."""
+    if t.is_contiguous():
+        return True
+    span = 1
+    for stride, size in sorted((st, s) for s, st in zip(t.shape, t.stride()) if s > 1):
+        if stride != span:
+            return False
+        span *= size
+    return True
+
+
 def _non_overlapping(t: torch.Tensor) -> bool:
     """No two elements share memory (a sufficient test: strides sorted, each past the span of
     the dims below it), so writing every element in place is well defined."""
@@ -163,6 +179,31 @@ def _non_overlapping(t: torch.Tensor) -> bool:
             return False
         span = stride * size
     return True
+
+
+def round_copier(dtype: torch.dtype):
+    """`rounded` for one dtype, writing a contiguous CPU float32 tensor's rounded copy in one
+    native pass (an input cast: the caller's tensor stays as it was); anything else takes
+    `rounded`."""
+    global _COPIERS
+    if _COPIERS is None:
+        _COPIERS = _rounders("_copy")
+    fn = _COPIERS.get(dtype)
+    if fn is None:
+        return rounded
+    f32 = torch.float32
+
+    def round_copy(value, dtype: torch.dtype = dtype):
+        if isinstance(value, torch.Tensor) and value.dtype is f32 and value.is_cpu \
+                and value.is_contiguous():
+            out = torch.empty_like(value)
+            fn(value.data_ptr(), out.data_ptr(), value.numel())
+            return out
+        return rounded(value, dtype)
+    return round_copy
+
+
+_COPIERS: dict | None = None
 
 
 def rounded(value, dtype: torch.dtype):

@@ -14,13 +14,13 @@
 
 #if defined(__x86_64__)
 #include <immintrin.h>
-__attribute__((target("avx,f16c"))) static void half_f16c(float* p, int64_t n) {
+__attribute__((target("avx,f16c"))) static void half_f16c(const float* src, float* dst, int64_t n) {
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
-    __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(p + i), _MM_FROUND_TO_NEAREST_INT);
-    _mm256_storeu_ps(p + i, _mm256_cvtph_ps(h));
+    __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT);
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(h));
   }
-  for (; i < n; ++i) p[i] = _cvtsh_ss(_cvtss_sh(p[i], _MM_FROUND_TO_NEAREST_INT));
+  for (; i < n; ++i) dst[i] = _cvtsh_ss(_cvtss_sh(src[i], _MM_FROUND_TO_NEAREST_INT));
 }
 #endif
 
@@ -33,24 +33,28 @@ int rbln_has_f16c(void) {
 #endif
 }
 
-void rbln_round_half(float* p, int64_t n) {
+void rbln_round_half_copy(const float* src, float* dst, int64_t n) {
 #if defined(__x86_64__)
-  half_f16c(p, n);
+  half_f16c(src, dst, n);
 #else
-  (void)p; (void)n;
+  (void)src; (void)dst; (void)n;
 #endif
 }
 
-void rbln_round_bfloat16(float* p, int64_t n) {
+void rbln_round_half(float* p, int64_t n) { rbln_round_half_copy(p, p, n); }
+
+void rbln_round_bfloat16_copy(const float* src, float* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
     uint32_t bits;
-    memcpy(&bits, p + i, 4);
-    if (p[i] != p[i]) {
+    memcpy(&bits, src + i, 4);
+    if (src[i] != src[i]) {
       bits = 0x7FC00000u;
     } else {
       bits += 0x7FFFu + ((bits >> 16) & 1u);
       bits &= 0xFFFF0000u;
     }
-    memcpy(p + i, &bits, 4);
+    memcpy(dst + i, &bits, 4);
   }
 }
+
+void rbln_round_bfloat16(float* p, int64_t n) { rbln_round_bfloat16_copy(p, p, n); }

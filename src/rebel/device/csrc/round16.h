@@ -19,6 +19,10 @@ int rbln_has_f16c(void);
 void rbln_round_half(float* p, int64_t n);
 /* Round n float32 values in place to the nearest BF16 value (NaN: the canonical quiet NaN). */
 void rbln_round_bfloat16(float* p, int64_t n);
+/* The same roundings from src into dst (n float32 values each; dst == src is the in-place
+ * case): a cast that must leave its input alone writes the rounded copy in one pass. */
+void rbln_round_half_copy(const float* src, float* dst, int64_t n);
+void rbln_round_bfloat16_copy(const float* src, float* dst, int64_t n);
 
 #ifdef __cplusplus
 }
