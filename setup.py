@@ -87,7 +87,7 @@ setup(
                      include_dirs=[str(ROOT.resolve() / rounder_dir)], extra_compile_args=["-O2", "-g0"]),
         Extension(f"rebel.device.{rounder_name}", [str(SRC / "rebel" / "device" / "csrc" / "round16.c")],
                   depends=[str(SRC / "rebel" / "device" / "csrc" / "round16.h")],
-                  extra_compile_args=["-O2", "-g0"]),
+                  extra_compile_args=["-O2", "-g0", *rounding.OPENMP], extra_link_args=rounding.OPENMP),
     ],
     cmdclass={"build_ext": build_ext},
 )

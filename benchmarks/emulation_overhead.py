@@ -45,10 +45,13 @@ class SmallCNN(torch.nn.Module):
         return self.head(self.features(x))
 
 
-def _time(fn, x, repeats: int) -> float:
+def _time(fn, x, repeats: int, min_s: float = 0.2) -> float:
+    """Median of at least `repeats` calls, and of enough for `min_s` seconds: ten calls of a
+    2 ms model are too few for a median that holds to a few percent."""
+    start = time.perf_counter()
     fn(x)  # warm up
     samples = []
-    for _ in range(repeats):
+    for _ in range(max(repeats, int(min_s / (time.perf_counter() - start)))):
         start = time.perf_counter()
         fn(x)
         samples.append(time.perf_counter() - start)

@@ -120,6 +120,43 @@ def test_native_rounding_matches_torch_casts(dtype, make):
     assert round_(ints, dtype) and torch.equal(ints, torch.arange(5))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_native_rounding_on_openmp_threads_matches_torch_casts(dtype, threads):
+    """Buffers above the parallel grain round on torch's OpenMP threads, each its own run of the
+    buffer (whose length here is no multiple of the split): the same bits at any thread count,
+    in place and as a copy."""
+    lib = rounding.native()
+    if lib is None or (dtype is torch.float16 and not lib.rbln_has_f16c()):
+        pytest.skip("no native rounder here")
+    x = torch.randn(100_003) * torch.logspace(-10, 10, 100_003)
+    x[::997] = float("nan")
+    expected = x.to(dtype).to(torch.float32)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y = x.clone()
+        assert rounding.rounder(dtype)(y, dtype)
+        copy = rounding.round_copier(dtype)(x, dtype)
+    finally:
+        torch.set_num_threads(saved)
+    nan = expected.isnan()  # NaN payloads differ between torch's own scalar and vector casts
+    for got in (y, copy):
+        assert torch.equal(got.isnan(), nan)
+        assert torch.equal(got[~nan].view(torch.int32), expected[~nan].view(torch.int32))
+    assert not torch.equal(x[~nan], expected[~nan])  # the copy left its input alone
+
+
+def test_native_rounder_shares_torchs_openmp_runtime():
+    """Loaded after torch, the rounder binds to torch's libgomp: one OpenMP runtime, one pool of
+    threads (two runtimes would each keep a spinning thread per core)."""
+    if rounding.native() is None:
+        pytest.skip("no native rounder here")
+    with open("/proc/self/maps") as f:
+        runtimes = {line.split()[-1] for line in f if "libgomp" in line}
+    assert len(runtimes) == 1, runtimes
+
+
 def test_views_of_rounded_values_are_not_rounded(monkeypatch):
     """A kernel that only views what it receives (layout only) emits no rounding at all."""
     class Layout(torch.nn.Module):

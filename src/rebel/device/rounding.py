@@ -8,7 +8,7 @@ round-to-nearest-even bias for BF16), bit-identical to torch's conversions, load
 the key a hash of the C source and its header, so a library built from other sources is never
 loaded. A checkout that was never installed builds it at first use instead: plain C needs no
 torch headers, so that takes well under a second, once per machine, into the same cache torch's
-extensions use. Without either (no C compiler, or off x86) `round_` falls back to
+extensions use. Both builds use OpenMP, so large tensors round on torch's intra-op threads. Without either (no C compiler, or off x86) `round_` falls back to
 `t.copy_(t.to(dtype))`, which gives the same values. The compiled-model executor rounds through
 here, the lowest layer that rounds; the eager device (torch_rbln) compiles the same C source into
 its shim.
@@ -30,6 +30,7 @@ import torch
 SOURCE = Path(__file__).parent / "csrc" / "round16.c"
 HEADER = SOURCE.with_name("round16.h")
 PREFIX = "_round16_"
+OPENMP = ["-fopenmp"]  # compile and link flags of the builds (setup.py's too): see round16.c
 _lock = threading.Lock()
 _lib = None
 _loaded = False
@@ -75,8 +76,12 @@ def _build() -> ctypes.CDLL | None:
             target.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
                 built = Path(tmp) / target.name
-                subprocess.run([compiler, "-O2", "-shared", "-fPIC", "-o", str(built), str(SOURCE)],
-                               check=True, capture_output=True, timeout=120)
+                for flags in (OPENMP, []):  # without OpenMP one thread rounds: still correct
+                    command = [compiler, "-O2", "-shared", "-fPIC", *flags, "-o", str(built), str(SOURCE)]
+                    if subprocess.run(command, capture_output=True, timeout=120).returncode == 0:
+                        break
+                else:
+                    return None
                 os.replace(built, target)  # atomic: concurrent builders never load a half file
         lib = ctypes.CDLL(str(target))
     except (OSError, subprocess.SubprocessError):
