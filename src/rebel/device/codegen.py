@@ -113,7 +113,7 @@ class CompiledBlock:
     (the input cast reads the caller's tensor, so it always writes a copy). keep: the values code
     outside the block reads (stored into the environment); everything else stays local.
     shared: values that stay on the device too (buffer updates), whose output cast must copy.
-    packed: weights the environment holds packed for oneDNN (packed_linear), which a linear
+    packed: weights the environment holds packed for their linears (packed_linear), which a linear
     reading them takes in that form."""
 
     def __init__(self, kernels: list[tuple[list[Op], list[str]]], dtype: str, keep: set[str],

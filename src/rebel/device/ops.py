@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from ..ir import resolve_target
-from . import gemm_threads, moe, quant, vendor_ops  # noqa: F401  register rbln::linear_weight_only, rbln::moe_*, rbln_custom_ops
+from . import gemm_threads, linear_rows, moe, quant, vendor_ops  # noqa: F401  register rbln::linear_weight_only, rbln::moe_*, rbln_custom_ops
 
 NEG_INF = float("-inf")
 
@@ -333,7 +333,12 @@ def linear_on_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     against the weight expanded once per batch row, 1.5x slower here than copying the input
     and calling one `addmm` (1.10 vs 0.73 ms for a [64, 4, 256] x [256, 768] projection). The
     chip's DMA lays the operand out for the MAC array either way; only the FP32 accumulation
-    order differs (max |diff| ~5e-5 before rounding to 16 bits), and neither order is the chip's."""
+    order differs (max |diff| ~5e-5 before rounding to 16 bits), and neither order is the chip's.
+    One to eight rows (decode) run in rebel's native kernel (linear_rows): one summation order
+    for every row count, thread count and weight storage."""
+    few = linear_rows.linear(x, weight, bias)
+    if few is not None:
+        return few
     if x.dim() > 2 and not x.is_contiguous():
         x = x.contiguous()
     count = gemm_threads.COUNT

@@ -1,25 +1,29 @@
-"""Wide linear layers against weights packed once for oneDNN.
+"""Linear layers against weights packed once, when a runtime is created, for the kernel that
+reads them fastest.
 
-A language model's head multiplies a few rows (one per sequence in a decode batch) by a
-vocabulary-wide weight: [b, 576] x [576, 49152] for SmolLM2. MKL's sgemm reads that weight at
-about half the memory rate once there are 4 or more rows: measured here (torch 2.13, 2 threads),
-4 rows took 4.8 ms against 2.4 ms for one; a batch of 8, 8.4 ms. oneDNN's inner-product kernel
-against the weight reordered once into its blocked layout (`mkldnn._reorder_linear_weight`, the
-prepacking vLLM's CPU backend does for every linear) took 2.8 ms for 4 rows, 3.9 ms for 8 and
-13.7 ms for 64 (MKL: 17.4 ms); for one row both are memory-bound (~2.4 ms). Narrower weights
-(a 576- or 1536-wide projection) run as fast or faster through MKL, so only weights with at least
-WIDE_OUT_FEATURES output features (on one die) are packed.
+Two packings, by the weight's width on a die:
 
-Numerics: the packed kernel accumulates in FP32 like MKL, in another order: most FP32 results
-differ in their last bits, and after rounding to FP16 about 1 logit in 500 is one unit in the
-last place apart (measured on SmolLM2's head shape with FP16 values). Neither order is the
-chip's. Its result for a row does not depend on how many rows it runs with nor on the thread
-count (checked at 1, 4 and 64 rows, 1 and 2 threads), so a sequence gets the same logits in every
-decode batch size.
+- Wide weights (at least WIDE_OUT_FEATURES output features: in practice an LLM's head) go to
+  oneDNN's blocked layout. A language model's head multiplies a few rows (one per sequence in a
+  decode batch) by a vocabulary-wide weight: [b, 576] x [576, 49152] for SmolLM2. MKL's sgemm
+  reads that weight at about half the memory rate once there are 4 or more rows: measured here
+  (torch 2.13, 2 threads), 4 rows took 4.8 ms against 2.4 ms for one; a batch of 8, 8.4 ms.
+  oneDNN's inner-product kernel against the weight reordered once
+  (`mkldnn._reorder_linear_weight`, the prepacking vLLM's CPU backend does for every linear) took
+  2.8 ms for 4 rows, 3.9 ms for 8 and 13.7 ms for 64 (MKL: 17.4 ms); for one row both are
+  memory-bound (~2.4 ms). Numerics: oneDNN accumulates in FP32 in another order than MKL: after
+  rounding to FP16 about 1 logit in 500 is one unit in the last place apart (SmolLM2's head
+  shape). Its result for a row does not depend on how many rows it runs with nor on the thread
+  count (checked at 1, 4 and 64 rows, 1 and 2 threads).
+- The others are held in the device's 16-bit format (the values the device holds, exactly; half
+  the bytes). One to eight rows (decode) run in rebel's native kernel (`linear_rows`), which
+  reads them as such; more rows (prefill) convert the weight back to float32 for MKL, about 15%
+  on top of the product. Both give exactly what the interpreter computes from the float32 weight
+  (`ops.linear_on_rows` takes the same two routes), so only the bytes read change.
 
-Memory: the packed copy is the weight's FP32 bytes again. A runtime keeps the plain copy only
-when something else reads it (a tied embedding's lookup does), so an untied head costs nothing
-extra and a tied one is held twice. `RBLN_PACKED_LINEAR=0` turns packing off.
+Memory: a runtime keeps the plain float32 copy only when something else reads it (a tied
+embedding's lookup does): an untied head costs nothing extra, a tied one is held twice, and the
+other linears' weights take half their float32 bytes. `RBLN_PACKED_LINEAR=0` turns packing off.
 """
 from __future__ import annotations
 
@@ -27,7 +31,9 @@ import os
 
 import torch
 
-from ..ir import Ref
+from ..ir import Ref, to_torch_dtype
+from . import linear_rows
+from .ops import linear_on_rows
 
 WIDE_OUT_FEATURES = 16384
 SUFFIX = "@packed"  # a packed weight's name in a die's environment
@@ -35,28 +41,42 @@ ENV = "RBLN_PACKED_LINEAR"
 LINEAR = "aten.linear.default"
 
 
+def _enabled() -> bool:
+    return os.environ.get(ENV, "1") != "0"
+
+
 def available() -> bool:
-    """Whether this torch has oneDNN's packed linear and packing is not turned off."""
-    if os.environ.get(ENV, "1") == "0" or not torch.backends.mkldnn.is_available():
+    """Whether this torch has oneDNN's packed linear (for wide weights) and packing is not off."""
+    if not _enabled() or not torch.backends.mkldnn.is_available():
         return False
     return hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and \
         hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+def _packs(out_features: int, device_dtype: torch.dtype) -> bool:
+    """Whether a linear weight this wide on a die is packed (see the module docstring)."""
+    if out_features >= WIDE_OUT_FEATURES and available():
+        return True
+    return _enabled() and device_dtype in (torch.float16, torch.bfloat16) and linear_rows.available()
+
+
 def packed_weight_names(programs) -> frozenset[str]:
-    """Weights some program's device kernel uses as a wide linear's weight (FP32 storage, 2-D,
-    at least WIDE_OUT_FEATURES outputs on a die). Every program of a runtime binds the same
-    weights, so all of them run such a weight packed, whatever their batch."""
-    if not available():
-        return frozenset()
+    """Weights some program's device kernel uses as a linear's weight (FP32 storage, 2-D) that
+    this machine packs. Every program of a runtime binds the same weights, so all of them run
+    such a weight packed, whatever their batch."""
     names = set()
     for program in programs:
+        dtype = to_torch_dtype(program.device_dtype)
         for kernel in program.kernels:
             for op in kernel.ops:
                 weight = _linear_weight(op, program)
-                if weight is not None:
+                if weight is not None and _packs(_out_features(weight, program), dtype):
                     names.add(weight)
     return frozenset(names)
+
+
+def _out_features(name: str, program) -> int:
+    return program.sharding.local_shape(name, tuple(program.weights[name].shape))[0]
 
 
 def _linear_weight(op, program) -> str | None:
@@ -68,8 +88,7 @@ def _linear_weight(op, program) -> str | None:
     spec = program.weights[weight.name]
     if not spec.is_float or len(spec.shape) != 2 or weight.name in program.mutable_buffers:
         return None
-    out_features = program.sharding.local_shape(weight.name, tuple(spec.shape))[0]
-    return weight.name if out_features >= WIDE_OUT_FEATURES else None
+    return weight.name
 
 
 def plain_readers(programs, names: frozenset[str]) -> set[str]:
@@ -102,13 +121,19 @@ def _refs(args, kwargs):
             stack.extend(value.values())
 
 
-def pack(weight: torch.Tensor) -> torch.Tensor:
-    """The weight in oneDNN's blocked layout for its inner product (an opaque mkldnn tensor)."""
-    return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), None)
+def pack(weight: torch.Tensor, device_dtype: torch.dtype) -> torch.Tensor:
+    """A die's weight (FP32 storage of `device_dtype` values) packed for its linear: an opaque
+    mkldnn tensor for a wide one, the same values in 16-bit storage for the others."""
+    if weight.shape[0] >= WIDE_OUT_FEATURES and available():
+        return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), None)
+    return weight.to(device_dtype).contiguous()
 
 
 def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`aten.linear(x, weight, bias)` against the packed weight."""
-    if not x.is_contiguous():
-        x = x.contiguous()
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    if packed.is_mkldnn:
+        if not x.is_contiguous():
+            x = x.contiguous()
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    few = linear_rows.linear(x, packed, bias)
+    return few if few is not None else linear_on_rows(x, packed.float(), bias)

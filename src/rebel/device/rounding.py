@@ -29,6 +29,8 @@ import torch
 
 SOURCE = Path(__file__).parent / "csrc" / "round16.c"
 HEADER = SOURCE.with_name("round16.h")
+# The library also carries the few-row linear kernel (linear_rows.py): one native library, one build.
+SOURCES = (SOURCE, SOURCE.with_name("linear_rows.c"))
 PREFIX = "_round16_"
 OPENMP = ["-fopenmp"]  # compile and link flags of the builds (setup.py's too): see round16.c
 _lock = threading.Lock()
@@ -42,10 +44,11 @@ def _cache_dir() -> Path:
     return Path(root)
 
 
-def key(source: Path = SOURCE, header: Path = HEADER) -> str:
-    """A hash of the C source and its header (setup.py names its build with it too)."""
+def key(*paths: Path) -> str:
+    """A hash of the C sources and the header (default: this package's; setup.py names its
+    build with it too)."""
     digest = hashlib.sha256()
-    for path in (source, header):
+    for path in paths or (*SOURCES, HEADER):
         data = path.read_bytes()
         digest.update(f"{path.name} {len(data)}\n".encode())
         digest.update(data)
@@ -77,7 +80,8 @@ def _build() -> ctypes.CDLL | None:
             with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
                 built = Path(tmp) / target.name
                 for flags in (OPENMP, []):  # without OpenMP one thread rounds: still correct
-                    command = [compiler, "-O2", "-shared", "-fPIC", *flags, "-o", str(built), str(SOURCE)]
+                    command = [compiler, "-O2", "-shared", "-fPIC", *flags, "-o", str(built),
+                               *map(str, SOURCES)]
                     if subprocess.run(command, capture_output=True, timeout=120).returncode == 0:
                         break
                 else:
@@ -92,6 +96,10 @@ def _build() -> ctypes.CDLL | None:
         getattr(lib, name + "_copy").argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
         getattr(lib, name + "_copy").restype = None
     lib.rbln_has_f16c.restype = ctypes.c_int
+    lib.rbln_has_linear_rows.restype = lib.rbln_linear_max_rows.restype = ctypes.c_int
+    lib.rbln_linear_rows.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
+                                     ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64)
+    lib.rbln_linear_rows.restype = ctypes.c_int
     return lib
 
 

@@ -36,7 +36,7 @@ def executor_mode() -> str:
 
 def bind_segments(program: Program, mode: str | None = None, packed: frozenset = frozenset()) -> list:
     """(segment, work) pairs: device kernels ready to run (collectives kept as ops), host ops.
-    packed: the weights the dies hold packed for oneDNN (`pack_weights`; generated code only)."""
+    packed: the weights the dies hold packed for their linears (`pack_weights`; generated code only)."""
     mode = mode or executor_mode()
     segments = []
     for index, seg in enumerate(program.segments):
@@ -107,13 +107,15 @@ def place_weights(program: Program, weights: dict[str, torch.Tensor]) -> list[di
     return placed
 
 
-def pack_weights(programs: list[Program], placed: list[dict], names: frozenset) -> None:
-    """Give each die a packed copy of the weights in `names` (packed_linear), dropping the plain
-    copy where nothing but those linears reads it."""
+def pack_weights(programs: list[Program], placed: list[dict], names: frozenset,
+                 dtype: torch.dtype) -> None:
+    """Give each die a packed copy of the weights in `names` (packed_linear; dtype: the device's
+    16-bit format, which the weights' values are in), dropping the plain copy where nothing but
+    those linears reads it."""
     keep = packed_linear.plain_readers(programs, names)
     for die in placed:
         for name in names:
-            die[name + packed_linear.SUFFIX] = packed_linear.pack(die[name])
+            die[name + packed_linear.SUFFIX] = packed_linear.pack(die[name], dtype)
             if name not in keep:
                 del die[name]
 

@@ -171,7 +171,7 @@ class Runtime:
             self._join_context_state()
         mode = executor_mode()
         packed = packed_weight_names(self.compiled.buckets) if mode == "generated" else frozenset()
-        pack_weights(self.compiled.buckets, self._die_weights, packed)
+        pack_weights(self.compiled.buckets, self._die_weights, packed, self._dtype)
         self._buckets = []
         for p in self.compiled.buckets:
             segments = bind_segments(p, mode, packed)
