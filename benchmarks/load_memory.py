@@ -11,8 +11,11 @@ is measured in a fresh Python process, so nothing loaded before counts:
 What to expect: the artifact's 16-bit weights once (the load), then the runtime's device
 storage. The emulated device holds each 16-bit value as FP32 (kernels compute in FP32 and round
 to 16 bits), in host RAM since there is no card, so runtime creation adds 2x the 16-bit bytes of
-the weights, and a packed FP32 copy of a vocabulary-wide head (rebel.device.packed_linear) where
-another op reads its plain copy too, as SmolLM2's tied embedding does. KV caches (zero buffers) are not stored in the artifact, load as one broadcast zero,
+the weights at its peak, and a packed FP32 copy of a vocabulary-wide head
+(rebel.device.packed_linear) where another op reads its plain copy too, as SmolLM2's tied
+embedding does. Then the runtime packs the other linears' weights back into 16 bits and drops
+their FP32 copies, so what it holds afterwards (VmRSS after the first token) is less than its
+peak. KV caches (zero buffers) are not stored in the artifact, load as one broadcast zero,
 and get device storage from calloc: the OS maps their pages when a block is first written, so
 an idle cache costs no resident memory.
 
@@ -35,15 +38,15 @@ import json, sys
 import torch
 from optimum.rbln import RBLNLlamaForCausalLM
 
-def hwm():
+def hwm(field="VmHWM:"):
     for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
+        if line.startswith(field):
             return int(line.split()[1]) * 1024
 before = hwm()
 model = RBLNLlamaForCausalLM.from_pretrained(sys.argv[1])
 loaded = hwm()
 model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=1, do_sample=False)
-print(json.dumps({"before": before, "loaded": loaded, "first_token": hwm()}))
+print(json.dumps({"before": before, "loaded": loaded, "first_token": hwm(), "held": hwm("VmRSS:")}))
 """
 
 
@@ -89,6 +92,9 @@ def main() -> None:
     print(f"peak RSS growth, + first token            {first / mib:8.1f} MiB  ({first / weights:.2f}x the weights)")
     print(f"  expected: 16-bit host copy + FP32 device storage of the weights + the tied head "
           f"packed ({packed / mib:.1f} MiB) = {expected / mib:.1f} MiB, plus the cache blocks written")
+    held = m["held"] - m["before"]
+    print(f"RSS held after the first token            {held / mib:8.1f} MiB  ({held / weights:.2f}x the weights; "
+          f"linear weights packed back to 16 bits)")
 
 if __name__ == "__main__":
     main()

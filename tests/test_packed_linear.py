@@ -1,8 +1,9 @@
-"""Wide linears run against a weight packed once for oneDNN (rebel.device.packed_linear): the
-results match the FP32 reference as the MKL path's do, a row's result does not depend on the
+"""Linear weights packed once per runtime (rebel.device.packed_linear). Wide ones, for oneDNN:
+the results match the FP32 reference as the MKL path's do, a row's result does not depend on the
 batch it runs in, an untied weight is held packed only, a weight something else reads (a tied
 embedding) keeps its plain copy too, and RBLN_PACKED_LINEAR=0 gives back the plain path,
-bit-identical to the reference interpreter."""
+bit-identical to the reference interpreter. Narrower ones, in 16 bits: bit-identical to the
+interpreter as they are."""
 from __future__ import annotations
 
 import pytest
@@ -90,8 +91,27 @@ def test_packing_off_is_the_interpreters_result(monkeypatch):
     assert (c != b).float().mean() < 0.02
 
 
-def test_narrow_linears_are_left_to_mkl():
-    model = torch.nn.Sequential(torch.nn.Linear(32, 1024), torch.nn.GELU(), torch.nn.Linear(1024, 8))
-    runtime = rebel.Runtime(rebel.compile_from_torch(model.eval(), example_inputs=[torch.randn(4, 32)],
-                                                     progress=False), tensor_type="pt")
-    assert not any(n.endswith(packed_linear.SUFFIX) for n in _held(runtime))
+def test_narrow_linears_are_held_in_16_bits_and_give_the_interpreters_result(monkeypatch):
+    """Narrower weights are held in the device's 16-bit format only (half the bytes) and give the
+    interpreter's float32-weight result bit for bit, decode-sized batches and larger ones alike."""
+    if not packed_linear._packs(8, torch.float16):
+        pytest.skip("no native few-row kernel here")
+    torch.manual_seed(2)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 1024), torch.nn.GELU(), torch.nn.Linear(1024, 8)).eval()
+    compiled = rebel.compile_from_torch(model, example_inputs=[[torch.randn(b, 32)] for b in (1, 4, 8, 9, 64)],
+                                        progress=False)
+    packed = rebel.Runtime(compiled, tensor_type="pt")
+    held = packed._die_weights[0]
+    names = [n for n in compiled.program.weights if len(compiled.program.weights[n].shape) == 2]
+    assert len(names) == 2
+    for name in names:
+        assert name not in held and held[name + packed_linear.SUFFIX].dtype == torch.float16
+    monkeypatch.setenv(EXECUTOR_ENV, "interpret")
+    reference = rebel.Runtime(compiled, tensor_type="pt")
+    for batch in (1, 4, 8, 9, 64):
+        x = torch.randn(batch, 32)
+        out = packed.run(x)
+        assert torch.equal(out, reference.run(x))
+        with torch.no_grad():
+            ref = model(x)
+        assert (out - ref).abs().max() < 0.02 * ref.abs().max()

@@ -6,10 +6,11 @@ products across threads, and the partial sums then add up in another order: meas
 torch 2.13's MKL, [64, 1536] x [1536, 576] and [4, 576] x [576, 576] differ in their last bits
 at 1 and 2 threads (a 1-row product did not, in every SmolLM2 shape tried), which was enough for
 SmolLM2 to generate other tokens on a busy machine than on an idle one. A product of more than
-one row therefore runs with a thread count fixed for the machine (`RBLN_NUM_THREADS` when the
-device is imported, else the usable cores) through MKL's per-thread setting (`ops.linear_on_rows`), whatever the run's count; one-row products
-(decode at batch 1, where a busy core hurts most) keep the run's count. Without MKL (another
-BLAS) the setting is left alone.
+eight rows therefore runs with a thread count fixed for the machine (`RBLN_NUM_THREADS` when the
+device is imported, else the usable cores) through MKL's per-thread setting (`ops.linear_on_rows`),
+whatever the run's count; products of one to eight rows (decode) run in rebel's native kernel
+(`linear_rows`), whose results do not depend on the count, so they keep the run's. Without MKL
+(another BLAS) the setting is left alone.
 """
 from __future__ import annotations
 
