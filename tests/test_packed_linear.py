@@ -94,7 +94,7 @@ def test_packing_off_is_the_interpreters_result(monkeypatch):
 def test_narrow_linears_are_held_in_16_bits_and_give_the_interpreters_result(monkeypatch):
     """Narrower weights are held in the device's 16-bit format only (half the bytes) and give the
     interpreter's float32-weight result bit for bit, decode-sized batches and larger ones alike."""
-    if not packed_linear._packs(8, torch.float16):
+    if not packed_linear._packs((8, 8), torch.float16, 1):
         pytest.skip("no native few-row kernel here")
     torch.manual_seed(2)
     model = torch.nn.Sequential(torch.nn.Linear(32, 1024), torch.nn.GELU(), torch.nn.Linear(1024, 8)).eval()
@@ -115,3 +115,18 @@ def test_narrow_linears_are_held_in_16_bits_and_give_the_interpreters_result(mon
         with torch.no_grad():
             ref = model(x)
         assert (out - ref).abs().max() < 0.02 * ref.abs().max()
+
+
+def test_weights_read_only_by_many_rows_or_too_large_stay_fp32(monkeypatch):
+    """16-bit storage needs a decode-sized reader (a many-row product would convert the weight
+    back each time) and a weight small enough for that conversion to be cheap."""
+    if not packed_linear._packs((8, 8), torch.float16, 1):
+        pytest.skip("no native few-row kernel here")
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 8)).eval()
+    many = rebel.compile_from_torch(model, example_inputs=[torch.randn(64, 32)], progress=False)
+    assert not any(n.endswith(packed_linear.SUFFIX) for n in _held(rebel.Runtime(many)))
+    few = rebel.compile_from_torch(model, example_inputs=[torch.randn(2, 32)], progress=False)
+    assert sum(n.endswith(packed_linear.SUFFIX) for n in _held(rebel.Runtime(few))) == 2
+    monkeypatch.setattr(packed_linear, "NARROW_MAX_ELEMENTS", 32 * 64 - 1)  # the first one is too large now
+    held = _held(rebel.Runtime(few))
+    assert sum(n.endswith(packed_linear.SUFFIX) for n in held) == 1

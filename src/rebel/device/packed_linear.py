@@ -15,11 +15,15 @@ Two packings, by the weight's width on a die:
   rounding to FP16 about 1 logit in 500 is one unit in the last place apart (SmolLM2's head
   shape). Its result for a row does not depend on how many rows it runs with nor on the thread
   count (checked at 1, 4 and 64 rows, 1 and 2 threads).
-- The others are held in the device's 16-bit format (the values the device holds, exactly; half
-  the bytes). One to eight rows (decode) run in rebel's native kernel (`linear_rows`), which
-  reads them as such; more rows (prefill) convert the weight back to float32 for MKL, about 15%
-  on top of the product. Both give exactly what the interpreter computes from the float32 weight
-  (`ops.linear_on_rows` takes the same two routes), so only the bytes read change.
+- The others, where some graph reads them with a decode batch's rows (1 to 8), are held in the
+  device's 16-bit format (the values the device holds, exactly; half the bytes). Those rows run
+  in rebel's native kernel (`linear_rows`), which reads them as such: SmolLM2's decode step at
+  batch 4 went from ~46 to ~31 ms. More rows (a prefill) convert the weight back to float32 for
+  MKL, about 15% on top of the product for SmolLM2's layers; so only weights up to
+  NARROW_MAX_ELEMENTS are held so, and a model only ever run with many rows keeps float32 (a
+  4096x4096 weight's conversion at 64 rows cost more than the product). Both routes give
+  exactly what the interpreter computes from the float32 weight (`ops.linear_on_rows` takes the
+  same two), so only the bytes read change.
 
 Memory: a runtime keeps the plain float32 copy only when something else reads it (a tied
 embedding's lookup does): an untied head costs nothing extra, a tied one is held twice, and the
@@ -27,6 +31,7 @@ other linears' weights take half their float32 bytes. `RBLN_PACKED_LINEAR=0` tur
 """
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -36,6 +41,7 @@ from . import linear_rows
 from .ops import linear_on_rows
 
 WIDE_OUT_FEATURES = 16384
+NARROW_MAX_ELEMENTS = 1 << 22  # 16 MiB as FP32: converting it for a prefill costs ~15% of the product
 SUFFIX = "@packed"  # a packed weight's name in a die's environment
 ENV = "RBLN_PACKED_LINEAR"
 LINEAR = "aten.linear.default"
@@ -53,30 +59,41 @@ def available() -> bool:
         hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-def _packs(out_features: int, device_dtype: torch.dtype) -> bool:
-    """Whether a linear weight this wide on a die is packed (see the module docstring)."""
-    if out_features >= WIDE_OUT_FEATURES and available():
-        return True
-    return _enabled() and device_dtype in (torch.float16, torch.bfloat16) and linear_rows.available()
+def _packs(shape: tuple[int, int], device_dtype: torch.dtype, rows: int) -> bool:
+    """Whether a linear weight of this shape on a die, read with `rows` rows here, is packed:
+    a wide one for oneDNN whatever the rows; a narrower one in 16 bits when the rows are a decode
+    batch's (the native kernel's), and only up to NARROW_MAX_ELEMENTS, since a many-row product
+    elsewhere converts it back to FP32 each time (a larger weight's conversion would cost about
+    what the product does)."""
+    if shape[0] >= WIDE_OUT_FEATURES:
+        return available()
+    return _enabled() and device_dtype in (torch.float16, torch.bfloat16) and \
+        rows <= linear_rows.max_rows() and shape[0] * shape[1] <= NARROW_MAX_ELEMENTS
 
 
 def packed_weight_names(programs) -> frozenset[str]:
     """Weights some program's device kernel uses as a linear's weight (FP32 storage, 2-D) that
-    this machine packs. Every program of a runtime binds the same weights, so all of them run
-    such a weight packed, whatever their batch."""
+    this machine packs there (`_packs`). Every program of a runtime binds the same weights, so
+    all of them run such a weight packed, whatever their batch."""
     names = set()
     for program in programs:
         dtype = to_torch_dtype(program.device_dtype)
         for kernel in program.kernels:
             for op in kernel.ops:
                 weight = _linear_weight(op, program)
-                if weight is not None and _packs(_out_features(weight, program), dtype):
+                if weight is None:
+                    continue
+                shape = program.sharding.local_shape(weight, tuple(program.weights[weight].shape))
+                if _packs(shape, dtype, _rows(op, program)):
                     names.add(weight)
     return frozenset(names)
 
 
-def _out_features(name: str, program) -> int:
-    return program.sharding.local_shape(name, tuple(program.weights[name].shape))[0]
+def _rows(op, program) -> int:
+    """The rows of a linear's input (all but its last dim)."""
+    x = op.args[0]
+    spec = program.values.get(x.name) if isinstance(x, Ref) else None
+    return math.prod(spec.shape[:-1]) if spec is not None and spec.shape else 1 << 62
 
 
 def _linear_weight(op, program) -> str | None:
