@@ -8,10 +8,12 @@ round-to-nearest-even bias for BF16), bit-identical to torch's conversions, load
 the key a hash of the C source and its header, so a library built from other sources is never
 loaded. A checkout that was never installed builds it at first use instead: plain C needs no
 torch headers, so that takes well under a second, once per machine, into the same cache torch's
-extensions use. Both builds use OpenMP, so large tensors round on torch's intra-op threads. Without either (no C compiler, or off x86) `round_` falls back to
-`t.copy_(t.to(dtype))`, which gives the same values. The compiled-model executor rounds through
-here, the lowest layer that rounds; the eager device (torch_rbln) compiles the same C source into
-its shim.
+extensions use. Both builds use OpenMP, so large tensors round on torch's intra-op threads.
+Without either (no C compiler, or off x86) `round_` falls back to `t.copy_(t.to(dtype))`,
+which gives the same values. The same library carries the few-row linear kernel
+(csrc/linear_rows.c, `linear_rows`), so one key names both sources. The compiled-model
+executor rounds through here, the lowest layer that rounds; the eager device (torch_rbln)
+compiles the same C source into its shim.
 """
 from __future__ import annotations
 
@@ -29,7 +31,6 @@ import torch
 
 SOURCE = Path(__file__).parent / "csrc" / "round16.c"
 HEADER = SOURCE.with_name("round16.h")
-# The library also carries the few-row linear kernel (linear_rows.py): one native library, one build.
 SOURCES = (SOURCE, SOURCE.with_name("linear_rows.c"))
 PREFIX = "_round16_"
 OPENMP = ["-fopenmp"]  # compile and link flags of the builds (setup.py's too): see round16.c
