@@ -91,21 +91,22 @@ def test_packing_off_is_the_interpreters_result(monkeypatch):
     assert (c != b).float().mean() < 0.02
 
 
-def test_narrow_linears_are_held_in_16_bits_and_give_the_interpreters_result(monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_narrow_linears_are_held_in_16_bits_and_give_the_interpreters_result(dtype, monkeypatch):
     """Narrower weights are held in the device's 16-bit format only (half the bytes) and give the
     interpreter's float32-weight result bit for bit, decode-sized batches and larger ones alike."""
-    if not packed_linear._packs((8, 8), torch.float16, 1):
+    if not packed_linear._packs((8, 8), dtype, 1):
         pytest.skip("no native few-row kernel here")
     torch.manual_seed(2)
     model = torch.nn.Sequential(torch.nn.Linear(32, 1024), torch.nn.GELU(), torch.nn.Linear(1024, 8)).eval()
     compiled = rebel.compile_from_torch(model, example_inputs=[[torch.randn(b, 32)] for b in (1, 4, 8, 9, 64)],
-                                        progress=False)
+                                        device_dtype=str(dtype).removeprefix("torch."), progress=False)
     packed = rebel.Runtime(compiled, tensor_type="pt")
     held = packed._die_weights[0]
     names = [n for n in compiled.program.weights if len(compiled.program.weights[n].shape) == 2]
     assert len(names) == 2
     for name in names:
-        assert name not in held and held[name + packed_linear.SUFFIX].dtype == torch.float16
+        assert name not in held and held[name + packed_linear.SUFFIX].dtype == dtype
     monkeypatch.setenv(EXECUTOR_ENV, "interpret")
     reference = rebel.Runtime(compiled, tensor_type="pt")
     for batch in (1, 4, 8, 9, 64):
@@ -114,7 +115,7 @@ def test_narrow_linears_are_held_in_16_bits_and_give_the_interpreters_result(mon
         assert torch.equal(out, reference.run(x))
         with torch.no_grad():
             ref = model(x)
-        assert (out - ref).abs().max() < 0.02 * ref.abs().max()
+        assert (out - ref).abs().max() < 0.05 * ref.abs().max()
 
 
 def test_weights_read_only_by_many_rows_or_too_large_stay_fp32(monkeypatch):
