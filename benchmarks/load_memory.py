@@ -62,13 +62,15 @@ def artifact_bytes(folder: Path) -> tuple[int, int]:
 
 
 def packed_head_bytes(folder: Path) -> int:
-    """FP32 bytes of the wide weights a runtime holds packed beside their plain copy."""
+    """Bytes of the packed copies a runtime holds beside a plain FP32 one (a weight some other op
+    reads too): FP32 for oneDNN's, 16-bit for the others."""
     from rebel.compiler.artifact import load_artifact
     from rebel.device import packed_linear
     programs = load_artifact(folder / "model.rbln").buckets
-    names = packed_linear.packed_weight_names(programs)
-    both = packed_linear.plain_readers(programs, names)
-    return sum(4 * math.prod(programs[0].weights[n].shape) for n in both)
+    packed = packed_linear.packed_weights(programs)
+    both = packed_linear.plain_readers(programs, packed)
+    size = {packed_linear.ONEDNN: 4, packed_linear.SIXTEEN_BIT: 2}
+    return sum(size[packed[n]] * math.prod(programs[0].weights[n].shape) for n in both)
 
 
 def main() -> None:

@@ -118,7 +118,7 @@ class CompiledBlock:
 
     def __init__(self, kernels: list[tuple[list[Op], list[str]]], dtype: str, keep: set[str],
                  name: str = "block", shared: frozenset = frozenset(),
-                 packed: frozenset = frozenset()):
+                 packed: dict | None = None):
         self.dtype = to_torch_dtype(dtype)
         kernels = attention_layout.rewrite(kernels, keep)
         self.source, namespace = _generate(kernels, keep, name, shared, packed)
@@ -132,7 +132,8 @@ class CompiledBlock:
 
 
 def _generate(kernels, keep: set[str], name: str, shared: frozenset,
-              packed: frozenset = frozenset()) -> tuple[str, dict]:
+              packed: dict | None = None) -> tuple[str, dict]:
+    packed = packed or {}
     em = _Emitter()
     body: list[str] = []
     produced: dict[str, Op] = {}
@@ -164,7 +165,8 @@ def _generate(kernels, keep: set[str], name: str, shared: frozenset,
             continue
         for op in ops:
             weight = _packed_weight(op, packed)
-            refs = [r + packed_linear.SUFFIX if r == weight else r for r in op.refs]
+            looked_up = packed_linear.lookup_weight(op, packed)
+            refs = [r + packed_linear.SUFFIX if r in (weight, looked_up) else r for r in op.refs]
             for r in refs:
                 load(r)
             fn = None if op.target == GETITEM else _direct(device_fn(op.target))
@@ -176,6 +178,9 @@ def _generate(kernels, keep: set[str], name: str, shared: frozenset,
                 args = [em.expr(a) for a in op.args]
                 args[1] = em.var(weight + packed_linear.SUFFIX)
                 line = f"{out} = {em.const(packed_linear.linear)}({', '.join(args)})"
+            elif looked_up is not None:
+                args = [em.var(looked_up + packed_linear.SUFFIX)] + [em.expr(a) for a in op.args[1:]]
+                line = f"{out} = {em.const(packed_linear.lookup)}({', '.join(args)})"
             elif planned is not None and not op.kwargs and len(op.args) > max(planned[1]):
                 make, at, kernel = planned
                 key = (op.target,) + tuple(em.expr(op.args[i]) for i in at)
@@ -217,7 +222,7 @@ def _generate(kernels, keep: set[str], name: str, shared: frozenset,
     return source, dict(em.globals)
 
 
-def _packed_weight(op: Op, packed: frozenset) -> str | None:
+def _packed_weight(op: Op, packed: dict) -> str | None:
     """The weight a linear reads in packed form, or None."""
     if op.target != packed_linear.LINEAR or op.kwargs or len(op.args) < 2:
         return None

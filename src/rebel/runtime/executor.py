@@ -34,14 +34,14 @@ def executor_mode() -> str:
     return mode
 
 
-def bind_segments(program: Program, mode: str | None = None, packed: frozenset = frozenset()) -> list:
+def bind_segments(program: Program, mode: str | None = None, packed: dict | None = None) -> list:
     """(segment, work) pairs: device kernels ready to run (collectives kept as ops), host ops.
     packed: the weights the dies hold packed for their linears (`pack_weights`; generated code only)."""
     mode = mode or executor_mode()
     segments = []
     for index, seg in enumerate(program.segments):
         if seg.kind == "device" and mode == "generated":
-            work = _generated_blocks(program, index, packed)
+            work = _generated_blocks(program, index, packed or {})
         elif seg.kind == "device":
             work = [k.ops[0] if k.kind == "collective" else
                     FunctionalKernel(k.ops, k.outputs, program.device_dtype) for k in seg.kernels]
@@ -51,7 +51,7 @@ def bind_segments(program: Program, mode: str | None = None, packed: frozenset =
     return segments
 
 
-def _generated_blocks(program: Program, index: int, packed: frozenset = frozenset()) -> list:
+def _generated_blocks(program: Program, index: int, packed: dict) -> list:
     """Device segment `index` as generated blocks, split at the collectives (which run across
     dies between blocks). Each block stores only the values code outside it reads."""
     seg = program.segments[index]
@@ -107,15 +107,15 @@ def place_weights(program: Program, weights: dict[str, torch.Tensor]) -> list[di
     return placed
 
 
-def pack_weights(programs: list[Program], placed: list[dict], names: frozenset,
+def pack_weights(programs: list[Program], placed: list[dict], packed: dict[str, str],
                  dtype: torch.dtype) -> None:
-    """Give each die a packed copy of the weights in `names` (packed_linear; dtype: the device's
-    16-bit format, which the weights' values are in), dropping the plain copy where nothing but
-    those linears reads it."""
-    keep = packed_linear.plain_readers(programs, names)
+    """Give each die a packed copy of the weights in `packed` (name -> packing, packed_linear;
+    dtype: the device's 16-bit format, which the weights' values are in), dropping the plain copy
+    where nothing but those linears (and lookups of a 16-bit copy) reads it."""
+    keep = packed_linear.plain_readers(programs, packed)
     for die in placed:
-        for name in names:
-            die[name + packed_linear.SUFFIX] = packed_linear.pack(die[name], dtype)
+        for name, form in packed.items():
+            die[name + packed_linear.SUFFIX] = packed_linear.pack(die[name], form, dtype)
             if name not in keep:
                 del die[name]
 

@@ -27,7 +27,7 @@ from ..compiler.program import Program
 from ..device.engine import EventEngine, Timeline
 from ..device.events import HDMA, Event
 from ..device.memory import device_memory
-from ..device.packed_linear import packed_weight_names
+from ..device.packed_linear import packed_weights
 from ..device.timing import hdma_seconds
 from ..errors import ArtifactError, DeviceError, InputError, RBLNError
 from ..ir import TensorSpec, dtype_name, to_torch_dtype
@@ -170,7 +170,7 @@ class Runtime:
         if self._state is not None:
             self._join_context_state()
         mode = executor_mode()
-        packed = packed_weight_names(self.compiled.buckets) if mode == "generated" else frozenset()
+        packed = packed_weights(self.compiled.buckets) if mode == "generated" else {}
         pack_weights(self.compiled.buckets, self._die_weights, packed, self._dtype)
         self._buckets = []
         for p in self.compiled.buckets:
