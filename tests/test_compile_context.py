@@ -232,6 +232,23 @@ def test_weight_sharing_holds_weights_once_plus_the_static_buffer():
     assert total == weights
 
 
+def test_shared_weights_stay_one_host_copy_and_unshared_ones_are_packed():
+    """Shared weights: both runtimes hold the context's one FP32 tensor (a 16-bit copy per
+    runtime would add memory beside it); without sharing, the decode graph's few-row linear holds
+    its weight in 16 bits only (packed_linear)."""
+    from rebel.device import packed_linear
+    _, _, prefill, decode = compile_pair(weight_sharing=True)
+    with rebel.Runtime(prefill) as p, rebel.Runtime(decode) as d:
+        names = [n for n in d._die_weights[0] if not n.endswith(packed_linear.SUFFIX)]
+        assert names and all(d._die_weights[0][n] is p._die_weights[0][n] for n in names)
+        assert not any(n.endswith(packed_linear.SUFFIX) for n in d._die_weights[0])
+    if packed_linear._form((8, 8), torch.float16, 1, 1):
+        _, _, _, decode_n = compile_pair(weight_sharing=False)
+        with rebel.Runtime(decode_n) as d:
+            held = d._die_weights[0]
+            assert any(n.endswith(packed_linear.SUFFIX) and t.dtype == torch.float16 for n, t in held.items())
+
+
 def test_memory_queries_follow_the_dram_accounting_and_resizes(tmp_path):
     _, _, prefill, decode = compile_pair()
     alloc = prefill.get_alloc_per_chiplet_by_key()

@@ -58,11 +58,13 @@ def available() -> bool:
         hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-def _form(shape: tuple[int, int], device_dtype: torch.dtype, fewest: int, most: int) -> str | None:
+def _form(shape: tuple[int, int], device_dtype: torch.dtype, fewest: int, most: int,
+          sixteen_bit: bool = True) -> str | None:
     """How a linear weight of this shape on a die is packed, given the fewest and the most rows
     its readers have (see the module docstring): 16-bit when a decode batch reads it and no
     many-row reader would convert a large weight back each time; else oneDNN when wide."""
-    if _enabled() and device_dtype in (torch.float16, torch.bfloat16) and linear_rows.available() \
+    if sixteen_bit and _enabled() and device_dtype in (torch.float16, torch.bfloat16) \
+            and linear_rows.available() \
             and fewest <= linear_rows.max_rows() \
             and (most <= linear_rows.max_rows() or shape[0] * shape[1] <= NARROW_MAX_ELEMENTS):
         return SIXTEEN_BIT
@@ -71,10 +73,11 @@ def _form(shape: tuple[int, int], device_dtype: torch.dtype, fewest: int, most: 
     return None
 
 
-def packed_weights(programs) -> dict[str, str]:
+def packed_weights(programs, sixteen_bit: bool = True) -> dict[str, str]:
     """name -> packing (ONEDNN or SIXTEEN_BIT) of the weights the programs' device kernels use as
     a linear's weight (FP32 storage, 2-D) that this machine packs. Every program of a runtime
-    binds the same weights, so all of them run such a weight packed, whatever their batch."""
+    binds the same weights, so all of them run such a weight packed, whatever their batch.
+    sixteen_bit=False: oneDNN only (the plain copies stay anyway: shared with other runtimes)."""
     rows: dict[str, list[int]] = {}
     where: dict[str, tuple] = {}
     for program in programs:
@@ -85,7 +88,7 @@ def packed_weights(programs) -> dict[str, str]:
                     rows.setdefault(weight, []).append(_rows(op, program))
                     shape = program.sharding.local_shape(weight, tuple(program.weights[weight].shape))
                     where[weight] = (shape, to_torch_dtype(program.device_dtype))
-    forms = {name: _form(*where[name], min(seen), max(seen)) for name, seen in rows.items()}
+    forms = {name: _form(*where[name], min(seen), max(seen), sixteen_bit) for name, seen in rows.items()}
     return {name: form for name, form in forms.items() if form is not None}
 
 

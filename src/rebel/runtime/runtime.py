@@ -170,7 +170,10 @@ class Runtime:
         if self._state is not None:
             self._join_context_state()
         mode = executor_mode()
-        packed = packed_weights(self.compiled.buckets) if mode == "generated" else {}
+        # Weights shared through the compile context keep their plain copy for the other
+        # runtimes, so a 16-bit copy per runtime would only add memory: oneDNN's packing only.
+        packed = packed_weights(self.compiled.buckets, sixteen_bit=not self._shared_keys) \
+            if mode == "generated" else {}
         pack_weights(self.compiled.buckets, self._die_weights, packed, self._dtype)
         self._buckets = []
         for p in self.compiled.buckets:
