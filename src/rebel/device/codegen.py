@@ -164,7 +164,7 @@ def _generate(kernels, keep: set[str], name: str, shared: frozenset,
                 stmts.append((f"{em.var(o)} = C({em.var(o)}, D)", [o]))
             continue
         for op in ops:
-            weight = _packed_weight(op, packed)
+            weight = packed_linear.linear_weight(op, packed)
             looked_up = packed_linear.lookup_weight(op, packed)
             refs = [r + packed_linear.SUFFIX if r in (weight, looked_up) else r for r in op.refs]
             for r in refs:
@@ -220,14 +220,6 @@ def _generate(kernels, keep: set[str], name: str, shared: frozenset,
     body += [f"env[{n!r}] = {em.var(n)}" for n in dict.fromkeys(stored)]
     source = f"def {name}(env):\n" + "".join(f"    {line}\n" for line in body or ["pass"])
     return source, dict(em.globals)
-
-
-def _packed_weight(op: Op, packed: dict) -> str | None:
-    """The weight a linear reads in packed form, or None."""
-    if op.target != packed_linear.LINEAR or op.kwargs or len(op.args) < 2:
-        return None
-    weight = op.args[1]
-    return weight.name if isinstance(weight, Ref) and weight.name in packed else None
 
 
 def _direct(fn):

@@ -99,6 +99,13 @@ def _rows(op, program) -> int:
     return math.prod(spec.shape[:-1]) if spec is not None and spec.shape else 1 << 62
 
 
+def linear_weight(op, packed: dict) -> str | None:
+    """The weight a linear reads in packed form, or None."""
+    if op.target != LINEAR or op.kwargs or len(op.args) < 2 or not isinstance(op.args[1], Ref):
+        return None
+    return op.args[1].name if op.args[1].name in packed else None
+
+
 def lookup_weight(op, packed: dict) -> str | None:
     """The weight an embedding lookup reads from its 16-bit copy (a tied head's), or None."""
     if op.target != EMBEDDING or op.kwargs or not op.args or not isinstance(op.args[0], Ref):
@@ -133,7 +140,7 @@ def plain_readers(programs, names: dict[str, str]) -> set[str]:
             device = seg.kind == "device"
             ops = [op for k in seg.kernels for op in k.ops] if device else seg.ops
             for op in ops:
-                packed_arg = op.args[1] if _linear_weight(op, program) in names else \
+                packed_arg = op.args[1] if linear_weight(op, names) else \
                     op.args[0] if device and lookup_weight(op, names) else None
                 for arg in _refs(op.args, op.kwargs):
                     if arg.name in names and arg is not packed_arg:
