@@ -3,8 +3,8 @@
 pyproject.toml holds everything else; setuptools runs this file for the two libraries:
   * torch_rbln's C++ shim (torch_rbln/csrc/rbln_shim.cpp with rebel/device/csrc/round16.c), a torch
     CppExtension against the torch in the build environment (pinned in [build-system]);
-  * rebel's native library (rebel/device/csrc: round16.c, the 16-bit rounder, and linear_rows.c, the
-    few-row linear kernel), a plain C library that rebel.device.rounding loads with ctypes.
+  * rebel's native library (rebel/device/csrc: round16.c, the 16-bit rounder, linear_rows.c, the
+    few-row linear kernel, and epilogues.c, the kernel tails), a plain C library that rebel.device.rounding loads with ctypes.
 Each is named after the key its loader computes from the sources installed beside it
 (torch_rbln/_shim.py, rebel/device/rounding.py), so a stale build is never loaded; both loaders
 compile at first use when no matching build is installed.
@@ -88,7 +88,7 @@ setup(
         Extension(f"rebel.device.{rounder_name}",
                   [str(SRC / "rebel" / "device" / "csrc" / f.name) for f in rounding.SOURCES],
                   depends=[str(SRC / "rebel" / "device" / "csrc" / "round16.h")],
-                  extra_compile_args=["-O2", "-g0", *rounding.OPENMP], extra_link_args=rounding.OPENMP),
+                  extra_compile_args=[*rounding.CFLAGS, "-g0", *rounding.OPENMP], extra_link_args=rounding.OPENMP),
     ],
     cmdclass={"build_ext": build_ext},
 )

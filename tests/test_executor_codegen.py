@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import rebel
-from rebel.device import rounding
+from rebel.device import epilogues, rounding, tail_fusion
 from rebel.device.codegen import CompiledBlock
 from rebel.runtime.executor import EXECUTOR_ENV, bind_segments
 
@@ -178,31 +178,59 @@ def test_views_of_rounded_values_are_not_rounded(monkeypatch):
     assert torch.equal(b, a.t().reshape(-1))
 
 
-def _in_place_calls(compiled) -> list[str]:
-    """Names of the in-place ATen ops the generated blocks of `compiled` call."""
-    names = []
+def _globals(compiled):
     for _, work in bind_segments(compiled.program, "generated"):
         for block in work:
             if isinstance(block, CompiledBlock):
-                for value in block.fn.__globals__.values():
-                    for name, op in (("gelu_", torch.ops.aten.gelu_.default), ("add_", torch.ops.aten.add_.Tensor)):
-                        if value is op._op:
-                            names.append(name)
-    return sorted(names)
+                yield from block.fn.__globals__.values()
+
+
+def _in_place_calls(compiled) -> list[str]:
+    """Names of the in-place ops the generated blocks of `compiled` call."""
+    ops = (("gelu_", epilogues.gelu_), ("add_", torch.ops.aten.add_.Tensor._op),
+           ("mul_", torch.ops.aten.mul_.Tensor._op), ("mul_", torch.ops.aten.mul_.Scalar._op))
+    return sorted(name for value in _globals(compiled) for name, op in ops if value is op)
+
+
+class _GeluScaleResidual(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(64, 64), torch.nn.Linear(64, 64)
+
+    def forward(self, x):
+        return self.b(torch.nn.functional.gelu(self.a(x)) * 2.0) + x
 
 
 def test_dead_operands_are_written_in_place(monkeypatch):
-    """The encoder's GELU and residual add write over the linear outputs that die there (as
-    eager's `gelu_` after `addmm`), with results equal to the interpreter's bit for bit."""
+    """GELU, the scaling and the residual add write over the values that die there (as eager's
+    `gelu_` after `addmm`), with results equal to the interpreter's bit for bit."""
     torch.manual_seed(0)
-    model = _encoder()
     x = torch.randn(2, 12, 64)
-    compiled = rebel.compile_from_torch(model, example_inputs=[x])
-    assert _in_place_calls(compiled) == ["add_", "gelu_"]
+    compiled = rebel.compile_from_torch(_GeluScaleResidual().eval(), example_inputs=[x])
+    assert _in_place_calls(compiled) == ["add_", "gelu_", "mul_"]
     old, new = _both(compiled, monkeypatch)
     for seed in range(3):
         xi = torch.randn(2, 12, 64, generator=torch.Generator().manual_seed(seed))
         assert torch.equal(old.run(xi), new.run(xi))
+
+
+def test_encoder_kernel_tails_round_in_their_own_pass(monkeypatch):
+    """The encoder's linears (with their bias, one with its GELU) and its residual norms end
+    their kernels as fused tails that round themselves (tail_fusion): no in-place op and no
+    separate rounding is left for them; only attention's output is rounded apart."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 12, 64)
+    compiled = rebel.compile_from_torch(_encoder(), example_inputs=[x])
+    fused = sorted(name for value in _globals(compiled) for name, fn in tail_fusion.FUSED.items()
+                   if value is fn)
+    assert fused == ["rbln_tail.layer_norm", "rbln_tail.linear", "rbln_tail.linear_gelu"]
+    sources = [b.source for _, work in bind_segments(compiled.program, "generated")
+               for b in work if isinstance(b, CompiledBlock)]
+    assert sum(src.count(" = R(") for src in sources) == 1
+    assert _in_place_calls(compiled) == []
+    old, new = _both(compiled, monkeypatch)
+    xi = torch.randn(2, 12, 64, generator=torch.Generator().manual_seed(5)) * 4
+    assert torch.equal(old.run(xi), new.run(xi))
 
 
 def test_in_place_never_writes_what_others_see(monkeypatch):

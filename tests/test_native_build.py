@@ -26,7 +26,7 @@ def _copy_sources(root: Path) -> tuple[list[Path], Path]:
     (root / "shim").mkdir(parents=True)
     (root / "rounder").mkdir()
     shutil.copy(files[0], root / "shim")
-    for name in ("round16.c", "round16.h", "linear_rows.c"):
+    for name in ("round16.c", "round16.h", "linear_rows.c", "epilogues.c"):
         shutil.copy(include / name, root / "rounder")
     return _shim.sources(root / "shim" / files[0].name, root / "rounder")
 
@@ -45,10 +45,10 @@ def test_shim_key_depends_on_contents_and_torch_not_on_paths(tmp_path):
 
 def test_rounder_key_depends_on_contents_not_on_paths(tmp_path):
     _, rounder = _copy_sources(tmp_path)
-    files = [rounder / "round16.c", rounder / "linear_rows.c", rounder / "round16.h"]
+    files = [rounder / n for n in ("round16.c", "linear_rows.c", "epilogues.c", "round16.h")]
     copy = rounding.key(*files)
     assert copy == rounding.key()
-    for edited in files[:2]:  # either source of the library
+    for edited in files[:3]:  # any source of the library
         edited.write_text(edited.read_text() + "/* edit */\n")
         assert rounding.key(*files) != copy
 

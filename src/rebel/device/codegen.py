@@ -29,8 +29,8 @@ import math
 import torch
 
 from ..ir import GETITEM, Op, Ref, TensorSpec, resolve_target, to_torch_dtype
-from . import attention_layout, packed_linear
-from .ops import DEVICE_IMPLS, FRESH_RESULTS, INPLACE_RESULTS, PLANNED, device_fn
+from . import attention_layout, packed_linear, tail_fusion
+from .ops import DEVICE_IMPLS, FASTER_IN_PLACE, FRESH_RESULTS, INPLACE_RESULTS, PLANNED, device_fn
 from .rounding import round_copier, rounder
 
 # ATen ops whose result always shares its input's memory (a layout, not a computation).
@@ -120,7 +120,8 @@ class CompiledBlock:
                  name: str = "block", shared: frozenset = frozenset(),
                  packed: dict | None = None):
         self.dtype = to_torch_dtype(dtype)
-        kernels = attention_layout.rewrite(kernels, keep)
+        kernels = tail_fusion.rewrite(attention_layout.rewrite(kernels, keep), keep, self.dtype, packed,
+                                      VIEW_OPS)
         self.source, namespace = _generate(kernels, keep, name, shared, packed)
         namespace.update(R=rounder(self.dtype), C=round_copier(self.dtype), D=self.dtype)
         code = compile(self.source, f"<rbln {name}>", "exec")
@@ -169,7 +170,8 @@ def _generate(kernels, keep: set[str], name: str, shared: frozenset,
             refs = [r + packed_linear.SUFFIX if r in (weight, looked_up) else r for r in op.refs]
             for r in refs:
                 load(r)
-            fn = None if op.target == GETITEM else _direct(device_fn(op.target))
+            fn = None if op.target == GETITEM else \
+                tail_fusion.FUSED.get(op.target) or _direct(device_fn(op.target))
             out = em.var(op.name)
             planned = PLANNED.get(op.target)
             if op.target == GETITEM:
@@ -264,7 +266,7 @@ def _in_place(op: Op, produced: dict, readers: dict, keep: set):
             continue
         if i == 1:
             args = [args[1], args[0]]
-        return _direct(resolve_target(target)), args
+        return FASTER_IN_PLACE.get(op.target) or _direct(resolve_target(target)), args
     return None
 
 
@@ -299,8 +301,8 @@ def _exact(ops: list[Op]) -> set[str]:
         name = _op_name(op.target)
         key = op.target.removeprefix("aten.")
         listed = key in EXACT_OPS or key.removesuffix(".default") in EXACT_OPS
-        if isinstance(op.out, TensorSpec) and not op.out.is_float:
-            exact.add(op.name)
+        if isinstance(op.out, TensorSpec) and not op.out.is_float or op.target in tail_fusion.FUSED:
+            exact.add(op.name)  # integers, or a fused tail, which rounds its result itself
         elif op.target == GETITEM or name in VIEW_OPS or listed:
             if all(r in exact or r not in inside for r in op.refs) and op.target not in DEVICE_IMPLS:
                 exact.add(op.name)
@@ -358,6 +360,8 @@ def _view_base(op: Op, inside: dict[str, Op]) -> str | None:
                 return op.name
             op = src
         name = _op_name(op.target)
+        if op.target in tail_fusion.FUSED:
+            return op.name  # a new tensor
         if name in VIEW_OPS:
             if not op.args or not isinstance(op.args[0], Ref):
                 return None

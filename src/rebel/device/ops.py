@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from ..ir import resolve_target
-from . import gemm_threads, linear_rows, moe, quant, vendor_ops  # noqa: F401  register rbln::linear_weight_only, rbln::moe_*, rbln_custom_ops
+from . import epilogues, gemm_threads, linear_rows, moe, quant, vendor_ops  # noqa: F401  register rbln::linear_weight_only, rbln::moe_*, rbln_custom_ops
 
 NEG_INF = float("-inf")
 
@@ -335,25 +335,41 @@ def linear_on_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     chip's DMA lays the operand out for the MAC array either way; only the FP32 accumulation
     order differs (max |diff| ~5e-5 before rounding to 16 bits), and neither order is the chip's.
     One to eight rows (decode) run in rebel's native kernel (linear_rows): one summation order
-    for every row count, thread count and weight storage."""
+    for every row count, thread count and weight storage. The bias is added to the finished sum,
+    as the chip's accumulator hands it on (`linear_tail`)."""
+    return linear_tail(x, weight, bias)
+
+
+def linear_tail(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                gelu: bool = False, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """`linear_on_rows`, then GELU when asked, then the rounding to dtype when given: the product
+    first, then bias, GELU and rounding in one pass over it (`epilogues.tail`), where addmm would
+    copy the bias into the output before the GEMM and GELU and the rounding take a pass each. The
+    generated executor calls this for a kernel that ends so (`tail_fusion`); the interpreter's
+    op-by-op result is the same bit for bit."""
     few = linear_rows.linear(x, weight, bias)
     if few is not None:
-        return few
+        return epilogues.tail(few, None, gelu, dtype) if gelu or dtype is not None else few
     if x.dim() > 2 and not x.is_contiguous():
         x = x.contiguous()
     count = gemm_threads.COUNT
     if count is not None and _MKL_LOCAL is not None and x.numel() > x.shape[-1]:
         previous = _MKL_LOCAL(count)  # more than one row: a machine-fixed count (gemm_threads)
         try:
-            return _linear(x, weight, bias)
+            y = _linear(x, weight)
         finally:
             _MKL_LOCAL(previous)
-    return _linear(x, weight, bias)
+    else:
+        y = _linear(x, weight)
+    return epilogues.tail(y, bias, gelu, dtype) if bias is not None or gelu or dtype is not None else y
 
 
 # Kernels that compute what their op computes, a faster way: a new tensor like the op's, so the
 # op's rounding and aliasing rules still hold (unlike DEVICE_IMPLS, which may update in place).
-FASTER_IMPLS = {"aten.linear.default": linear_on_rows}
+FASTER_IMPLS = {"aten.linear.default": linear_on_rows, "aten.gelu.default": epilogues.gelu,
+                "aten.native_layer_norm.default": epilogues.native_layer_norm}
+# In-place forms of FASTER_IMPLS that generated code may write over a dying operand with.
+FASTER_IN_PLACE = {"aten.gelu.default": epilogues.gelu_}
 
 
 def device_fn(target: str):

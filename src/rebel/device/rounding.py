@@ -11,7 +11,8 @@ torch headers, so that takes well under a second, once per machine, into the sam
 extensions use. Both builds use OpenMP, so large tensors round on torch's intra-op threads.
 Without either (no C compiler, or off x86) `round_` falls back to `t.copy_(t.to(dtype))`,
 which gives the same values. The same library carries the few-row linear kernel
-(csrc/linear_rows.c, `linear_rows`), so one key names both sources. The compiled-model
+(csrc/linear_rows.c, `linear_rows`) and the kernel tails (csrc/epilogues.c, `epilogues`), so one
+key names all the sources. The compiled-model
 executor rounds through here, the lowest layer that rounds; the eager device (torch_rbln)
 compiles the same C source into its shim.
 """
@@ -31,9 +32,11 @@ import torch
 
 SOURCE = Path(__file__).parent / "csrc" / "round16.c"
 HEADER = SOURCE.with_name("round16.h")
-SOURCES = (SOURCE, SOURCE.with_name("linear_rows.c"))
+SOURCES = (SOURCE, SOURCE.with_name("linear_rows.c"), SOURCE.with_name("epilogues.c"))
 PREFIX = "_round16_"
 OPENMP = ["-fopenmp"]  # compile and link flags of the builds (setup.py's too): see round16.c
+# No fused multiply-adds the source does not write: see epilogues.c (setup.py's build too).
+CFLAGS = ["-O2", "-ffp-contract=off"]
 _lock = threading.Lock()
 _lib = None
 _loaded = False
@@ -81,7 +84,7 @@ def _build() -> ctypes.CDLL | None:
             with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
                 built = Path(tmp) / target.name
                 for flags in (OPENMP, []):  # without OpenMP one thread rounds: still correct
-                    command = [compiler, "-O2", "-shared", "-fPIC", *flags, "-o", str(built),
+                    command = [compiler, *CFLAGS, "-shared", "-fPIC", *flags, "-o", str(built),
                                *map(str, SOURCES)]
                     if subprocess.run(command, capture_output=True, timeout=120).returncode == 0:
                         break
@@ -101,6 +104,11 @@ def _build() -> ctypes.CDLL | None:
     lib.rbln_linear_rows.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
                                      ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64)
     lib.rbln_linear_rows.restype = ctypes.c_int
+    lib.rbln_has_epilogues.restype = ctypes.c_int
+    lib.rbln_bias_act.argtypes = (ctypes.c_void_p,) * 3 + (ctypes.c_int64,) * 2 + (ctypes.c_int,) * 2
+    lib.rbln_bias_act.restype = None
+    lib.rbln_layer_norm.argtypes = (ctypes.c_void_p,) * 7 + (ctypes.c_int64,) * 2 + (ctypes.c_float, ctypes.c_int)
+    lib.rbln_layer_norm.restype = None
     return lib
 
 
@@ -150,7 +158,8 @@ def round_(t: torch.Tensor, dtype: torch.dtype = torch.float16) -> bool:
 def rounder(dtype: torch.dtype):
     """`round_` for one dtype, its native routine looked up once: the generated executor calls it
     for every kernel output (hundreds per decode step), so the checks a contiguous CPU float32
-    tensor needs are all it does before the C call. Anything else takes `round_` itself."""
+    tensor needs are all it does before the C call; a dense permuted one (attention's output)
+    has its layout's answer remembered. Anything else takes `round_` itself."""
     global _NATIVE
     if _NATIVE is None:
         _NATIVE = _rounders()
@@ -158,11 +167,21 @@ def rounder(dtype: torch.dtype):
     if fn is None:
         return round_
     f32 = torch.float32
+    dense: dict = {}  # (shape, strides) -> _dense: attention's transposed output, every run
 
     def round_native(t: torch.Tensor, dtype: torch.dtype = dtype) -> bool:
-        if t.dtype is f32 and t.is_cpu and t.is_contiguous():
-            fn(t.data_ptr(), t.numel())
-            return True
+        if t.dtype is f32 and t.is_cpu:
+            if t.is_contiguous():
+                fn(t.data_ptr(), t.numel())
+                return True
+            layout = (t.shape, t.stride())
+            if layout not in dense:
+                if len(dense) >= 1024:
+                    dense.clear()
+                dense[layout] = _dense(t)
+            if dense[layout]:
+                fn(t.data_ptr(), t.numel())
+                return True
         return round_(t, dtype)
     return round_native
 
