@@ -112,3 +112,30 @@ def test_products_mkl_splits_do_not_depend_on_the_load(monkeypatch):
         assert threads.run_threads() == count
         outputs.append(runtime.run(x))
     assert torch.equal(outputs[0], outputs[1])
+
+
+def test_busy_elsewhere_measures_time_not_a_snapshot(monkeypatch):
+    """Over a span, a job spinning in another process counts as a busy core, and this process's
+    own work does not."""
+    import subprocess
+    import sys
+    import time
+
+    if not os.path.exists("/proc/stat"):
+        return
+    monkeypatch.setattr(threads, "_times", None)
+    monkeypatch.setattr(threads, "runnable_elsewhere", lambda: -1)
+    assert threads.busy_elsewhere() == -1  # no span yet: the snapshot answers
+    end = time.monotonic() + 0.5
+    while time.monotonic() < end:  # this process busy: not counted
+        pass
+    assert threads.busy_elsewhere() == 0
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.6)
+        threads.busy_elsewhere()  # start the span with the spinner running
+        time.sleep(0.6)
+        assert threads.busy_elsewhere() >= 1
+    finally:
+        spinner.kill()
+        spinner.wait()

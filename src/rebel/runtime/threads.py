@@ -11,9 +11,9 @@ matmul does not scale on this CPU), and 2 threads only helped the 64-row prefill
 
 But on an idle machine every core helps: measured on the same box, idle, SmolLM2 decode at
 batch 1 ran at 14.8 tokens/s with 1 thread and 23.0 with 2 (Hugging Face eager: 15.8 and 25.4).
-So a run uses the usable cores that no other process is running on right now (at least 1):
-the kernel's count of runnable threads (/proc/loadavg) less this process's own running ones,
-looked at again at most once a second. Without /proc it leaves one core to the caller (the
+So a run uses the usable cores that no other process keeps busy (at least 1): the cores' busy
+time since the last look (/proc/stat) less this process's own CPU time, looked at again at most
+once a second (a first look counts the runnable threads of /proc/loadavg less this process's). Without /proc it leaves one core to the caller (the
 policy of vLLM's CPU worker, which vllm_rbln's workers keep: their engine and front-end run
 beside them). `RBLN_NUM_THREADS` chooses the count; an `OMP_NUM_THREADS` the user set is left
 alone (torch already honours it). Results do not depend on the count: products of more than one
@@ -60,6 +60,38 @@ def free_cores() -> int:
 
 
 def busy_elsewhere() -> int | None:
+    """Cores other processes keep busy, or None where unknown (no /proc). Measured over the
+    time since the last look when that is at least MIN_SPAN_S: /proc/stat's busy time of all
+    cores less this process's own CPU time, so a job that holds a core counts and a blip does
+    not. A first look can only take a snapshot (`runnable_elsewhere`), which is racy: this
+    process's own OpenMP workers fall asleep between a benchmark's runs, and /proc/loadavg and
+    their states are read apart, so measured here 6 snapshots in 528 saw a busy core that was
+    not, and each held one thread for the next second of runs (a 1.3-1.5x slower row)."""
+    global _times
+    now = time.monotonic()
+    try:
+        with open("/proc/stat") as f:
+            cpu = [int(v) for v in f.readline().split()[1:9]]
+        with open("/proc/self/stat") as f:
+            stat = f.read()
+        fields = stat[stat.rindex(")") + 2:].split()
+        own = int(fields[11]) + int(fields[12])  # utime + stime
+    except (OSError, ValueError, IndexError):
+        return runnable_elsewhere()
+    busy = sum(cpu) - cpu[3] - cpu[4]  # all but idle and iowait (steal counts: the host took it)
+    last, _times = _times, (now, busy, own)
+    if last is None or now - last[0] < MIN_SPAN_S:
+        return runnable_elsewhere()
+    others = (busy - last[1] - (own - last[2])) / (_TICKS * (now - last[0]))
+    return max(0, int(others + 0.5))
+
+
+MIN_SPAN_S = 0.2
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+_times = None  # (when, all cores' busy ticks, this process's ticks) at the last look
+
+
+def runnable_elsewhere() -> int | None:
     """Threads of other processes running or runnable right now, or None where unknown (no
     /proc): the 4th field of /proc/loadavg counts every runnable thread, this process's own
     running ones (this thread, OpenMP workers still spinning) are taken off."""
