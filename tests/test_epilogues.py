@@ -162,3 +162,61 @@ def test_rewrite_leaves_chains_others_read():
     assert [op.target for op in kernels[0][0]] == [tail_fusion.LINEAR, "aten.mul.Tensor"]
     # a float32 device (no rounding) is left alone
     assert tail_fusion.rewrite(_chain(), set(), torch.float32) == _chain()
+
+
+def _bn_params(c, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(c, generator=g), torch.randn(c, generator=g), torch.randn(c, generator=g),
+            torch.rand(c, generator=g) + 0.5)
+
+
+@native
+@pytest.mark.parametrize("shape", [(2, 5, 7, 9), (3, 6, 40), (8, 4)])
+def test_batch_norm_against_float64_and_atens(shape):
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(3)) * 3
+    w, b, mean, var = _bn_params(shape[1])
+    y, s1, s2 = epilogues.batch_norm(x, w, b, mean, var, 0.1, 1e-5)
+    view = (1, -1) + (1,) * (x.dim() - 2)
+    ref = (x.double() - mean.double().view(view)) / (var.double().view(view) + 1e-5).sqrt() * \
+        w.double().view(view) + b.double().view(view)
+    assert (y - ref).abs().max() < 1e-5
+    at = torch.ops.aten._native_batch_norm_legit_no_training.default(x, w, b, mean, var, 0.1, 1e-5)
+    torch.testing.assert_close(y, at[0], rtol=1e-6, atol=1e-6)
+    assert s1.shape == at[1].shape and s2.shape == at[2].shape
+    y0 = epilogues.batch_norm(x, None, None, mean, var, 0.1, 1e-5)[0]
+    assert (y0 - (x.double() - mean.double().view(view)) / (var.double().view(view) + 1e-5).sqrt()).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("relu", [True, False])
+def test_batch_norm_rounded_equals_op_by_op(dtype, relu):
+    x = torch.randn(2, 6, 11, 13, generator=torch.Generator().manual_seed(4)) * 4
+    x[0, 0, 0, :3] = torch.tensor([-1e-30, float("nan"), -0.0])
+    w, b, mean, var = _bn_params(6, seed=1)
+    w[0], b[0], mean[0] = 1.0, 0.0, 0.0  # channel 0 passes its values through
+    for round_input in (True, False):
+        src = rounding.rounded(x, dtype) if round_input else x
+        y = epilogues.batch_norm(src, w, b, mean, var, 0.1, 1e-5)[0]
+        step = rounding.rounded(torch.relu(y) if relu else y, dtype)
+        got = epilogues.batch_norm_rounded(x, w, b, mean, var, 1e-5, relu, round_input, dtype)
+        assert torch.equal(got.isnan(), step.isnan())
+        keep = ~step.isnan()
+        assert torch.equal(got[keep], step[keep]) and torch.equal(got.signbit()[keep], step.signbit()[keep])
+
+
+def test_rewrite_moves_a_convolutions_rounding_into_the_batch_norm_reading_it():
+    conv = _op("c", tail_fusion.CONV, [Ref("x"), Ref("w"), None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1])
+    bn = Op("bn", tail_fusion.BATCH_NORM, (Ref("c"), Ref("g"), Ref("b"), Ref("m"), Ref("v"), 0.1, 1e-5), {},
+            (TensorSpec((4, 8), "float32"), TensorSpec((0,), "float32"), TensorSpec((0,), "float32")))
+    item = _op("y", GETITEM, [Ref("bn"), 0])
+    relu = _op("r", tail_fusion.RELU, [Ref("y")])
+    (first, first_out), (second, _) = tail_fusion.rewrite([([conv], ["c"]), ([bn, item, relu], ["r"])],
+                                                          set(), torch.float16)
+    assert first == [conv] and first_out == []  # the convolution's output is rounded as it is read
+    assert [op.target for op in second] == ["rbln_tail.batch_norm"]
+    assert second[0].args[6:] == (True, True, torch.float16)
+    # read by another op too: the convolution rounds its own output, the norm reads it rounded
+    other = _op("o", "aten.mul.Tensor", [Ref("c"), Ref("c")])
+    kernels = tail_fusion.rewrite([([conv], ["c"]), ([bn, item, relu], ["r"]), ([other], ["o"])],
+                                  set(), torch.float16)
+    assert kernels[0][1] == ["c"] and kernels[1][0][0].args[7] is False

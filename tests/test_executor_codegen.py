@@ -37,7 +37,18 @@ def _mlp():
                                torch.nn.SiLU(), torch.nn.LayerNorm(64), torch.nn.Linear(64, 8))
 
 
-@pytest.mark.parametrize("make, shape", [(_mlp, (4, 32)), (_encoder, (2, 12, 64))])
+def _cnn():
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.BatchNorm2d(8, affine=False), torch.nn.Flatten(),
+        torch.nn.Linear(8 * 8 * 8, 10)).eval()
+    for bn in (model[1], model[5]):
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+@pytest.mark.parametrize("make, shape", [(_mlp, (4, 32)), (_encoder, (2, 12, 64)), (_cnn, (2, 3, 16, 16))])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_generated_equals_interpreter(make, shape, dtype, monkeypatch):
     torch.manual_seed(0)

@@ -42,7 +42,8 @@ VIEW_OPS = frozenset("""view _unsafe_view unsqueeze squeeze expand slice select 
 # they give 16-bit values, which rounding leaves unchanged.
 EXACT_OPS = frozenset("""clone cat flip roll repeat embedding index_select gather index.Tensor
     slice_scatter select_scatter where.self relu neg abs maximum minimum amax amin max.dim
-    min.dim max.default min.default""".split())
+    min.dim max.default min.default max_pool1d max_pool2d max_pool3d max_pool2d_with_indices
+    max_pool3d_with_indices adaptive_max_pool1d adaptive_max_pool2d""".split())
 
 
 def _op_name(target: str) -> str:

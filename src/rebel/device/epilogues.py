@@ -1,7 +1,8 @@
 """Kernel tails in one native pass (csrc/epilogues.c): a linear's bias, GELU, a layer norm after
-a residual add, each optionally with the kernel's 16-bit rounding.
+a residual add, an inference batch norm and its ReLU, each optionally with the kernel's 16-bit
+rounding.
 
-These are the device's GELU and layer norm for both executors (`ops.FASTER_IMPLS`): the
+These are the device's GELU, layer norm and batch norm for both executors (`ops.FASTER_IMPLS`): the
 interpreter runs them op by op and rounds at the kernel's end, the generated executor runs a
 kernel's tail as one call that also rounds (`tail_fusion`), and the two agree bit for bit because
 both run the same C code per element and per row. Their FP32 results are not ATen's: GELU comes
@@ -123,3 +124,45 @@ def layer_norm_rounded(x: torch.Tensor, residual: torch.Tensor | None, normalize
     _lib.rbln_layer_norm(x.data_ptr(), _ptr(residual), _ptr(weight), _ptr(bias), y.data_ptr(), None, None,
                          x.numel() // n, n, eps, _MODE[dtype])
     return y
+
+
+def _batch_norm_fits(x, weight, bias, mean, var) -> bool:
+    if _native() is None or x.dim() < 2 or not _plain(x, weight, bias, mean, var):
+        return False
+    c = x.shape[1]
+    return all(t is None or t.shape == (c,) for t in (weight, bias)) and mean is not None and \
+        var is not None and mean.shape == var.shape == (c,)
+
+
+def _batch_norm(x, weight, bias, mean, var, eps, relu, in_dtype, out_dtype) -> torch.Tensor:
+    n, c = x.shape[:2]
+    y = torch.empty_like(x)
+    _lib.rbln_batch_norm(x.data_ptr(), y.data_ptr(), _ptr(weight), _ptr(bias), mean.data_ptr(), var.data_ptr(),
+                         n, c, x.numel() // max(n * c, 1), eps, int(relu), _MODE[in_dtype], _MODE[out_dtype])
+    return y
+
+
+def batch_norm(x: torch.Tensor, weight, bias, running_mean, running_var, momentum: float, eps: float):
+    """`aten._native_batch_norm_legit_no_training` (y and two empty statistics, as ATen's) in
+    native code where it applies (contiguous [N, C, ...] float32), else ATen's."""
+    if not _batch_norm_fits(x, weight, bias, running_mean, running_var):
+        return torch.ops.aten._native_batch_norm_legit_no_training.default(
+            x, weight, bias, running_mean, running_var, momentum, eps)
+    y = _batch_norm(x, weight, bias, running_mean, running_var, eps, False, None, None)
+    return y, x.new_empty(0), x.new_empty(0)
+
+
+def batch_norm_rounded(x: torch.Tensor, weight, bias, running_mean, running_var, eps: float, relu: bool,
+                       round_input: bool, dtype: torch.dtype) -> torch.Tensor:
+    """`batch_norm(x)[0]`, then ATen's ReLU when asked, rounded to dtype; round_input first rounds
+    x (the rounding of the kernel that computed it, taken over when nothing else reads it). One
+    pass where the C code takes it, the same values either way."""
+    if dtype in _MODE and dtype is not None and _batch_norm_fits(x, weight, bias, running_mean, running_var):
+        return _batch_norm(x, weight, bias, running_mean, running_var, eps, relu,
+                           dtype if round_input else None, dtype)
+    if round_input:
+        x = rounding.rounded(x, dtype)
+    y = batch_norm(x, weight, bias, running_mean, running_var, 0.0, eps)[0]
+    if relu:
+        y = torch.relu(y)
+    return y if rounding.round_(y, dtype) else rounding.rounded(y, dtype)

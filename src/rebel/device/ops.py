@@ -367,7 +367,8 @@ def linear_tail(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 # Kernels that compute what their op computes, a faster way: a new tensor like the op's, so the
 # op's rounding and aliasing rules still hold (unlike DEVICE_IMPLS, which may update in place).
 FASTER_IMPLS = {"aten.linear.default": linear_on_rows, "aten.gelu.default": epilogues.gelu,
-                "aten.native_layer_norm.default": epilogues.native_layer_norm}
+                "aten.native_layer_norm.default": epilogues.native_layer_norm,
+                "aten._native_batch_norm_legit_no_training.default": epilogues.batch_norm}
 # In-place forms of FASTER_IMPLS that generated code may write over a dying operand with.
 FASTER_IN_PLACE = {"aten.gelu.default": epilogues.gelu_}
 

@@ -109,6 +109,9 @@ def _build() -> ctypes.CDLL | None:
     lib.rbln_bias_act.restype = None
     lib.rbln_layer_norm.argtypes = (ctypes.c_void_p,) * 7 + (ctypes.c_int64,) * 2 + (ctypes.c_float, ctypes.c_int)
     lib.rbln_layer_norm.restype = None
+    lib.rbln_batch_norm.argtypes = (ctypes.c_void_p,) * 6 + (ctypes.c_int64,) * 3 + (ctypes.c_float,) + \
+        (ctypes.c_int,) * 3
+    lib.rbln_batch_norm.restype = None
     return lib
 
 

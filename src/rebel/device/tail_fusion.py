@@ -1,10 +1,12 @@
 """A kernel's tail and its rounding as one call, in the kernels of one generated block.
 
 A kernel rounds its outputs after its last op. Where that op is a linear with a bias, a GELU of
-a linear, or a layer norm (of a residual sum), `rewrite` replaces the chain by one op that
-computes it and rounds in the same pass over the result (`ops.linear_tail`,
-`epilogues.layer_norm_rounded`): the GEMM's output is walked once instead of three times (bias
-copy, GELU, rounding), a norm's input once instead of twice. Only the generated executor does
+a linear, a layer norm (of a residual sum) or an inference batch norm (and its ReLU), `rewrite`
+replaces the chain by one op that computes it and rounds in the same pass over the result
+(`ops.linear_tail`, `epilogues.layer_norm_rounded`, `epilogues.batch_norm_rounded`): the GEMM's
+output is walked once instead of three times (bias copy, GELU, rounding), a norm's input once
+instead of twice. A batch norm also rounds, as it reads it, the convolution output it alone
+reads, in place of the convolution kernel's own pass over it. Only the generated executor does
 this; the device's ops are the same C code whether fused or not, so the interpreter, running the
 chain op by op and rounding at the end, gets the same bits (tests compare).
 
@@ -24,6 +26,9 @@ LINEAR = "aten.linear.default"
 GELU = "aten.gelu.default"
 NORM = "aten.native_layer_norm.default"
 ADD = "aten.add.Tensor"
+BATCH_NORM = "aten._native_batch_norm_legit_no_training.default"
+RELU = "aten.relu.default"
+CONV = "aten.convolution.default"
 
 
 def _linear(x, weight, bias, dtype):
@@ -36,7 +41,8 @@ def _linear_gelu(x, weight, bias, dtype):
 
 # The fused ops' targets (the generated executor's only) and what computes them.
 FUSED = {"rbln_tail.linear": _linear, "rbln_tail.linear_gelu": _linear_gelu,
-         "rbln_tail.layer_norm": epilogues.layer_norm_rounded}
+         "rbln_tail.layer_norm": epilogues.layer_norm_rounded,
+         "rbln_tail.batch_norm": epilogues.batch_norm_rounded}
 
 
 def rewrite(kernels: list[tuple[list[Op], list[str]]], keep: set[str], dtype: torch.dtype,
@@ -52,6 +58,12 @@ def rewrite(kernels: list[tuple[list[Op], list[str]]], keep: set[str], dtype: to
         for op in block:
             for r in op.refs:
                 readers[r] = readers.get(r, 0) + 1
+    # Convolution outputs only a batch norm reads: the norm may round them as it reads them.
+    movable = {op.name: index for index, (block, outputs) in enumerate(kernels) for op in block
+               if op.target == CONV and op.name in outputs and readers.get(op.name) == 1
+               and op.name not in keep and isinstance(op.out, TensorSpec)
+               and op.name not in {r for other in block for r in other.refs}}
+    taken: set[str] = set()  # roundings moved into the kernel that reads them
     out = []
     for block, outputs in kernels:
         by_name = {op.name: op for op in block}
@@ -64,10 +76,25 @@ def rewrite(kernels: list[tuple[list[Op], list[str]]], keep: set[str], dtype: to
                 if match is not None:
                     fused[op.name], gone = match
                     removed |= gone
+                    fused[op.name] = _round_on_read(fused[op.name], movable, len(out), taken)
         if fused:
             block = [fused.get(op.name, op) for op in block if op.name not in removed]
         out.append((block, outputs))
-    return out
+    return [(block, [o for o in outputs if o not in taken]) for block, outputs in out]
+
+
+def _round_on_read(op: Op, movable: dict, index: int, taken: set) -> Op:
+    """A fused batch norm reading a convolution's output that an earlier kernel would round
+    and nothing else reads takes that rounding over (its round_input flag)."""
+    if op.target != "rbln_tail.batch_norm" or not isinstance(op.args[0], Ref):
+        return op
+    source = op.args[0].name
+    if movable.get(source, index) >= index:
+        return op
+    taken.add(source)
+    args = list(op.args)
+    args[7] = True
+    return Op(op.name, op.target, tuple(args), {}, op.out, kind=op.kind)
 
 
 def _only_viewed(op: Op, block: list[Op], readers: dict, keep: set, views: frozenset) -> bool:
@@ -108,6 +135,11 @@ def _match(op: Op, by_name: dict, readers: dict, keep: set, outputs: set, dtype,
             len(op.args) == 1 and plain_linear(lin := only(op.args[0])):
         x, weight, bias = (*lin.args, None)[:3]
         return Op(op.name, "rbln_tail.linear_gelu", (x, weight, bias, dtype), {}, op.out, kind=op.kind), {lin.name}
+    if op.target in (GETITEM, RELU) and (bn := _batch_norm(op, only)) is not None:
+        x, weight, bias, mean, var, _, eps = bn.args
+        gone = {bn.name} | ({op.args[0].name} if op.target == RELU else set())
+        return Op(op.name, "rbln_tail.batch_norm", (x, weight, bias, mean, var, eps, op.target == RELU, False, dtype),
+                  {}, op.out, kind=op.kind), gone
     if op.target == GETITEM and op.args[1] == 0 and (norm := only(op.args[0])) is not None and \
             norm.target == NORM and not norm.kwargs and len(norm.args) == 5:
         x, shape, weight, bias, eps = norm.args
@@ -120,3 +152,15 @@ def _match(op: Op, by_name: dict, readers: dict, keep: set, outputs: set, dtype,
         return Op(op.name, "rbln_tail.layer_norm", (x, residual, shape, weight, bias, eps, dtype), {},
                   op.out, kind=op.kind), gone
     return None
+
+
+def _batch_norm(op: Op, only) -> Op | None:
+    """The inference batch norm whose output op is (getitem 0) or whose output op's ReLU reads."""
+    if op.target == RELU:
+        if len(op.args) != 1 or op.kwargs or (item := only(op.args[0])) is None or item.target != GETITEM:
+            return None
+        op = item
+    if op.args[1] != 0 or (bn := only(op.args[0])) is None or bn.target != BATCH_NORM or bn.kwargs \
+            or len(bn.args) != 7:
+        return None
+    return bn

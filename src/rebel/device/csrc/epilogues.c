@@ -1,4 +1,4 @@
-/* Kernel tails in one pass over memory: a bias, GELU or a layer norm, and the 16-bit rounding.
+/* Kernel tails in one pass over memory: a bias, GELU, a layer or batch norm, and the 16-bit rounding.
  *
  * A device kernel's last ops and its rounding each walk the whole output through ATen: the bias
  * of a linear is copied into the output before the GEMM reads it back, GELU and the rounding are
@@ -194,8 +194,57 @@ void rbln_layer_norm(const float* x, const float* res, const float* w, const flo
              n, eps, mode);
 }
 
+/* Batch norm at inference over x [N, C, S] (contiguous float32): per channel y = x a + b with
+ * a = w / sqrt(var + eps) and b = bias - mean a (w, bias may be NULL), then ReLU when asked (as
+ * ATen's: a negative value becomes +0, -0 and NaN stay), then rounded to out_mode. in_mode rounds
+ * x as it is read: the previous kernel's output rounding, when nothing else reads that output.
+ * Threads take whole channel planes. */
+AVX512 static void norm_planes(const float* x, float* y, const float* w, const float* b, const float* mean,
+                               const float* var, int64_t lo, int64_t hi, int64_t C, int64_t S, float eps,
+                               int relu, int in_mode, int out_mode) {
+  for (int64_t p = lo; p < hi; ++p) {
+    int64_t c = p % C;
+    float invstd = 1.0f / sqrtf(var[c] + eps);
+    float a = w ? w[c] * invstd : invstd;
+    float shift = (b ? b[c] : 0.0f) - mean[c] * a;
+    __m512 va = _mm512_set1_ps(a), vb = _mm512_set1_ps(shift), zero = _mm512_setzero_ps();
+    const float* src = x + p * S;
+    float* dst = y + p * S;
+    for (int64_t i = 0; i < S; i += 16) {
+      __mmask16 m = S - i >= 16 ? 0xFFFF : (__mmask16)((1u << (S - i)) - 1);
+      __m512 v = _mm512_add_ps(_mm512_mul_ps(round16(_mm512_maskz_loadu_ps(m, src + i), in_mode), va), vb);
+      if (relu) v = _mm512_mask_mov_ps(v, _mm512_cmp_ps_mask(v, zero, _CMP_LT_OQ), zero);
+      _mm512_mask_storeu_ps(dst + i, m, round16(v, out_mode));
+    }
+  }
+}
+
+void rbln_batch_norm(const float* x, float* y, const float* w, const float* b, const float* mean,
+                     const float* var, int64_t N, int64_t C, int64_t S, float eps, int relu, int in_mode,
+                     int out_mode) {
+  int64_t planes = N * C;
+#ifdef _OPENMP
+  if (planes > 1 && planes * S >= RBLN_EPILOGUE_PARALLEL_MIN && omp_get_max_threads() > 1 && !omp_in_parallel()) {
+#pragma omp parallel
+    {
+      int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
+      int64_t step = (planes + threads - 1) / threads, lo = t * step, hi = lo + step < planes ? lo + step : planes;
+      if (lo < hi) norm_planes(x, y, w, b, mean, var, lo, hi, C, S, eps, relu, in_mode, out_mode);
+    }
+    return;
+  }
+#endif
+  norm_planes(x, y, w, b, mean, var, 0, planes, C, S, eps, relu, in_mode, out_mode);
+}
+
 #else
 int rbln_has_epilogues(void) { return 0; }
+void rbln_batch_norm(const float* x, float* y, const float* w, const float* b, const float* mean,
+                     const float* var, int64_t N, int64_t C, int64_t S, float eps, int relu, int in_mode,
+                     int out_mode) {
+  (void)x; (void)y; (void)w; (void)b; (void)mean; (void)var; (void)N; (void)C; (void)S; (void)eps;
+  (void)relu; (void)in_mode; (void)out_mode;
+}
 void rbln_bias_act(const float* src, const float* bias, float* dst, int64_t rows, int64_t n, int act,
                    int mode) {
   (void)src; (void)bias; (void)dst; (void)rows; (void)n; (void)act; (void)mode;
