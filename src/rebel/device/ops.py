@@ -364,7 +364,8 @@ def linear_tail(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return epilogues.tail(y, bias, gelu, dtype) if bias is not None or gelu or dtype is not None else y
 
 
-# Kernels that compute what their op computes, a faster way: a new tensor like the op's, so the
+# Kernels that compute what their op computes, a faster way (to float32 ulps: the linear adds its
+# bias last, GELU and the norms are rebel's own, see epilogues): a new tensor like the op's, so the
 # op's rounding and aliasing rules still hold (unlike DEVICE_IMPLS, which may update in place).
 FASTER_IMPLS = {"aten.linear.default": linear_on_rows, "aten.gelu.default": epilogues.gelu,
                 "aten.native_layer_norm.default": epilogues.native_layer_norm,
