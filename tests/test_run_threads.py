@@ -114,6 +114,19 @@ def test_products_mkl_splits_do_not_depend_on_the_load(monkeypatch):
     assert torch.equal(outputs[0], outputs[1])
 
 
+def test_convolutions_do_not_depend_on_thread_count(monkeypatch):
+    conv = torch.nn.Conv2d(320, 320, 3, padding=1).eval()
+    x = torch.randn(1, 320, 8, 8)
+    runtime = rebel.Runtime(rebel.compile_from_torch(conv, example_inputs=[x]), tensor_type="pt")
+    monkeypatch.delenv(threads.THREADS_ENV, raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    outputs = []
+    for count in (1, 2):
+        monkeypatch.setattr(threads, "free_cores", lambda count=count: count)
+        outputs.append(runtime.run(x))
+    assert torch.equal(outputs[0], outputs[1])
+
+
 def test_busy_elsewhere_measures_time_not_a_snapshot(monkeypatch):
     """Over a span, a job spinning in another process counts as a busy core, and this process's
     own work does not."""
@@ -139,3 +152,5 @@ def test_busy_elsewhere_measures_time_not_a_snapshot(monkeypatch):
     finally:
         spinner.kill()
         spinner.wait()
+    monkeypatch.setattr(threads, "_times", (time.monotonic() - 10, 0, 0))
+    assert threads.busy_elsewhere() == -1  # a look long ago says nothing about now

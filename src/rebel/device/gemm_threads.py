@@ -10,7 +10,8 @@ eight rows therefore runs with a thread count fixed for the machine (`RBLN_NUM_T
 device is imported, else the usable cores) through MKL's per-thread setting (`ops.linear_on_rows`),
 whatever the run's count; products of one to eight rows (decode) run in rebel's native kernel
 (`linear_rows`), whose results do not depend on the count, so they keep the run's. Without MKL
-(another BLAS) the setting is left alone.
+(another BLAS) the setting is left alone. Convolutions run at the same count
+(`ops.convolution_at_fixed_threads`), through torch's setting, as oneDNN has no per-call one.
 """
 from __future__ import annotations
 

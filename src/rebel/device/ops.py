@@ -261,6 +261,7 @@ def paged_attention_planned(plan: PagedPlan, q, k, v, k_cache, v_cache, partitio
 
 _sdpa = torch.nn.functional.scaled_dot_product_attention
 _linear = torch.ops.aten.linear.default._op
+_convolution = torch.ops.aten.convolution.default._op
 _MKL_LOCAL = gemm_threads._mkl_local()
 _einsum = torch._VF.einsum  # torch.einsum without its Python wrapper (two operands: no path search)
 _ZERO = torch.zeros(())  # where()'s zeros: a 0-d float32 broadcasts as zeros_like did, no allocation
@@ -364,12 +365,29 @@ def linear_tail(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return epilogues.tail(y, bias, gelu, dtype) if bias is not None or gelu or dtype is not None else y
 
 
+def convolution_at_fixed_threads(*args):
+    """`aten.convolution` at the machine-fixed thread count multi-row products use
+    (gemm_threads): oneDNN blocks a convolution by the thread count, and measured here a
+    [1, 320, 8, 8] x [320, 320, 3, 3] convolution differs in its last bits at 1 and 2 threads, so
+    a UNet's output followed the machine's load. On an idle machine the run's count is that
+    count already and nothing changes."""
+    count, now = gemm_threads.COUNT, torch.get_num_threads()
+    if count is None or count == now:
+        return _convolution(*args)
+    torch.set_num_threads(count)
+    try:
+        return _convolution(*args)
+    finally:
+        torch.set_num_threads(now)
+
+
 # Kernels that compute what their op computes, a faster way (to float32 ulps: the linear adds its
 # bias last, GELU and the norms are rebel's own, see epilogues): a new tensor like the op's, so the
 # op's rounding and aliasing rules still hold (unlike DEVICE_IMPLS, which may update in place).
 FASTER_IMPLS = {"aten.linear.default": linear_on_rows, "aten.gelu.default": epilogues.gelu,
                 "aten.native_layer_norm.default": epilogues.native_layer_norm,
-                "aten._native_batch_norm_legit_no_training.default": epilogues.batch_norm}
+                "aten._native_batch_norm_legit_no_training.default": epilogues.batch_norm,
+                "aten.convolution.default": convolution_at_fixed_threads}
 # In-place forms of FASTER_IMPLS that generated code may write over a dying operand with.
 FASTER_IN_PLACE = {"aten.gelu.default": epilogues.gelu_}
 

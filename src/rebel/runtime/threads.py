@@ -17,8 +17,8 @@ once a second (a first look counts the runnable threads of /proc/loadavg less th
 policy of vLLM's CPU worker, which vllm_rbln's workers keep: their engine and front-end run
 beside them). `RBLN_NUM_THREADS` chooses the count; an `OMP_NUM_THREADS` the user set is left
 alone (torch already honours it). Results do not depend on the count: products of more than one
-row, which MKL may split differently at other counts, run at a count fixed for the machine
-(device/gemm_threads.py); tests compare.
+row, which MKL may split differently at other counts, and convolutions, which oneDNN blocks by
+the count, run at a count fixed for the machine (device/gemm_threads.py); tests compare.
 
 The count is set for the run only and restored afterwards, per calling thread (OpenMP keeps the
 count per thread; a run nested in another, as a pipeline's stages are, leaves it to the
@@ -61,9 +61,11 @@ def free_cores() -> int:
 
 def busy_elsewhere() -> int | None:
     """Cores other processes keep busy, or None where unknown (no /proc). Measured over the
-    time since the last look when that is at least MIN_SPAN_S: /proc/stat's busy time of all
-    cores less this process's own CPU time, so a job that holds a core counts and a blip does
-    not. A first look can only take a snapshot (`runnable_elsewhere`), which is racy: this
+    time since the last look when that lies within MIN_SPAN_S..MAX_SPAN_S (runs one after
+    another look about once a second): /proc/stat's busy time of all cores less this process's
+    own CPU time, so a job that holds a core counts and a blip does not. An older look says
+    nothing about now (a child process that ran meanwhile, a reload, would count), so a first
+    look, or one after a pause, takes a snapshot instead (`runnable_elsewhere`). That is racy: this
     process's own OpenMP workers fall asleep between a benchmark's runs, and /proc/loadavg and
     their states are read apart, so measured here 6 snapshots in 528 saw a busy core that was
     not, and each held one thread for the next second of runs (a 1.3-1.5x slower row)."""
@@ -80,13 +82,13 @@ def busy_elsewhere() -> int | None:
         return runnable_elsewhere()
     busy = sum(cpu) - cpu[3] - cpu[4]  # all but idle and iowait (steal counts: the host took it)
     last, _times = _times, (now, busy, own)
-    if last is None or now - last[0] < MIN_SPAN_S:
+    if last is None or not MIN_SPAN_S <= now - last[0] <= MAX_SPAN_S:
         return runnable_elsewhere()
     others = (busy - last[1] - (own - last[2])) / (_TICKS * (now - last[0]))
     return max(0, int(others + 0.5))
 
 
-MIN_SPAN_S = 0.2
+MIN_SPAN_S, MAX_SPAN_S = 0.2, 2.5
 _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 _times = None  # (when, all cores' busy ticks, this process's ticks) at the last look
 
