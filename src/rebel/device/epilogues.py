@@ -40,9 +40,12 @@ def available() -> bool:
 
 
 def _plain(*tensors) -> bool:
-    """Contiguous float32 CPU tensors outside autograd (None passes): what the C code reads."""
-    return all(t is None or (t.dtype is _f32 and t.is_cpu and t.is_contiguous() and not t.requires_grad)
-               for t in tensors)
+    """Contiguous float32 CPU tensors outside autograd (None passes): what the C code reads. A
+    loop, not all() over a generator: a transformer block asks this a dozen times a run."""
+    for t in tensors:
+        if t is not None and (t.dtype is not _f32 or not t.is_cpu or not t.is_contiguous() or t.requires_grad):
+            return False
+    return True
 
 
 def _ptr(t):

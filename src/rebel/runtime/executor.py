@@ -162,7 +162,7 @@ def execute(program: Program, segments: list, die_weights: list[dict], inputs: l
                     for env in dies:
                         item(env)
             for v in seg.copy_out:
-                host[v] = dies[0][v].to(to_torch_dtype(program.values[v].dtype))
+                host[v] = _as(dies[0][v], to_torch_dtype(program.values[v].dtype))
         else:
             made_here = {op.name for op in seg.ops}  # e.g. a multi-output op read by its getitems
             for r in {r for op in seg.ops for r in op.refs} - made_here - host.keys():
@@ -175,7 +175,15 @@ def execute(program: Program, segments: list, die_weights: list[dict], inputs: l
             held[buffer] = new
     flat = [(host[o.name] if o.name in host else _to_host(program, o.name, dies[0]))
             if isinstance(o, Ref) else o for o in program.outputs]
+    if len(flat) == 1 and out_spec.is_leaf():
+        return flat[0]  # one tensor: what unflattening gives, without pytree's Python
     return pytree.tree_unflatten(flat, out_spec)
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in dtype (itself when it is already): `Tensor.to` costs a dispatch even then, and an
+    output's copy-out runs every run."""
+    return t if t.dtype is dtype else t.to(dtype)
 
 
 def _collective(op: Op, dies: list[dict], dtype: torch.dtype) -> None:
@@ -198,4 +206,4 @@ def _collective(op: Op, dies: list[dict], dtype: torch.dtype) -> None:
 def _to_host(program: Program, name: str, env: dict) -> torch.Tensor:
     spec = program.values.get(name)
     t = env[name]
-    return t.to(to_torch_dtype(spec.dtype)) if spec is not None else t
+    return _as(t, to_torch_dtype(spec.dtype)) if spec is not None else t
