@@ -88,12 +88,20 @@ def _segment_reads(seg) -> set[str]:
     return {r for o in seg.ops for r in o.refs}
 
 
-def place_weights(program: Program, weights: dict[str, torch.Tensor]) -> list[dict]:
-    """Each die's weights as the device holds them (FP32 storage of 16-bit values)."""
+def place_weights(program: Program, weights: dict[str, torch.Tensor], sixteen_bit: set[str] = frozenset(),
+                  dtype: torch.dtype | None = None) -> list[dict]:
+    """Each die's weights as the device holds them (FP32 storage of 16-bit values). sixteen_bit:
+    weights held only in the device's 16-bit format (`packed_linear`'s 16-bit packing, nothing
+    reading a plain copy); on one die, one stored in that format is placed as its packed copy
+    as it is (the artifact's tensor), so no FP32 copy of it is ever made: that copy was the
+    peak of creating an LLM's runtime."""
     sharding = program.sharding
     size = sharding.size
     placed = [{} for _ in range(size)]
     for n, t in weights.items():
+        if size == 1 and n in sixteen_bit and t.dtype == dtype and t.dim() == 2 and not _is_broadcast_zero(t):
+            placed[0][n + packed_linear.SUFFIX] = t.contiguous()
+            continue
         dim = sharding.weights.get(n)
         if _is_broadcast_zero(t):  # a KV cache: each die gets its own zeroed storage
             dtype = torch.float32 if t.is_floating_point() else t.dtype
@@ -115,9 +123,17 @@ def pack_weights(programs: list[Program], placed: list[dict], packed: dict[str, 
     keep = packed_linear.plain_readers(programs, packed)
     for die in placed:
         for name, form in packed.items():
+            if name + packed_linear.SUFFIX in die:
+                continue  # placed in its 16-bit form already (place_weights)
             die[name + packed_linear.SUFFIX] = packed_linear.pack(die[name], form, dtype)
             if name not in keep:
                 del die[name]
+
+
+def sixteen_bit_only(programs: list[Program], packed: dict[str, str]) -> set[str]:
+    """The weights `packed` holds in 16 bits that nothing reads a plain copy of."""
+    return {n for n, form in packed.items() if form == packed_linear.SIXTEEN_BIT} - \
+        packed_linear.plain_readers(programs, packed)
 
 
 def _is_broadcast_zero(t: torch.Tensor) -> bool:

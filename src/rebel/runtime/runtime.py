@@ -34,7 +34,8 @@ from ..ir import TensorSpec, dtype_name, to_torch_dtype
 from ..npu import current_machine
 from ..profiler.trace_file import TraceFile
 from . import device_state
-from .executor import bind_segments, execute, executor_mode, pack_weights, place_weights
+from .executor import (bind_segments, execute, executor_mode, pack_weights, place_weights,
+                       sixteen_bit_only)
 from .host_memory import is_pinned
 from .report import RunReport
 from .threads import run_threads_set
@@ -165,15 +166,17 @@ class Runtime:
 
     def _bind(self) -> None:
         self._dtype = to_torch_dtype(self.program.device_dtype)
-        self._die_weights = place_weights(self.program, self.compiled.weights)
-        self._static = None
-        if self._state is not None:
-            self._join_context_state()
         mode = executor_mode()
         # Weights shared through the compile context keep their plain copy for the other
         # runtimes, so a 16-bit copy per runtime would only add memory: oneDNN's packing only.
-        packed = packed_weights(self.compiled.buckets, sixteen_bit=not self._shared_keys) \
+        sharing = self._state is not None and bool((self.compiled.context or {}).get("weight_sharing"))
+        packed = packed_weights(self.compiled.buckets, sixteen_bit=not sharing) \
             if mode == "generated" else {}
+        self._die_weights = place_weights(self.program, self.compiled.weights,
+                                          sixteen_bit_only(self.compiled.buckets, packed), self._dtype)
+        self._static = None
+        if self._state is not None:
+            self._join_context_state()
         pack_weights(self.compiled.buckets, self._die_weights, packed, self._dtype)
         self._buckets = []
         for p in self.compiled.buckets:
