@@ -129,7 +129,7 @@ def test_narrow_linears_are_held_in_16_bits_and_give_the_interpreters_result(dty
     for name in names:
         assert name not in held and held[name + packed_linear.SUFFIX].dtype == dtype
         # the compiled model's own 16-bit tensor: no FP32 copy was made on the way
-        assert held[name + packed_linear.SUFFIX].data_ptr() == compiled.weights[name].data_ptr()
+        assert held[name + packed_linear.SUFFIX].data_ptr() == compiled.compiled.weights[name].data_ptr()
     monkeypatch.setenv(EXECUTOR_ENV, "interpret")
     reference = rebel.Runtime(compiled, tensor_type="pt")
     for batch in (1, 4, 8, 9, 64):
