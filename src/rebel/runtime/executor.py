@@ -104,10 +104,10 @@ def place_weights(program: Program, weights: dict[str, torch.Tensor], sixteen_bi
             continue
         dim = sharding.weights.get(n)
         if _is_broadcast_zero(t):  # a KV cache: each die gets its own zeroed storage
-            dtype = torch.float32 if t.is_floating_point() else t.dtype
+            storage = torch.float32 if t.is_floating_point() else t.dtype
             for rank, die in enumerate(placed):
                 shape = t.shape if dim is None or size == 1 else t.chunk(size, dim)[rank].shape
-                die[n] = _zeroed(list(shape), dtype)
+                die[n] = _zeroed(list(shape), storage)
             continue
         full = t.float() if t.is_floating_point() else t
         for rank, die in enumerate(placed):

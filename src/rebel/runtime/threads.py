@@ -13,9 +13,9 @@ But on an idle machine every core helps: measured on the same box, idle, SmolLM2
 batch 1 ran at 14.8 tokens/s with 1 thread and 23.0 with 2 (Hugging Face eager: 15.8 and 25.4).
 So a run uses the usable cores that no other process keeps busy (at least 1): the cores' busy
 time since the last look (/proc/stat) less this process's own CPU time, looked at again at most
-once a second (a first look counts the runnable threads of /proc/loadavg less this process's). Without /proc it leaves one core to the caller (the
-policy of vLLM's CPU worker, which vllm_rbln's workers keep: their engine and front-end run
-beside them). `RBLN_NUM_THREADS` chooses the count; an `OMP_NUM_THREADS` the user set is left
+once a second (a first look counts the runnable threads of /proc/loadavg less this process's).
+Without /proc it leaves one core to the caller (the policy of vLLM's CPU worker, which
+vllm_rbln's workers keep: their engine and front-end run beside them). `RBLN_NUM_THREADS` chooses the count; an `OMP_NUM_THREADS` the user set is left
 alone (torch already honours it). Results do not depend on the count: products of more than one
 row, which MKL may split differently at other counts, and convolutions, which oneDNN blocks by
 the count, run at a count fixed for the machine (device/gemm_threads.py); tests compare.

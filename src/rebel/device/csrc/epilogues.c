@@ -16,7 +16,7 @@
  *
  * GELU is x * Phi(x) with Phi from erfc (Numerical Recipes' Chebyshev fit, fractional error below
  * 1.2e-7 over the whole line, so the negative tail keeps its relative accuracy) and an exp of our
- * own (Cody-Waite reduction, degree-6 polynomial).
+ * own (Cody-Waite reduction, degree-7 polynomial).
  */
 #include <math.h>
 #include <stdint.h>
