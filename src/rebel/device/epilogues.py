@@ -55,13 +55,12 @@ def _ptr(t):
 def tail(y: torch.Tensor, bias: torch.Tensor | None = None, gelu: bool = False,
          dtype: torch.dtype | None = None) -> torch.Tensor:
     """y (a linear's fresh [..., N] output) with bias added, then GELU, then rounded to dtype,
-    in place; returns y. Any of the three may be off."""
+    in place; returns y. Any two of the three may be off (callers skip the call for none)."""
     lib = _native()
     n = y.shape[-1] if y.dim() else 1
     if lib is not None and _plain(y, bias) and (bias is None or bias.shape == (n,)) and dtype in _MODE:
-        if bias is not None or gelu or dtype is not None:
-            lib.rbln_bias_act(y.data_ptr(), _ptr(bias), y.data_ptr(), y.numel() // max(n, 1), n,
-                              _GELU if gelu else 0, _MODE[dtype])
+        lib.rbln_bias_act(y.data_ptr(), _ptr(bias), y.data_ptr(), y.numel() // max(n, 1), n,
+                          _GELU if gelu else 0, _MODE[dtype])
         return y
     if bias is not None:
         y.add_(bias)

@@ -53,30 +53,32 @@ def rewrite(kernels: list[tuple[list[Op], list[str]]], keep: set[str], dtype: to
     fused too."""
     if dtype not in (torch.float16, torch.bfloat16):
         return kernels
+    packed = packed or {}
     readers: dict[str, int] = {}
     for block, _ in kernels:
         for op in block:
             for r in op.refs:
                 readers[r] = readers.get(r, 0) + 1
+    read_inside = [{r for op in block for r in op.refs} for block, _ in kernels]  # per kernel
     # Convolution outputs only a batch norm reads: the norm may round them as it reads them.
     movable = {op.name: index for index, (block, outputs) in enumerate(kernels) for op in block
                if op.target == CONV and op.name in outputs and readers.get(op.name) == 1
                and op.name not in keep and isinstance(op.out, TensorSpec)
-               and op.name not in {r for other in block for r in other.refs}}
+               and op.name not in read_inside[index]}
     taken: set[str] = set()  # roundings moved into the kernel that reads them
     out = []
-    for block, outputs in kernels:
-        by_name = {op.name: op for op in block}
-        read_inside = {r for op in block for r in op.refs}
+    for index, (block, outputs) in enumerate(kernels):
+        by_name, rounded = {op.name: op for op in block}, set(outputs)
         fused: dict[str, Op] = {}
         removed: set[str] = set()
         for op in block:
-            if op.name in outputs and op.name not in read_inside or _only_viewed(op, block, readers, keep, views):
-                match = _match(op, by_name, readers, keep, set(outputs), dtype, packed or {})
+            if op.name in rounded and op.name not in read_inside[index] or \
+                    _only_viewed(op, block, readers, keep, views):
+                match = _match(op, by_name, readers, keep, rounded, dtype, packed)
                 if match is not None:
                     fused[op.name], gone = match
                     removed |= gone
-                    fused[op.name] = _round_on_read(fused[op.name], movable, len(out), taken)
+                    fused[op.name] = _round_on_read(fused[op.name], movable, index, taken)
         if fused:
             block = [fused.get(op.name, op) for op in block if op.name not in removed]
         out.append((block, outputs))

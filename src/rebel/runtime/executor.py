@@ -99,7 +99,7 @@ def place_weights(program: Program, weights: dict[str, torch.Tensor], sixteen_bi
     size = sharding.size
     placed = [{} for _ in range(size)]
     for n, t in weights.items():
-        if size == 1 and n in sixteen_bit and t.dtype == dtype and t.dim() == 2 and not _is_broadcast_zero(t):
+        if size == 1 and n in sixteen_bit and t.dtype == dtype:
             placed[0][n + packed_linear.SUFFIX] = t.contiguous()
             continue
         dim = sharding.weights.get(n)

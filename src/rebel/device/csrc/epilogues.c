@@ -31,6 +31,28 @@ enum { ACT_NONE = 0, ACT_GELU = 1 };
  * saves there (round16.c's threshold). */
 #define RBLN_EPILOGUE_PARALLEL_MIN 32768
 
+/* Whether `values` spread over `units` (rows, planes) are worth torch's OpenMP threads, and the
+ * units [lo, hi) of this thread inside the region. Every entry point splits its work so. */
+static inline int in_parallel(int64_t units, int64_t values) {
+#ifdef _OPENMP
+  return units > 1 && values >= RBLN_EPILOGUE_PARALLEL_MIN && omp_get_max_threads() > 1 && !omp_in_parallel();
+#else
+  (void)units; (void)values;
+  return 0;
+#endif
+}
+
+static inline void thread_range(int64_t units, int64_t* lo, int64_t* hi) {
+#ifdef _OPENMP
+  int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
+#else
+  int64_t threads = 1, t = 0;
+#endif
+  int64_t step = (units + threads - 1) / threads;
+  *lo = t * step < units ? t * step : units;
+  *hi = *lo + step < units ? *lo + step : units;
+}
+
 #if defined(__x86_64__)
 #include <immintrin.h>
 #define AVX512 __attribute__((target("avx512f")))
@@ -38,6 +60,11 @@ enum { ACT_NONE = 0, ACT_GELU = 1 };
 int rbln_has_epilogues(void) {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx512f");
+}
+
+/* The lanes of a 16-wide step with `left` values to go (all of them from 16 on). */
+static inline __mmask16 lanes(int64_t left) {
+  return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
 }
 
 /* v rounded to the nearest value of the 16-bit format (round to nearest even; BF16 NaN becomes
@@ -105,7 +132,7 @@ AVX512 static void bias_act_span(const float* src, const float* bias, float* dst
     int64_t col = bias ? lo % n : 0, end = bias ? lo - col + n : hi;
     if (end > hi) end = hi;
     for (int64_t i = lo; i < end; i += 16) {
-      __mmask16 m = end - i >= 16 ? 0xFFFF : (__mmask16)((1u << (end - i)) - 1);
+      __mmask16 m = lanes(end - i);
       __m512 v = _mm512_maskz_loadu_ps(m, src + i);
       if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, bias + col + (i - lo)));
       if (act == ACT_GELU) v = gelu_ps(v);
@@ -121,7 +148,7 @@ AVX512 static void norm_row(const float* x, const float* res, const float* w, co
   const float* src = x;
   __m512 acc = _mm512_setzero_ps();
   for (int64_t i = 0; i < n; i += 16) {
-    __mmask16 m = n - i >= 16 ? 0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+    __mmask16 m = lanes(n - i);
     __m512 v = _mm512_maskz_loadu_ps(m, x + i);
     if (res) {  /* the sum is kept in y for the second pass: the row is in L1 */
       v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, res + i));
@@ -134,14 +161,14 @@ AVX512 static void norm_row(const float* x, const float* res, const float* w, co
   __m512 mu = _mm512_set1_ps(mean);
   acc = _mm512_setzero_ps();
   for (int64_t i = 0; i < n; i += 16) {
-    __mmask16 m = n - i >= 16 ? 0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+    __mmask16 m = lanes(n - i);
     __m512 d = _mm512_maskz_sub_ps(m, _mm512_maskz_loadu_ps(m, src + i), mu);
     acc = _mm512_fmadd_ps(d, d, acc);
   }
   float rstd = 1.0f / sqrtf(_mm512_reduce_add_ps(acc) / (float)n + eps);
   __m512 r = _mm512_set1_ps(rstd);
   for (int64_t i = 0; i < n; i += 16) {
-    __mmask16 m = n - i >= 16 ? 0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+    __mmask16 m = lanes(n - i);
     __m512 v = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, src + i), mu), r);
     if (w) v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(m, w + i));
     if (b) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, b + i));
@@ -152,46 +179,44 @@ AVX512 static void norm_row(const float* x, const float* res, const float* w, co
 }
 
 /* dst = round(act(src + bias)) over rows x n float32 values (bias: n values or NULL; dst may be
- * src). Threads take whole rows when there is a bias. */
+ * src). Threads take whole rows when there is a bias, runs of 16 values otherwise. */
 void rbln_bias_act(const float* src, const float* bias, float* dst, int64_t rows, int64_t n, int act,
                    int mode) {
-  int64_t total = rows * n;
-#ifdef _OPENMP
-  if (total >= RBLN_EPILOGUE_PARALLEL_MIN && omp_get_max_threads() > 1 && !omp_in_parallel()) {
+  int64_t total = rows * n, unit = bias ? n : 16, units = (total + unit - 1) / unit;
+  if (in_parallel(units, total)) {
 #pragma omp parallel
     {
-      int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
-      int64_t unit = bias ? n : 16, units = (total + unit - 1) / unit;
-      int64_t step = (units + threads - 1) / threads * unit;
-      int64_t lo = t * step, hi = lo + step < total ? lo + step : total;
-      if (lo < hi) bias_act_span(src, bias, dst, lo, hi, n, act, mode);
+      int64_t lo, hi;
+      thread_range(units, &lo, &hi);
+      hi = hi * unit < total ? hi * unit : total;
+      if (lo * unit < hi) bias_act_span(src, bias, dst, lo * unit, hi, n, act, mode);
     }
     return;
   }
-#endif
   bias_act_span(src, bias, dst, 0, total, n, act, mode);
+}
+
+AVX512 static void norm_rows(const float* x, const float* res, const float* w, const float* b, float* y,
+                             float* mean, float* rstd, int64_t lo, int64_t hi, int64_t n, float eps, int mode) {
+  for (int64_t r = lo; r < hi; ++r)
+    norm_row(x + r * n, res ? res + r * n : 0, w, b, y + r * n, mean ? mean + r : 0, rstd ? rstd + r : 0,
+             n, eps, mode);
 }
 
 /* Layer norm of rows x n float32 values over the last n (x + res when res is not NULL; w, b:
  * n values or NULL), rounded; mean and rstd (one per row) may be NULL. */
 void rbln_layer_norm(const float* x, const float* res, const float* w, const float* b, float* y,
                      float* mean, float* rstd, int64_t rows, int64_t n, float eps, int mode) {
-#ifdef _OPENMP
-  if (rows > 1 && rows * n >= RBLN_EPILOGUE_PARALLEL_MIN && omp_get_max_threads() > 1 && !omp_in_parallel()) {
+  if (in_parallel(rows, rows * n)) {
 #pragma omp parallel
     {
-      int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
-      int64_t step = (rows + threads - 1) / threads;
-      for (int64_t r = t * step; r < rows && r < (t + 1) * step; ++r)
-        norm_row(x + r * n, res ? res + r * n : 0, w, b, y + r * n, mean ? mean + r : 0,
-                 rstd ? rstd + r : 0, n, eps, mode);
+      int64_t lo, hi;
+      thread_range(rows, &lo, &hi);
+      norm_rows(x, res, w, b, y, mean, rstd, lo, hi, n, eps, mode);
     }
     return;
   }
-#endif
-  for (int64_t r = 0; r < rows; ++r)
-    norm_row(x + r * n, res ? res + r * n : 0, w, b, y + r * n, mean ? mean + r : 0, rstd ? rstd + r : 0,
-             n, eps, mode);
+  norm_rows(x, res, w, b, y, mean, rstd, 0, rows, n, eps, mode);
 }
 
 /* Batch norm at inference over x [N, C, S] (contiguous float32): per channel y = x a + b with
@@ -211,7 +236,7 @@ AVX512 static void norm_planes(const float* x, float* y, const float* w, const f
     const float* src = x + p * S;
     float* dst = y + p * S;
     for (int64_t i = 0; i < S; i += 16) {
-      __mmask16 m = S - i >= 16 ? 0xFFFF : (__mmask16)((1u << (S - i)) - 1);
+      __mmask16 m = lanes(S - i);
       __m512 v = _mm512_add_ps(_mm512_mul_ps(round16(_mm512_maskz_loadu_ps(m, src + i), in_mode), va), vb);
       if (relu) v = _mm512_mask_mov_ps(v, _mm512_cmp_ps_mask(v, zero, _CMP_LT_OQ), zero);
       _mm512_mask_storeu_ps(dst + i, m, round16(v, out_mode));
@@ -223,17 +248,15 @@ void rbln_batch_norm(const float* x, float* y, const float* w, const float* b, c
                      const float* var, int64_t N, int64_t C, int64_t S, float eps, int relu, int in_mode,
                      int out_mode) {
   int64_t planes = N * C;
-#ifdef _OPENMP
-  if (planes > 1 && planes * S >= RBLN_EPILOGUE_PARALLEL_MIN && omp_get_max_threads() > 1 && !omp_in_parallel()) {
+  if (in_parallel(planes, planes * S)) {
 #pragma omp parallel
     {
-      int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
-      int64_t step = (planes + threads - 1) / threads, lo = t * step, hi = lo + step < planes ? lo + step : planes;
-      if (lo < hi) norm_planes(x, y, w, b, mean, var, lo, hi, C, S, eps, relu, in_mode, out_mode);
+      int64_t lo, hi;
+      thread_range(planes, &lo, &hi);
+      norm_planes(x, y, w, b, mean, var, lo, hi, C, S, eps, relu, in_mode, out_mode);
     }
     return;
   }
-#endif
   norm_planes(x, y, w, b, mean, var, 0, planes, C, S, eps, relu, in_mode, out_mode);
 }
 
